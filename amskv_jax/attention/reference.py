@@ -1,0 +1,55 @@
+"""Pure-JAX attention: the truth every kernel is tested against.
+
+VAR's attention (reference `models/basic_var.py`, `SelfAttention`) with `attn_l2_norm=True` L2-normalises q and k
+over the head dim, multiplies q by the per-head `exp(min(scale_mul, log 100))` and uses softmax scale 1; without
+it the softmax scale is 0.25/√Dh. Scores, softmax and accumulation are float32 whatever the input dtype.
+
+Shapes: q [B, l, H, D] (this scale's queries), k/v [B, l, H, D] (their fresh keys/values, raw), cache_k/cache_v
+[B, S, H, D] (cached keys already normalised), cache_mask bool [S] or [l, S] (the slots these queries may read).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+MAX_SCALE_MUL = math.log(100.0)
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """x / max(‖x‖₂, 1e-12) over the last axis, computed in float32 (as torch's F.normalize under autocast)."""
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def prepare_qk(q: jax.Array, k: jax.Array, scale_mul_H: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Apply VAR's q/k treatment: L2 norm and clamped per-head scale, or the fixed 0.25/√D scale on q."""
+    if scale_mul_H is None:
+        return q.astype(jnp.float32) * (0.25 / math.sqrt(q.shape[-1])), k.astype(jnp.float32)
+    scale = jnp.exp(jnp.minimum(scale_mul_H.astype(jnp.float32), MAX_SCALE_MUL))
+    return l2_normalize(q) * scale[None, None, :, None], l2_normalize(k)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """softmax(q·kᵀ masked) · v with prepared q, k. q [B,l,H,D], k/v [B,n,H,D], mask bool [l,n] -> [B,l,H,D].
+
+    Every query row is assumed to have at least one valid key (VAR queries always see their own scale).
+    """
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(v.dtype)
+
+
+def cached_attention_reference(q, k, v, cache_k, cache_v, cache_mask, scale_mul_H):
+    """This scale's queries against [cache (masked), own fresh K/V (all valid)]. Returns [B, l, H, D] in v's dtype."""
+    q, k = prepare_qk(q, k, scale_mul_H)
+    l, capacity = q.shape[1], cache_k.shape[1]
+    mask = jnp.concatenate(
+        [jnp.broadcast_to(cache_mask, (l, capacity)), jnp.ones((l, k.shape[1]), bool)], axis=1
+    )
+    keys = jnp.concatenate([cache_k.astype(jnp.float32), k], axis=1)
+    values = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], axis=1)
+    return masked_attention(q, keys, values, mask)

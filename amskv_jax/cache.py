@@ -1,0 +1,176 @@
+"""The KV cache: a static slot layout per layer and the pytree of buffers it describes.
+
+Generation runs one scale at a time. Scale `si`'s queries attend to (a) the K/V already in the cache, restricted to
+the earlier scales the policy lets them read, and (b) their own fresh K/V, passed in directly. Only afterwards are
+the scale's K/V written, and only if a later scale reads them. Because the whole schedule is known before tracing,
+every slot's content at every step is a compile-time fact:
+
+* `LayerLayout` says, per scale, which earlier scales its queries read (`reads`) and where its own tokens go
+  (`writes`, contiguous segments of slots). Slots whose scale no later query reads are masked, never freed, and
+  reused by the next write, so a layer's `capacity` is the most tokens it must hold at once, not the token count.
+* `LayerCache` is plain data: `k`, `v` buffers of that capacity and `slot_scale`, the scale each slot holds (-1 when
+  empty). A query's mask is `slot_scale ∈ reads[si]`, so a stale slot can never be read even though its bytes stay.
+
+Layouts are frozen and hashable: they are `jax.jit` static arguments. Policies (`policies.py`) build them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Write tokens [token, token + length) of a scale into slots [slot, slot + length)."""
+
+    slot: int
+    token: int
+    length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerLayout:
+    """One layer's static slot plan. `reads[si]`: earlier scales scale si reads; `writes[si]`: its segments."""
+
+    capacity: int
+    reads: tuple[tuple[int, ...], ...]
+    writes: tuple[tuple[Segment, ...], ...]
+
+    @functools.cached_property
+    def _slot_scales(self) -> np.ndarray:
+        """int32 [S, capacity]: the scale each slot holds while scale si attends (before si writes); -1 empty."""
+        held = np.full(self.capacity, -1, np.int32)
+        out = []
+        for si, segments in enumerate(self.writes):
+            out.append(held.copy())
+            for seg in segments:
+                held[seg.slot : seg.slot + seg.length] = si
+        return np.stack(out) if out else np.zeros((0, self.capacity), np.int32)
+
+    def slot_scales(self, si: int) -> np.ndarray:
+        return self._slot_scales[si]
+
+    def read_mask(self, si: int) -> np.ndarray:
+        """bool [capacity]: the slots scale si's queries may read (static; kernels use it to skip blocks)."""
+        return np.isin(self._slot_scales[si], self.reads[si])
+
+    def written(self, si: int) -> bool:
+        return bool(self.writes[si])
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """The static plan of the whole cache: one `LayerLayout` per transformer block."""
+
+    patch_nums: tuple[int, ...]
+    layers: tuple[LayerLayout, ...]
+    policy: str  # a readable description of the policy that built it
+
+    @property
+    def capacities(self) -> tuple[int, ...]:
+        return tuple(layer.capacity for layer in self.layers)
+
+
+def build_layout(
+    reads: Callable[[int, int], tuple[int, ...]], depth: int, patch_nums: tuple[int, ...], policy: str
+) -> CacheLayout:
+    """Plan slots for every layer from `reads(layer, si)` (the earlier scales scale si's queries read).
+
+    A scale is written only if a later scale reads it. When scale si writes, the slots of every scale that no query
+    after si reads are free (si itself has just read them), and si fills free slots in ascending order, as few
+    contiguous segments as that gives. Capacity is the most tokens live at once, which the allocator never exceeds.
+    """
+    sizes = [pn * pn for pn in patch_nums]
+    layers = []
+    for layer in range(depth):
+        reads_l = tuple(tuple(sorted(set(reads(layer, si)))) for si in range(len(sizes)))
+        for si, r in enumerate(reads_l):
+            if any(not 0 <= s < si for s in r):
+                raise ValueError(f"layer {layer}, scale {si}: may only read earlier scales, got {r}")
+        last_reader = [max((si for si, r in enumerate(reads_l) if s in r), default=-1) for s in range(len(sizes))]
+        live = [
+            sum(sizes[s] for s in range(si + 1) if last_reader[s] > si) for si in range(len(sizes))
+        ]
+        capacity = max(live, default=0)
+        held = np.full(capacity, -1, np.int32)
+        writes = []
+        for si, n in enumerate(sizes):
+            if last_reader[si] <= si:
+                writes.append(())
+                continue
+            expired = np.isin(held, [s for s in range(si) if last_reader[s] <= si])
+            free = np.flatnonzero((held == -1) | expired)[:n]
+            held[free] = si
+            writes.append(_segments(free))
+        layers.append(LayerLayout(capacity=capacity, reads=reads_l, writes=tuple(writes)))
+    return CacheLayout(patch_nums=tuple(patch_nums), layers=tuple(layers), policy=policy)
+
+
+def _segments(slots: np.ndarray) -> tuple[Segment, ...]:
+    """Group ascending slot indices into contiguous runs, token offsets following along."""
+    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+    out, token = [], 0
+    for run in np.split(slots, breaks):
+        out.append(Segment(slot=int(run[0]), token=token, length=len(run)))
+        token += len(run)
+    return tuple(out)
+
+
+@flax.struct.dataclass
+class LayerCache:
+    """One layer's buffers. k, v: [rows, capacity, H, Dh] (k L2-normalised, as the reference caches it);
+    slot_scale: int32 [capacity], the scale each slot holds, -1 when empty."""
+
+    k: jax.Array
+    v: jax.Array
+    slot_scale: jax.Array
+
+    def read_mask(self, reads: tuple[int, ...]) -> jax.Array:
+        """bool [capacity]: slots holding one of the scales in `reads`."""
+        if not reads:
+            return jnp.zeros(self.slot_scale.shape, bool)
+        return (self.slot_scale[:, None] == jnp.asarray(reads, jnp.int32)[None, :]).any(-1)
+
+    def write(self, segments: tuple[Segment, ...], si: int, k_BlHD: jax.Array, v_BlHD: jax.Array) -> LayerCache:
+        """Store scale si's tokens into its planned segments (static offsets: in-place updates under jit)."""
+        k, v, slot_scale = self.k, self.v, self.slot_scale
+        for seg in segments:
+            src = slice(seg.token, seg.token + seg.length)
+            dst = slice(seg.slot, seg.slot + seg.length)
+            k = k.at[:, dst].set(k_BlHD[:, src].astype(k.dtype))
+            v = v.at[:, dst].set(v_BlHD[:, src].astype(v.dtype))
+            slot_scale = slot_scale.at[dst].set(si)
+        return LayerCache(k=k, v=v, slot_scale=slot_scale)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """The whole cache: one LayerCache per block, each with its own capacity."""
+
+    layers: tuple[LayerCache, ...]
+
+
+def init_cache(layout: CacheLayout, rows: int, num_heads: int, head_dim: int, dtype=jnp.bfloat16) -> KVCache:
+    """Empty buffers for `rows` sequences (2·batch under classifier-free guidance)."""
+    return KVCache(
+        layers=tuple(
+            LayerCache(
+                k=jnp.zeros((rows, layer.capacity, num_heads, head_dim), dtype),
+                v=jnp.zeros((rows, layer.capacity, num_heads, head_dim), dtype),
+                slot_scale=jnp.full((layer.capacity,), -1, jnp.int32),
+            )
+            for layer in layout.layers
+        )
+    )
+
+
+def cache_bytes(layout: CacheLayout, rows: int, num_heads: int, head_dim: int, itemsize: int) -> int:
+    """Exact bytes of the K/V buffers of `init_cache` (slot_scale's few bytes included)."""
+    slots = sum(layout.capacities)
+    return 2 * rows * slots * num_heads * head_dim * itemsize + 4 * slots

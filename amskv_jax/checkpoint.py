@@ -1,0 +1,69 @@
+"""Model parameters: random initialisation, orbax checkpoints, and one call to get a ready model.
+
+A checkpoint directory holds `config.json` (the `ModelConfig`) and `params/` (an orbax checkpoint of
+`{"var": ..., "vqvae": ...}`, each a Flax variables dict `{"params": ...}`). `load_model(spec)` accepts a preset
+name (seeded random weights, said so in its description) or such a directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from amskv_jax.config import PRESETS, ModelConfig, get_preset
+from amskv_jax.var import VAR
+from amskv_jax.vqvae import VQVAE
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    config: ModelConfig
+    params: dict
+    description: str
+
+
+def init_params(config: ModelConfig, seed: int = 0) -> dict:
+    """Random params with the reference's shapes: {"var": variables, "vqvae": variables}."""
+    var_key, vae_key = jax.random.split(jax.random.key(seed))
+    c = config.var
+    labels = jnp.zeros((1,), jnp.int32)
+    x = jnp.zeros((1, c.seq_len - c.first_l, c.cvae), jnp.float32)
+    var_params = VAR(c).init(var_key, labels, x)
+    img = jnp.zeros((1, config.vqvae.image_size, config.vqvae.image_size, 3), jnp.float32)
+    vae_params = VQVAE(config.vqvae).init(vae_key, img)
+    return {"var": var_params, "vqvae": vae_params}
+
+
+def save_checkpoint(directory: str | Path, config: ModelConfig, params: dict) -> Path:
+    """Write config.json and an orbax checkpoint of params under `directory` (created; must not hold params/)."""
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / "params", jax.tree.map(np.asarray, params))
+    (directory / "config.json").write_text(config.to_json())
+    return directory
+
+
+def load_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict]:
+    directory = Path(directory).absolute()
+    config_file = directory / "config.json"
+    if not config_file.is_file() or not (directory / "params").is_dir():
+        raise FileNotFoundError(f"{directory}: not a checkpoint directory (needs config.json and params/)")
+    config = ModelConfig.from_json(config_file.read_text())
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(directory / "params")
+    return config, params
+
+
+def load_model(spec: str) -> Model:
+    """A preset name (random weights) or a checkpoint directory."""
+    if spec in PRESETS:
+        return Model(get_preset(spec), init_params(get_preset(spec)), f"preset {spec}, random weights (seed 0)")
+    if Path(spec).is_dir():
+        config, params = load_checkpoint(spec)
+        return Model(config, params, f"checkpoint {spec}")
+    raise ValueError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
