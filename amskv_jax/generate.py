@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amskv_jax import sampling
+from amskv_jax.attention import check_impl
 from amskv_jax.cache import CacheLayout, init_cache
 from amskv_jax.config import ModelConfig
 from amskv_jax.policies import FullCache
@@ -30,29 +31,37 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    """tokens: one int32 [B, pn²] array per scale; images: float32 [B, H, W, 3] in [0, 1]."""
+    """tokens: one int32 [B, pn²] array per scale; images: float32 [B, H, W, 3] in [0, 1]; logits: the guided
+    float32 logits [B, pn², V] the sampler received at each scale (only with `return_logits=True`, else empty)."""
 
     tokens: tuple[jax.Array, ...]
     images: jax.Array
+    logits: tuple[jax.Array, ...] = ()
 
 
-jax.tree_util.register_dataclass(Generation, data_fields=["tokens", "images"], meta_fields=[])
+jax.tree_util.register_dataclass(Generation, data_fields=["tokens", "images", "logits"], meta_fields=[])
 
 
-def validate(config: ModelConfig, labels, *, top_k: int, top_p, dtype: str) -> None:
+def default_top_k(config: ModelConfig) -> int:
+    """The reference's top_k of 900, capped at the vocabulary (small models have fewer codes)."""
+    return min(900, config.var.vocab_size)
+
+
+def validate(config: ModelConfig, labels, *, top_k: int, top_p, dtype: str, impl: str = "xla") -> None:
     """Boundary checks with messages that say what is allowed (labels only when concrete)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
-    if not 0 <= top_k <= config.var.vocab_size:
-        raise ValueError(f"top_k must be in [0, {config.var.vocab_size}] (0 = off), got {top_k}")
-    if isinstance(top_p, (int, float)) and not 0 <= top_p <= 1:
-        raise ValueError(f"top_p must be in [0, 1] (0 = off), got {top_p}")
     if np.ndim(labels) != 1 or np.shape(labels)[0] == 0:
         raise ValueError(f"labels must be a non-empty 1-D array (one class per image), got shape {np.shape(labels)}")
     if not isinstance(labels, jax.core.Tracer):
         bad = [int(x) for x in np.asarray(labels) if not 0 <= x < config.var.num_classes]
         if bad:
             raise ValueError(f"labels {bad} out of range; allowed: 0..{config.var.num_classes - 1}")
+    check_impl(impl)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    if not 0 <= top_k <= config.var.vocab_size:
+        raise ValueError(f"top_k must be in [0, {config.var.vocab_size}] (0 = off), got {top_k}")
+    if isinstance(top_p, (int, float)) and not 0 <= top_p <= 1:
+        raise ValueError(f"top_p must be in [0, 1] (0 = off), got {top_p}")
 
 
 def generate(
@@ -63,19 +72,23 @@ def generate(
     config: ModelConfig,
     layout: CacheLayout | None = None,
     cfg=1.5,
-    top_k: int = 900,
+    top_k: int | None = None,
     top_p=0.96,
     more_smooth: bool = False,
     dtype: str = "float32",
     impl: str = "xla",
     progress: bool = False,
+    return_logits: bool = False,
 ) -> Generation:
     """Generate len(labels) images. params = {"var": ..., "vqvae": ...}; layout defaults to the full cache.
 
+    `top_k=None` is the reference's 900 capped at the vocabulary; 0 turns top-k off, as top_p=0 turns top-p off.
     Guidance ramps from 0 at the first scale to `cfg` at the last (the reference's `t = cfg·si/(S-1)`).
-    `progress` prints a line from the device as each scale's tokens are drawn (a host callback per scale).
+    `progress` prints a line from the device as each scale's tokens are drawn (a host callback per scale);
+    `return_logits` also returns each scale's guided logits (memory: B·L·V floats).
     """
-    validate(config, labels, top_k=top_k, top_p=top_p, dtype=dtype)
+    top_k = default_top_k(config) if top_k is None else top_k
+    validate(config, labels, top_k=top_k, top_p=top_p, dtype=dtype, impl=impl)
     layout = layout if layout is not None else FullCache().layout(config.var)
     if len(layout.layers) != config.var.depth or layout.patch_nums != config.var.patch_nums:
         raise ValueError(
@@ -85,7 +98,7 @@ def generate(
     return _generate(
         params, jnp.asarray(labels, jnp.int32), key, jnp.float32(cfg), jnp.float32(top_p),
         config=config, layout=layout, top_k=top_k, more_smooth=more_smooth, dtype=dtype, impl=impl,
-        progress=progress,
+        progress=progress, return_logits=return_logits,
     )
 
 
@@ -94,9 +107,12 @@ def _report_scale(si: int, num_scales: int, pn: int, _tokens) -> None:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "layout", "top_k", "more_smooth", "dtype", "impl", "progress")
+    jax.jit,
+    static_argnames=("config", "layout", "top_k", "more_smooth", "dtype", "impl", "progress", "return_logits"),
 )
-def _generate(params, labels_B, key, cfg, top_p, *, config, layout, top_k, more_smooth, dtype, impl, progress):
+def _generate(
+    params, labels_B, key, cfg, top_p, *, config, layout, top_k, more_smooth, dtype, impl, progress, return_logits
+):
     c = config.var
     var = VAR(c, dtype=DTYPES[dtype], impl=impl)
     vqvae = VQVAE(config.vqvae)
@@ -108,14 +124,16 @@ def _generate(params, labels_B, key, cfg, top_p, *, config, layout, top_k, more_
     codebook = params["vqvae"]["params"]["quantize"]["embedding"]["embedding"]
     pn_last = c.patch_nums[-1]
     f_hat = jnp.zeros((batch, pn_last, pn_last, c.cvae), jnp.float32)
-    tokens = []
+    tokens, guided = [], []
     for si, pn in enumerate(c.patch_nums):
         logits, cache = var.apply(params["var"], x, cond_BD, cache, si, layout, method=VAR.step)
         ratio = sampling.guidance_ratio(si, c.num_scales)
         logits = sampling.apply_guidance(logits, cfg, ratio)
+        if return_logits:
+            guided.append(logits)
         key, draw_key, smooth_key = jax.random.split(key, 3)
         logits = sampling.top_k_top_p_filter(logits, top_k, top_p)
-        idx_Bl = sampling.sample_tokens(draw_key, logits, 0, 0.0)
+        idx_Bl = sampling.sample_tokens(draw_key, logits)
         tokens.append(idx_Bl)
         if progress:
             jax.debug.callback(functools.partial(_report_scale, si, c.num_scales, pn), idx_Bl, ordered=True)
@@ -130,7 +148,7 @@ def _generate(params, labels_B, key, cfg, top_p, *, config, layout, top_k, more_
             x = var.apply(params["var"], si + 1, next_BlCv, method=VAR.next_input)
             x = jnp.concatenate([x, x])
     images = vqvae.apply(params["vqvae"], f_hat, method=VQVAE.decode)
-    return Generation(tokens=tuple(tokens), images=(images.astype(jnp.float32) + 1) * 0.5)
+    return Generation(tokens=tuple(tokens), images=(images.astype(jnp.float32) + 1) * 0.5, logits=tuple(guided))
 
 
 def image_grid(images_BHWC: np.ndarray, columns: int) -> np.ndarray:
@@ -156,7 +174,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="images per label list repeat (default: 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance at the last scale")
-    parser.add_argument("--top-k", type=int, default=900)
+    parser.add_argument("--top-k", type=int, default=None, help="default: 900, capped at the vocabulary; 0 = off")
     parser.add_argument("--top-p", type=float, default=0.96)
     parser.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax code mixtures (visualisation)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -166,7 +184,7 @@ def main(argv=None) -> int:
     try:
         model = load_model(args.model)
         labels = _labels(args.labels, args.batch, model.config.var.num_classes)
-        top_k = min(args.top_k, model.config.var.vocab_size)
+        top_k = default_top_k(model.config) if args.top_k is None else args.top_k
         validate(model.config, labels, top_k=top_k, top_p=args.top_p, dtype=args.dtype)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))

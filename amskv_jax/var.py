@@ -74,7 +74,9 @@ class SelfAttention(nn.Module):
     def step(self, x_BlC, cache: LayerCache, plan: LayerLayout, si: int):
         q, k, v = self._qkv(x_BlC)
         mask = cache.read_mask(plan.reads[si])
-        o = cached_attention(q, k, v, cache.k, cache.v, mask, self._scale_mul_H(), impl=self.impl)
+        o = cached_attention(
+            q, k, v, cache.k, cache.v, mask, self._scale_mul_H(), impl=self.impl, static_mask=plan.read_mask(si)
+        )
         if plan.written(si):
             _, k_cached = prepare_qk(q, k, self._scale_mul_H())
             cache = cache.write(plan.writes[si], si, k_cached, v)

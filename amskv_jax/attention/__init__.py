@@ -1,28 +1,99 @@
 """One dispatch point for attention over the cache: `cached_attention(..., impl=...)`.
 
-`impl` is static: "xla" is the pure-JAX reference (`reference.py`). The model never branches on the backend
-anywhere else.
+`impl` is static; the model never branches on the backend anywhere else.
+
+* "xla": the pure-JAX reference (`reference.py`), the truth the others are tested against; any platform.
+* "pallas": the Pallas kernel of the platform: on GPU the Triton kernel (`pallas_gpu.py`), on TPU splash attention
+  with the layout's mask (`tpu.py`), on CPU the GPU kernel in interpret mode (slow; for tests).
+* "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` over [cache | fresh] with the dynamic mask (no
+  block skipping; a baseline for `bench/attention.py`). It needs an NVIDIA GPU and 16-bit inputs; elsewhere it
+  raises rather than fall back, so a benchmark can never time the wrong thing.
+* "auto": "pallas" on GPU and TPU (the paths that skip dead cache blocks; that they are also the fastest there is
+  for `bench/attention.py` to confirm on the hardware), "xla" on CPU (where Pallas only runs interpreted).
+
+The platform is `jax.default_backend()` at trace time.
 """
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amskv_jax.attention import pallas_gpu, tpu
 from amskv_jax.attention.reference import cached_attention_reference, masked_attention, prepare_qk
 
-IMPLS = ("xla",)
+IMPLS = ("auto", "xla", "pallas", "cudnn")
+
+# The Pallas kernel per platform ("cpu": the GPU kernel interpreted).
+PALLAS_KERNELS = {
+    "gpu": pallas_gpu.cached_attention,
+    "tpu": tpu.cached_attention,
+    "cpu": functools.partial(pallas_gpu.cached_attention, interpret=True),
+}
 
 
 def check_impl(impl: str) -> str:
+    """Raise for an unknown impl, or for "cudnn" off a GPU; returns impl unchanged."""
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; allowed: {', '.join(IMPLS)}")
+    platform = jax.default_backend()
+    if impl == "cudnn" and platform != "gpu":
+        raise ValueError(
+            f"attention impl 'cudnn' needs an NVIDIA GPU, but the platform is {platform!r}; "
+            "use 'auto', 'pallas' or 'xla'"
+        )
     return impl
 
 
-def cached_attention(q, k, v, cache_k, cache_v, cache_mask, scale_mul_H, *, impl: str = "xla"):
+def resolve_impl(impl: str) -> str:
+    """The concrete implementation ("xla", "pallas" or "cudnn") that `impl` runs on this platform."""
+    if check_impl(impl) != "auto":
+        return impl
+    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+
+
+def cudnn_attention(q, k, v, cache_k, cache_v, cache_mask, scale_mul_H, *, implementation: str = "cudnn"):
+    """cuDNN flash attention on prepared q/k over the concatenated [cache | fresh] keys, masked by cache_mask.
+
+    `implementation="xla"` runs the same preparation through jax's XLA attention (the CPU test of this wrapper).
+    """
+    if cache_v.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"cuDNN attention needs bfloat16 or float16 inputs, got {cache_v.dtype}; use 'pallas'/'xla'")
+    dtype, l = cache_v.dtype, q.shape[1]
+    q, k = prepare_qk(q, k, scale_mul_H)
+    keys = jnp.concatenate([cache_k.astype(dtype), k.astype(dtype)], axis=1)
+    values = jnp.concatenate([cache_v, v.astype(dtype)], axis=1)
+    mask = jnp.concatenate([cache_mask, jnp.ones((l,), bool)])
+    mask_11lS = jnp.broadcast_to(mask, (1, 1, l, mask.shape[0]))
+    return jax.nn.dot_product_attention(
+        q.astype(dtype), keys, values, mask=mask_11lS, scale=1.0, implementation=implementation
+    )
+
+
+def cached_attention(
+    q, k, v, cache_k, cache_v, cache_mask, scale_mul_H, *,
+    impl: str = "xla",
+    static_mask: np.ndarray | tuple[bool, ...] | None = None,
+):
     """Attention of this scale's queries over the cache (masked) plus their own fresh K/V.
 
-    q, k, v: [B, l, H, D] raw projections; cache_k, cache_v: [B, S, H, D]; cache_mask: bool [S];
-    scale_mul_H: [H] (None without L2 norm). Returns [B, l, H, D].
+    q, k, v: [B, l, H, D] raw projections; cache_k, cache_v: [B, S, H, D]; cache_mask: bool [S] (dynamic);
+    scale_mul_H: [H] (None without L2 norm); static_mask: the layout's bool [S] read mask, known at trace time
+    (numpy or a tuple, which is hashable), a superset of cache_mask: the kernels skip key blocks it leaves empty;
+    None skips nothing. Returns [B, l, H, D] in cache_v's dtype.
     """
-    return cached_attention_reference(q, k, v, cache_k, cache_v, cache_mask, scale_mul_H)
+    impl = resolve_impl(impl)
+    args = (q, k, v, cache_k, cache_v, cache_mask, scale_mul_H)
+    if impl == "xla":
+        return cached_attention_reference(*args)
+    if impl == "cudnn":
+        return cudnn_attention(*args)
+    return PALLAS_KERNELS[jax.default_backend()](*args, static_mask=static_mask)
 
 
-__all__ = ["IMPLS", "cached_attention", "check_impl", "masked_attention", "prepare_qk"]
+__all__ = [
+    "IMPLS", "PALLAS_KERNELS", "cached_attention", "check_impl", "cudnn_attention", "masked_attention", "prepare_qk",
+    "resolve_impl",
+]

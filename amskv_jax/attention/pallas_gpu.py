@@ -1,0 +1,196 @@
+"""GPU Pallas (Triton) kernel: this scale's queries against the cache plus their own fresh K/V, skipping dead blocks.
+
+Same contract as `reference.cached_attention_reference` (q/k/v [B, l, H, D] raw, cache_k/cache_v [B, S, H, D] with
+keys already normalised, cache_mask bool [S], scale_mul_H [H] or None; returns [B, l, H, D] in cache_v's dtype), plus
+`static_mask`, the layout's compile-time read mask (`LayerLayout.read_mask(si)`).
+
+One program per (row, head, query block); classifier-free-guidance rows are just rows of the grid. Each program:
+
+* loads its `block_q` queries once, L2-normalises them and multiplies by the clamped per-head scale (fused; folded
+  with log2(e) so the softmax runs on exp2);
+* walks the cache in `block_k`-slot blocks, but only the blocks in which `static_mask` has a valid slot: the valid
+  blocks form a few contiguous runs, known at trace time, and each run is one loop with static bounds. Dead blocks
+  are never loaded. Inside a block the dynamic `cache_mask` is applied per slot;
+* then walks the fresh keys (normalised in the kernel) as a second key source, so the cache is never concatenated
+  or copied;
+* keeps the online softmax (running max, sum, f32 accumulator) and writes its rows once.
+
+Dots take the cache's dtype and accumulate in f32; f32 runs at HIGHEST precision (no TF32). With a 16-bit cache the
+scaled queries (and the fresh keys, which the reference keeps in f32) are split into hi + lo bf16 tiles and q·k is
+hi·k + lo·k (+ hi·k_lo). A single bf16 q carries 8 mantissa bits, and with the per-head scale near its clamp (100)
+that moved the logits enough for 2.8e-2 relative error against the reference (measured on random inputs shaped like
+d16's last scale); the split brings it to 5e-3, the bf16 rounding of the output, for one more tensor-core dot per
+block (two bf16 dots cost what one TF32 dot does, with about 16 mantissa bits to TF32's 10). p·v is one bf16 dot,
+with p rounded to the value dtype as in the reference.
+Queries and keys are not padded in memory: partial blocks use masked loads and stores. `interpret=True` runs the
+same kernel on CPU (the tests).
+
+Block sizes (`block_sizes(l)`; chosen by reasoning for an H100, not yet measured on one; `bench/attention.py` sweeps
+them): Triton's dots need every tile dimension >= 16 and a power of two. `block_q` is the smallest power of two >= l
+up to 64 (16 for scales of 1-16 tokens), then 128 from 512 queries on: small scales waste fewest padded rows, and at
+batch 1 (2 rows with guidance) d16's last scale (256 queries, 16 heads) makes 2·16·4 = 128 programs with 64-query
+blocks, about one wave on 132 SMs, where 128-query blocks would leave half the SMs idle; 64x64 f32 score tiles are
+the usual Triton flash shape for head dim 64 at 4 warps. `block_k` is 64: it is the skipping granularity, and
+AMS-KV's dead regions are whole scales of 25-169 tokens, most of which a 64-slot block can skip where a 128-slot
+block would often straddle a live slot; caches are at most a few hundred slots, so the loop overhead is small.
+Fresh keys use the smallest power of two >= l up to `block_k`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from amskv_jax.attention.reference import MAX_SCALE_MUL
+
+BLOCK_K = 64
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: a fully masked block must not produce NaNs
+LOG2E = math.log2(math.e)
+
+
+def block_sizes(l: int) -> tuple[int, int]:
+    """(block_q, block_k) for a scale of l queries (see the module docstring for why)."""
+    block_q = 128 if l >= 512 else min(64, max(16, pl.next_power_of_2(l)))
+    return block_q, BLOCK_K
+
+
+def valid_block_runs(static_mask: np.ndarray, block_k: int) -> tuple[tuple[int, int], ...]:
+    """Contiguous runs [start, stop) of key blocks holding at least one slot `static_mask` marks valid."""
+    capacity = static_mask.shape[0]
+    padded = np.zeros(pl.cdiv(capacity, block_k) * block_k, bool)
+    padded[:capacity] = static_mask
+    live = padded.reshape(-1, block_k).any(axis=1)
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], live, [False]]).astype(np.int8)))
+    return tuple((int(a), int(b)) for a, b in zip(edges[::2], edges[1::2]))
+
+
+def _l2_normalize(x):
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+
+
+def _split(x, dtype) -> tuple[jax.Array, ...]:
+    """f32 x as a sum of `dtype` tiles: (x,) for f32; hi + lo for 16-bit types (about 16 mantissa bits)."""
+    if dtype == jnp.float32:
+        return (x,)
+    hi = x.astype(dtype)
+    return hi, (x - hi.astype(jnp.float32)).astype(dtype)
+
+
+def _kernel(
+    q_ref, k_ref, v_ref, cache_k_ref, cache_v_ref, mask_ref, scale_ref, o_ref,
+    *, runs, l, capacity, block_q, block_k, block_fresh, l2_norm, precision,
+):
+    """Refs (one row, one head): q/k/v [l, D], cache_k/cache_v [S, D], mask int32 [S], scale f32 [H], o [l, D]."""
+    head, qi = pl.program_id(1), pl.program_id(2)
+    dot_dtype, v_dtype = cache_k_ref.dtype, cache_v_ref.dtype
+    head_dim = q_ref.shape[-1]
+
+    q_rows = qi * block_q + jnp.arange(block_q) < l
+    q = plgpu.load(q_ref.at[pl.ds(qi * block_q, block_q), :], mask=q_rows[:, None], other=0.0)
+    q = q.astype(jnp.float32)
+    if l2_norm:
+        q = _l2_normalize(q)
+    q_parts = _split(q * (scale_ref[head] * LOG2E), dot_dtype)  # scores come out in log2 units
+
+    def attend(carry, k_parts, v, valid):
+        """One online-softmax step over a key block. k_parts: [n, D] dot_dtype, v [n, D] v_dtype, valid bool [n]."""
+        o, m, s = carry
+        pairs = [(qp, kp) for i, qp in enumerate(q_parts) for j, kp in enumerate(k_parts) if i + j < 2]  # no lo·lo
+        qk = plgpu.dot(*pairs[0], trans_b=True, precision=precision)
+        for qp, kp in pairs[1:]:
+            qk += plgpu.dot(qp, kp, trans_b=True, precision=precision)
+        qk = jnp.where(valid[None, :], qk, MASK_VALUE)
+        m_next = jnp.maximum(m, jnp.max(qk, axis=1))
+        alpha = jnp.exp2(m - m_next)
+        p = jnp.where(valid[None, :], jnp.exp2(qk - m_next[:, None]), 0.0)
+        o = alpha[:, None] * o + plgpu.dot(p.astype(v_dtype), v, precision=precision)
+        return o, m_next, alpha * s + jnp.sum(p, axis=1)
+
+    def cache_block(j, carry):
+        slot = j * block_k + jnp.arange(block_k)
+        inside = slot < capacity
+        rows = pl.ds(j * block_k, block_k)
+        valid = plgpu.load(mask_ref.at[rows], mask=inside, other=0) != 0
+        k = plgpu.load(cache_k_ref.at[rows, :], mask=inside[:, None], other=0.0)
+        v = plgpu.load(cache_v_ref.at[rows, :], mask=inside[:, None], other=0.0)
+        return attend(carry, (k,), v, valid)
+
+    def fresh_block(j, carry):
+        valid = j * block_fresh + jnp.arange(block_fresh) < l
+        rows = pl.ds(j * block_fresh, block_fresh)
+        k = plgpu.load(k_ref.at[rows, :], mask=valid[:, None], other=0.0).astype(jnp.float32)
+        if l2_norm:
+            k = _l2_normalize(k)
+        v = plgpu.load(v_ref.at[rows, :], mask=valid[:, None], other=0.0)
+        return attend(carry, _split(k, dot_dtype), v.astype(v_dtype), valid)
+
+    carry = (
+        jnp.zeros((block_q, head_dim), jnp.float32),
+        jnp.full((block_q,), -jnp.inf, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+    for start, stop in runs:  # static: only blocks with a live slot
+        carry = jax.lax.fori_loop(start, stop, cache_block, carry)
+    o, _, s = jax.lax.fori_loop(0, pl.cdiv(l, block_fresh), fresh_block, carry)
+    out = (o / s[:, None]).astype(o_ref.dtype)
+    plgpu.store(o_ref.at[pl.ds(qi * block_q, block_q), :], out, mask=q_rows[:, None])
+
+
+def cached_attention(
+    q, k, v, cache_k, cache_v, cache_mask, scale_mul_H, *,
+    static_mask: np.ndarray | tuple[bool, ...] | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+):
+    """The kernel; same arguments and result as `cached_attention_reference`, plus the static layout mask.
+
+    static_mask: bool [S] known at trace time (numpy array or tuple); key blocks with no slot set are skipped. It
+    must include every slot `cache_mask` may set (the model passes `LayerLayout.read_mask(si)`, which equals it).
+    None processes every block. block_q/block_k override `block_sizes(l)` (powers of two >= 16).
+    """
+    B, l, H, D = q.shape
+    capacity = cache_k.shape[1]
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"the Triton kernel needs a power-of-two head dim >= 16, got {D}")
+    default_q, default_k = block_sizes(l)
+    block_q, block_k = block_q or default_q, block_k or default_k
+    static_mask = np.ones(capacity, bool) if static_mask is None else np.asarray(static_mask, bool)
+    if static_mask.shape != (capacity,):
+        raise ValueError(f"static_mask must have shape ({capacity},) like the cache, got {static_mask.shape}")
+    runs = valid_block_runs(static_mask, block_k)
+    if not runs:  # nothing to read (e.g. an empty cache): one dummy slot that the loops never touch
+        cache_k = jnp.zeros((B, 1, H, D), cache_k.dtype)
+        cache_v = jnp.zeros((B, 1, H, D), cache_v.dtype)
+        cache_mask, capacity = jnp.zeros((1,), bool), 1
+
+    l2_norm = scale_mul_H is not None
+    if l2_norm:
+        scale_H = jnp.exp(jnp.minimum(scale_mul_H.astype(jnp.float32), MAX_SCALE_MUL))
+    else:
+        scale_H = jnp.full((H,), 0.25 / math.sqrt(D), jnp.float32)
+    f32 = cache_k.dtype == jnp.float32
+    kernel = functools.partial(
+        _kernel, runs=runs, l=l, capacity=capacity, block_q=block_q, block_k=block_k,
+        block_fresh=min(block_k, max(16, pl.next_power_of_2(l))), l2_norm=l2_norm,
+        precision=jax.lax.Precision.HIGHEST if f32 else None,
+    )
+    seq = lambda n: pl.BlockSpec((None, n, None, D), lambda b, h, i: (b, 0, h, 0))  # noqa: E731
+    whole = lambda n: pl.BlockSpec((n,), lambda b, h, i: (0,))  # noqa: E731
+    return pl.pallas_call(
+        kernel,
+        grid=(B, H, pl.cdiv(l, block_q)),
+        in_specs=[seq(l), seq(l), seq(l), seq(capacity), seq(capacity), whole(capacity), whole(H)],
+        out_specs=seq(l),
+        out_shape=jax.ShapeDtypeStruct((B, l, H, D), cache_v.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="amskv_cached_attention",
+    )(q, k, v, cache_k, cache_v, cache_mask.astype(jnp.int32), scale_H)

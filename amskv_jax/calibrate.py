@@ -1,0 +1,338 @@
+"""Calibration: which layers are cache-demanding, measured on full-cache generations (+ CLI).
+
+For N samples drawn with the full cache, the generated tokens are fed back through the teacher-forced forward pass
+(which equals the cached generation exactly, `tests/test_var.py`), conditional and unconditional rows both, as the
+cache holds both under classifier-free guidance. Every block's K, V and attention are captured and reduced to:
+
+* inter-scale similarity of K and of V per layer and scale s ≥ 1: scale s−1's map brought to scale s's grid
+  (nearest, or the VQ-VAE's bicubic), cosine similarity with scale s per token and head, averaged over tokens,
+  heads and rows. A layer's score averages the scales s ≥ `finer_from` (and K with V); the lowest scores mark the
+  cache-demanding layers (AMS-KV: the previous scale's K/V do not resemble the current ones, so the current scale
+  cannot stand in for it);
+* attention density d(i←j), the attention mass scale i's queries put on scale j (j ≤ i), averaged over queries,
+  heads and rows; its normalised entropy over j, averaged over query scales, is the layer's *dispersion*
+  (ScaleKV's drafters spread their attention over the history, refiners keep it on the current map).
+
+    python -m amskv_jax.calibrate --model d16 --samples 64 --out layers.json [--fraction 0.35 | --threshold T] [--plot]
+
+The JSON records the scores, the per-scale statistics, the choice and the method; `AMSKV.from_calibration(path)`
+and `ScaleBudget.from_calibration(path)` load it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amskv_jax.attention import prepare_qk
+from amskv_jax.config import ModelConfig, VARConfig
+from amskv_jax.policies import CALIBRATION_FORMAT, DEMANDING_FRACTION, select_layers
+from amskv_jax.resize import resize_bicubic
+from amskv_jax.var import VAR, SelfAttention, block_causal_mask
+
+UPSAMPLES = ("nearest", "bicubic")
+MEASURES = ("kv", "k", "v")
+
+
+@dataclasses.dataclass(frozen=True)
+class Statistics:
+    """Sums over rows (divide by `rows` for means). sim_k, sim_v: [depth, S] (scale 0: 0); density: [depth, S, S]
+    (row i: query scale, column j: key scale, zero above the diagonal)."""
+
+    sim_k: np.ndarray
+    sim_v: np.ndarray
+    density: np.ndarray
+    rows: int
+
+    def __add__(self, other: Statistics) -> Statistics:
+        return Statistics(
+            self.sim_k + other.sim_k, self.sim_v + other.sim_v, self.density + other.density, self.rows + other.rows
+        )
+
+
+def upsample_nearest(x_BhwC: jax.Array, size: int) -> jax.Array:
+    """torch `F.interpolate(mode='nearest')`: output pixel i takes input floor(i·n_in/n_out)."""
+    index = (np.arange(size) * x_BhwC.shape[1]) // size
+    return x_BhwC[:, index][:, :, index]
+
+
+def _to_grid(x_BlHD: jax.Array, pn_in: int, pn_out: int, upsample: str) -> jax.Array:
+    """A scale's per-token map [B, pn_in², H, D] brought to the pn_out grid: [B, pn_out², H, D]."""
+    b, _, h, d = x_BlHD.shape
+    grid = x_BlHD.reshape(b, pn_in, pn_in, h * d).astype(jnp.float32)
+    grid = upsample_nearest(grid, pn_out) if upsample == "nearest" else resize_bicubic(grid, pn_out)
+    return grid.reshape(b, pn_out * pn_out, h, d)
+
+
+def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Cosine similarity over the last axis (float32), zero-norm vectors counted as 0."""
+    dot = (a * b).sum(-1)
+    norms = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
+    return dot / jnp.maximum(norms, 1e-12)
+
+
+def _layer_statistics(q, k, v, scale_mul_H, config: VARConfig, upsample: str):
+    """One layer's sums over rows: similarity of K and V per scale [S] each, density [S, S]."""
+    begin_ends, patch_nums = config.begin_ends, config.patch_nums
+    sim_k, sim_v = [jnp.zeros(())], [jnp.zeros(())]
+    for si in range(1, config.num_scales):
+        (b0, e0), (b1, e1) = begin_ends[si - 1], begin_ends[si]
+        for x, out in ((k, sim_k), (v, sim_v)):
+            prev = _to_grid(x[:, b0:e0], patch_nums[si - 1], patch_nums[si], upsample)
+            out.append(_cosine(prev, x[:, b1:e1].astype(jnp.float32)).mean((1, 2)).sum())
+    q, k = prepare_qk(q, k, scale_mul_H)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(jnp.asarray(block_causal_mask(patch_nums))[None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    level = np.concatenate([np.full(pn * pn, si) for si, pn in enumerate(patch_nums)])
+    member_LS = (level[:, None] == np.arange(config.num_scales)[None, :]).astype(np.float32)
+    mass_BHLS = probs @ member_LS  # attention each query puts on each key scale
+    density = jnp.einsum("bhqs,qi->is", mass_BHLS, member_LS / member_LS.sum(0)) / q.shape[2]
+    return jnp.stack(sim_k), jnp.stack(sim_v), density
+
+
+@functools.partial(jax.jit, static_argnames=("config", "upsample", "dtype"))
+def _statistics(var_params, labels_B, x_BLCv, *, config: VARConfig, upsample: str, dtype):
+    model = VAR(config, dtype=dtype)
+    _, state = model.apply(
+        var_params, labels_B, x_BLCv, mutable=["intermediates"],
+        capture_intermediates=lambda module, method: isinstance(module, SelfAttention) and method == "_qkv",
+    )
+    out = []
+    for layer in range(config.depth):
+        q, k, v = state["intermediates"][f"blocks_{layer}"]["attn"]["_qkv"][0]
+        attn_params = var_params["params"][f"blocks_{layer}"]["attn"]
+        scale_mul = attn_params["scale_mul_1H11"].reshape(-1) if config.attn_l2_norm else None
+        out.append(_layer_statistics(q, k, v, scale_mul, config, upsample))
+    return tuple(jnp.stack(parts) for parts in zip(*out))
+
+
+def layer_statistics(
+    var_params, config: VARConfig, labels_B, x_BLCv, *, upsample: str = "nearest", dtype=jnp.float32
+) -> Statistics:
+    """Statistics of the teacher-forced pass on `labels_B` [B] and inputs x_BLCv [B, L − first_l, Cvae]."""
+    if upsample not in UPSAMPLES:
+        raise ValueError(f"unknown upsample {upsample!r}; allowed: {', '.join(UPSAMPLES)}")
+    sim_k, sim_v, density = _statistics(
+        var_params, jnp.asarray(labels_B, jnp.int32), x_BLCv, config=config, upsample=upsample, dtype=dtype
+    )
+    return Statistics(np.asarray(sim_k), np.asarray(sim_v), np.asarray(density), int(np.shape(labels_B)[0]))
+
+
+def dispersion(density_SS: np.ndarray, first: int) -> float:
+    """Normalised entropy of d(i←·) over scales j ≤ i, averaged over query scales i ≥ max(first, 1): 0 when every
+    scale attends only to itself, 1 when its attention is spread evenly over itself and all earlier scales."""
+    values = []
+    for i in range(max(first, 1), density_SS.shape[0]):
+        p = np.clip(density_SS[i, : i + 1], 1e-30, None)
+        p = p / p.sum()
+        values.append(float(-(p * np.log(p)).sum() / math.log(i + 1)))
+    return float(np.mean(values))
+
+
+def summarise(
+    stats: Statistics, *, finer_from: int = 2, measure: str = "kv", fraction: float | None = None,
+    threshold: float | None = None,
+) -> dict:
+    """Per-layer scores, per-scale statistics and the demanding layers (lowest similarity) from summed statistics:
+    `fraction` of the layers or those below `threshold` (neither: DEMANDING_FRACTION)."""
+    if fraction is None and threshold is None:
+        fraction = DEMANDING_FRACTION
+    depth, num_scales = stats.sim_k.shape
+    if measure not in MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; allowed: {', '.join(MEASURES)}")
+    if not 1 <= finer_from < num_scales:
+        raise ValueError(f"finer_from must be in [1, {num_scales - 1}], got {finer_from}")
+    sim_k, sim_v, density = stats.sim_k / stats.rows, stats.sim_v / stats.rows, stats.density / stats.rows
+    score_k = sim_k[:, finer_from:].mean(1)
+    score_v = sim_v[:, finer_from:].mean(1)
+    similarity = {"kv": (score_k + score_v) / 2, "k": score_k, "v": score_v}[measure]
+    spread = [dispersion(density[layer], finer_from) for layer in range(depth)]
+    chosen = select_layers(similarity.tolist(), fraction=fraction, threshold=threshold, lowest=True)
+
+    def per_scale(x):
+        return [[None] + [float(val) for val in row[1:]] for row in x]
+
+    return {
+        "scores": {
+            "similarity": similarity.tolist(), "similarity_k": score_k.tolist(), "similarity_v": score_v.tolist(),
+            "dispersion": spread,
+        },
+        "per_scale": {
+            "similarity_k": per_scale(sim_k), "similarity_v": per_scale(sim_v), "density": density.tolist(),
+        },
+        "demanding_layers": chosen,
+        "selection": {"fraction": fraction} if threshold is None else {"threshold": threshold},
+    }
+
+
+def calibrate(
+    model, samples: int, *, batch: int = 8, seed: int = 0, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
+    dtype: str = "float32", upsample: str = "nearest", measure: str = "kv", finer_from: int = 2,
+    fraction: float | None = None, threshold: float | None = None, model_name: str = "",
+) -> dict:
+    """Generate `samples` images with the full cache (random classes from `seed`), measure, and return the
+    calibration record (the JSON that `write` saves). `model`: a `checkpoint.Model`."""
+    from amskv_jax.generate import DTYPES, generate  # generation pulls in the VQ-VAE; statistics do not need it
+    from amskv_jax.vqvae import VQVAE
+
+    config: ModelConfig = model.config
+    c = config.var
+    if samples < 1 or batch < 1:
+        raise ValueError(f"samples and batch must be >= 1, got {samples} and {batch}")
+    label_key, key = jax.random.split(jax.random.key(seed))
+    all_labels = np.asarray(jax.random.randint(label_key, (samples,), 0, c.num_classes))
+    to_input = jax.jit(lambda p, idx: VQVAE(config.vqvae).apply(p, idx, method=VQVAE.idx_to_var_input))
+    total = None
+    for start in range(0, samples, batch):
+        labels = all_labels[start : start + batch]
+        key, sample_key = jax.random.split(key)
+        out = generate(
+            model.params, labels, sample_key, config=config, cfg=cfg, top_k=min(top_k, c.vocab_size), top_p=top_p,
+            dtype=dtype,
+        )
+        x = to_input(model.params["vqvae"], out.tokens)
+        labels_2B = np.concatenate([labels, np.full_like(labels, c.num_classes)])
+        stats = layer_statistics(
+            model.params["var"], c, labels_2B, jnp.concatenate([x, x]), upsample=upsample, dtype=DTYPES[dtype]
+        )
+        total = stats if total is None else total + stats
+    summary = summarise(total, finer_from=finer_from, measure=measure, fraction=fraction, threshold=threshold)
+    selection = summary.pop("selection")
+    return {
+        "format": CALIBRATION_FORMAT,
+        "model": model_name,
+        "depth": c.depth,
+        "patch_nums": list(c.patch_nums),
+        "samples": samples,
+        "demanding_layers": summary.pop("demanding_layers"),
+        "method": {
+            "generation": {"policy": "full", "cfg": cfg, "top_k": top_k, "top_p": top_p, "seed": seed,
+                           "batch": batch, "dtype": dtype},
+            "rows": "conditional and unconditional (classifier-free guidance) rows, teacher-forced on the tokens",
+            "similarity": (
+                f"cosine per token and head between scale s's K (V) and scale s-1's map upsampled ({upsample}) "
+                f"to s's grid; mean over tokens, heads, rows; layer score = mean over scales s >= {finer_from} "
+                f"of {'K and V' if measure == 'kv' else measure.upper()}"
+            ),
+            "upsample": upsample,
+            "measure": measure,
+            "finer_from": finer_from,
+            "density": "d(i<-j) = attention mass scale i's queries put on scale j, mean over queries, heads, rows",
+            "dispersion": f"normalised entropy of d(i<-.) over j <= i, mean over query scales i >= {finer_from}",
+            "selection": {**selection, "rule": "demanding = lowest similarity"},
+        },
+        **summary,
+    }
+
+
+def plot(data: dict, prefix: str | Path) -> list[Path]:
+    """Heat maps: `{prefix}_similarity.png` (K and V similarity, layers × scales) and `{prefix}_density.png`
+    (d(i←j) per layer). Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prefix = Path(prefix)
+    depth, scales = data["depth"], len(data["patch_nums"])
+    demanding = set(data["demanding_layers"])
+    paths = [prefix.with_name(prefix.name + "_similarity.png"), prefix.with_name(prefix.name + "_density.png")]
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 1.5 + 0.25 * depth), squeeze=False)
+    for ax, name in zip(axes[0], ("similarity_k", "similarity_v")):
+        values = np.array([[np.nan if x is None else x for x in row] for row in data["per_scale"][name]])
+        image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=-1, vmax=1)
+        ax.set_title(f"{name[-1].upper()}: cos(scale s, scale s-1 upsampled)")
+        ax.set_xlabel("scale s")
+        ax.set_xticks(range(scales))
+        ax.set_ylabel("layer (* demanding)")
+        ax.set_yticks(range(depth), [f"{i}{' *' if i in demanding else ''}" for i in range(depth)], fontsize=6)
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    columns = min(depth, 6)
+    rows = -(-depth // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.2 * rows), squeeze=False)
+    for layer, ax in enumerate(axes.flat):
+        if layer >= depth:
+            ax.axis("off")
+            continue
+        density = np.array(data["per_scale"]["density"][layer])
+        ax.imshow(np.where(np.tri(scales, dtype=bool), density, np.nan), cmap="magma", vmin=0, vmax=1)
+        ax.set_title(f"layer {layer}{' *' if layer in demanding else ''}", fontsize=8)
+        ax.set_xticks(range(scales), [str(j) if scales <= 10 else "" for j in range(scales)], fontsize=5)
+        ax.set_yticks(range(scales), [str(i) if scales <= 10 else "" for i in range(scales)], fontsize=5)
+    fig.suptitle("attention density d(i<-j): query scale i (rows) on key scale j (columns)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def main(argv=None) -> int:
+    from amskv_jax.checkpoint import load_model
+    from amskv_jax.generate import DTYPES
+
+    parser = argparse.ArgumentParser(prog="python -m amskv_jax.calibrate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a preset name (random weights) or a checkpoint dir")
+    parser.add_argument("--samples", type=int, required=True, help="images generated with the full cache")
+    parser.add_argument("--out", required=True, help="the calibration JSON to write")
+    parser.add_argument("--batch", type=int, default=8, help="images per generation call")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cfg", type=float, default=1.5)
+    parser.add_argument("--top-k", type=int, default=900)
+    parser.add_argument("--top-p", type=float, default=0.96)
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--upsample", default="nearest", choices=UPSAMPLES, help="coarse map to the finer grid")
+    parser.add_argument("--measure", default="kv", choices=MEASURES, help="which similarity ranks the layers")
+    parser.add_argument("--finer-from", type=int, default=2, help="first scale s whose similarity counts")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--fraction", type=float, default=None,
+                        help=f"demanding = this fraction of layers, lowest similarity (default {DEMANDING_FRACTION})")
+    choice.add_argument("--threshold", type=float, default=None, help="demanding = layers with similarity below")
+    parser.add_argument("--plot", action="store_true", help="also write OUT_similarity.png and OUT_density.png")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.samples < 1 or args.batch < 1:
+            raise ValueError(f"--samples and --batch must be >= 1, got {args.samples} and {args.batch}")
+        if args.fraction is not None and not 0 <= args.fraction <= 1:
+            raise ValueError(f"--fraction must be in [0, 1], got {args.fraction}")
+        model = load_model(args.model)
+        if not 1 <= args.finer_from < model.config.var.num_scales:
+            raise ValueError(f"--finer-from must be in [1, {model.config.var.num_scales - 1}], got {args.finer_from}")
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    print(f"model {args.model}: {model.description}; {args.samples} samples", flush=True)
+    data = calibrate(
+        model, args.samples, batch=args.batch, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+        dtype=args.dtype, upsample=args.upsample, measure=args.measure, finer_from=args.finer_from,
+        fraction=args.fraction, threshold=args.threshold, model_name=args.model,
+    )
+    out = Path(args.out)
+    out.write_text(json.dumps(data, indent=1))
+    scores = data["scores"]
+    for layer in range(data["depth"]):
+        mark = "  demanding" if layer in data["demanding_layers"] else ""
+        k, v, spread = (scores[name][layer] for name in ("similarity_k", "similarity_v", "dispersion"))
+        print(f"layer {layer:3d}: similarity K {k:.3f} V {v:.3f}  dispersion {spread:.3f}{mark}")
+    print(f"wrote {out}: demanding layers {data['demanding_layers']}")
+    if args.plot:
+        for path in plot(data, out.with_suffix("")):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Fidelity of cache policies against the full cache: per-scale token agreement and logit KL (+ CLI).
+
+Every policy generates from the same labels and PRNG keys as the full cache, independently (so its tokens diverge
+after its first different draw). Per scale we report
+
+* agreement: the fraction of the scale's tokens equal to the full cache's;
+* KL(full ‖ policy): the mean over tokens of the KL divergence between the guided distribution the full cache gives
+  on the *policy's own prefix* (its tokens teacher-forced through the model, which equals full-cache generation) and
+  the one the policy's sampler received. Both are the guided logits before top-k/top-p filtering.
+
+    python -m amskv_jax.fidelity --model tiny-ladder256 --samples 32 [--policies full,amskv,...] [--sweep]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amskv_jax import sampling
+from amskv_jax.config import ModelConfig, VARConfig
+from amskv_jax.generate import DTYPES, generate
+from amskv_jax.policies import (
+    AMSKV, POLICIES, FullCache, Policy, choose_demanding_layers, policy_from_name, read_calibration, select_layers,
+)
+from amskv_jax.var import VAR
+from amskv_jax.vqvae import VQVAE
+
+
+@dataclasses.dataclass(frozen=True)
+class Fidelity:
+    """Per-scale agreement and KL(full ‖ policy) (means over tokens and samples), and the cache's slots."""
+
+    agreement: tuple[float, ...]
+    kl: tuple[float, ...]
+    sizes: tuple[int, ...]  # tokens per scale
+    slots: int  # sum of the layers' capacities
+    full_slots: int
+
+    @property
+    def token_agreement(self) -> float:
+        """Over all tokens of an image (scales weighted by their token counts)."""
+        return float(np.dot(self.agreement, self.sizes) / sum(self.sizes))
+
+    @property
+    def mean_kl(self) -> float:
+        return float(np.dot(self.kl, self.sizes) / sum(self.sizes))
+
+    @property
+    def memory_fraction(self) -> float:
+        return self.slots / self.full_slots
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _compare(params, labels_B, cfg, tokens, policy_logits, full_tokens, *, config: ModelConfig, dtype: str):
+    """Per-scale sums over rows of (agreement with full_tokens, KL(full-cache guided logits on `tokens` ‖
+    policy_logits))."""
+    c = config.var
+    x = VQVAE(config.vqvae).apply(params["vqvae"], tokens, method=VQVAE.idx_to_var_input)
+    labels_2B = jnp.concatenate([labels_B, jnp.full_like(labels_B, c.num_classes)])
+    logits_2BLV = VAR(c, dtype=DTYPES[dtype]).apply(params["var"], labels_2B, jnp.concatenate([x, x]))
+    agreement, kl = [], []
+    for si, (begin, end) in enumerate(c.begin_ends):
+        full = sampling.apply_guidance(logits_2BLV[:, begin:end], cfg, sampling.guidance_ratio(si, c.num_scales))
+        log_p = jax.nn.log_softmax(full.astype(jnp.float32), axis=-1)
+        log_q = jax.nn.log_softmax(policy_logits[si].astype(jnp.float32), axis=-1)
+        kl.append((jnp.exp(log_p) * (log_p - log_q)).sum(-1).mean(-1).sum())
+        agreement.append((tokens[si] == full_tokens[si]).mean(-1).sum())
+    return jnp.stack(agreement), jnp.stack(kl)
+
+
+def policy_fidelity(
+    model, policies: Mapping[str, Policy], labels, key, *, batch: int | None = None, cfg: float = 1.5,
+    top_k: int = 900, top_p: float = 0.96, dtype: str = "float32",
+) -> dict[str, Fidelity]:
+    """Fidelity of each policy against the full cache on `labels`, `batch` images per call (default: all), the
+    same PRNG key per batch for every policy. `model`: a `checkpoint.Model`."""
+    config: ModelConfig = model.config
+    c = config.var
+    labels = np.asarray(labels, np.int32)
+    batch = batch or len(labels)
+    top_k = min(top_k, c.vocab_size)
+    layouts = {name: policy.layout(c) for name, policy in policies.items()}
+    full_layout = FullCache().layout(c)
+    sums = {name: np.zeros((2, c.num_scales)) for name in policies}
+    for start in range(0, len(labels), batch):
+        chunk = labels[start : start + batch]
+        chunk_key = jax.random.fold_in(key, start)
+        run = functools.partial(
+            generate, model.params, chunk, chunk_key, config=config, cfg=cfg, top_k=top_k, top_p=top_p, dtype=dtype,
+            return_logits=True,
+        )
+        full = run(layout=full_layout)
+        for name, layout in layouts.items():
+            out = run(layout=layout)
+            agreement, kl = _compare(
+                model.params, jnp.asarray(chunk), jnp.float32(cfg), out.tokens, out.logits, full.tokens,
+                config=config, dtype=dtype,
+            )
+            sums[name] += np.stack([np.asarray(agreement), np.asarray(kl)])
+    sizes = tuple(pn * pn for pn in c.patch_nums)
+    full_slots = sum(full_layout.capacities)
+    return {
+        name: Fidelity(
+            agreement=tuple((total[0] / len(labels)).tolist()), kl=tuple((total[1] / len(labels)).tolist()),
+            sizes=sizes, slots=sum(layouts[name].capacities), full_slots=full_slots,
+        )
+        for name, total in sums.items()
+    }
+
+
+def sweep_candidates(config: VARConfig, calibration: dict | None = None) -> dict[str, Policy]:
+    """The AMS-KV settings compared when choosing the default (all with the other layers condensed only unless
+    named "uniform"): dNN = that percentage of layers demanding (lowest similarity; the first layers without
+    calibration), wN = their window, cN = condensed scales (2 unless named). d35-w1 is the default; d20-w2 and d15-wall
+    sit near its memory at 256px; "similar" takes the most similar layers instead (a check of the calibration)."""
+    depth = config.depth
+
+    def amskv(fraction, window, condensed=2, lowest=True):
+        if calibration is None or lowest:
+            layers = choose_demanding_layers(fraction, depth, calibration)
+        else:
+            layers = select_layers(calibration["scores"]["similarity"], fraction=fraction, lowest=False)
+        return AMSKV(condensed, 0, demanding_layers=layers, demanding_window=window, depth=depth)
+
+    out = {
+        "amskv-d35-w1": amskv(0.35, 1),
+        "amskv-d35-w2": amskv(0.35, 2),
+        "amskv-d35-wall": amskv(0.35, None),
+        "amskv-d20-w2": amskv(0.20, 2),
+        "amskv-d15-wall": amskv(0.15, None),
+        "amskv-d50-w1": amskv(0.50, 1),
+        "amskv-c1-d35-w1": amskv(0.35, 1, condensed=1),
+        "amskv-c3-d35-w1": amskv(0.35, 1, condensed=3),
+        "amskv-uniform-w1": AMSKV(condensed_scales=2, local_window=1),
+    }
+    if calibration is not None:
+        out["amskv-d35-w1-similar"] = amskv(0.35, 1, lowest=False)
+    return out
+
+
+def distinct(policies: Mapping[str, Policy], config: VARConfig) -> dict[str, Policy]:
+    """Drop policies whose reads equal an earlier one's on this model (shallow models collapse fractions)."""
+    out, seen = {}, set()
+    for name, policy in policies.items():
+        reads = tuple(plan.reads for plan in policy.layout(config).layers)
+        if reads not in seen:
+            seen.add(reads)
+            out[name] = policy
+    return out
+
+
+def format_table(results: Mapping[str, Fidelity], policies: Mapping[str, Policy]) -> str:
+    """A markdown table: memory (this model's slots vs the full cache), agreement and KL per policy."""
+    any_result = next(iter(results.values()))
+    scales = len(any_result.sizes)
+    lines = [
+        "| policy | setting | cache vs full | token agreement | mean KL | agreement per scale | KL per scale |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        per_scale = " ".join(f"{a:.2f}" for a in r.agreement)
+        kl = " ".join(f"{k:.3f}" for k in r.kl)
+        lines.append(
+            f"| {name} | {policies[name].describe()} | {100 * r.memory_fraction:.1f}% | {r.token_agreement:.3f} | "
+            f"{r.mean_kl:.4f} | {per_scale} | {kl} |"
+        )
+    lines.append(f"\n({scales} scales; per-scale columns run from the coarsest to the finest scale.)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from amskv_jax.checkpoint import load_model
+
+    parser = argparse.ArgumentParser(prog="python -m amskv_jax.fidelity", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny-ladder256", help="a preset name (random weights) or checkpoint dir")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8, help="images per generation call")
+    parser.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated of: {', '.join(POLICIES)}")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also the AMS-KV candidates for the default setting (duplicates on this model dropped)")
+    parser.add_argument("--calibration", default=None, help="a calibration JSON choosing the demanding layers")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cfg", type=float, default=1.5)
+    parser.add_argument("--top-k", type=int, default=900)
+    parser.add_argument("--top-p", type=float, default=0.96)
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        if args.samples < 1 or args.batch < 1:
+            raise ValueError(f"--samples and --batch must be >= 1, got {args.samples} and {args.batch}")
+        model = load_model(args.model)
+        c = model.config.var
+        calibration = read_calibration(args.calibration) if args.calibration else None
+        names = [n for n in args.policies.split(",") if n]
+        policies = {name: policy_from_name(name, c, calibration) for name in names}
+        if args.sweep:
+            policies = distinct({**policies, **sweep_candidates(c, calibration)}, c)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    labels = np.asarray(jax.random.randint(jax.random.key(args.seed), (args.samples,), 0, c.num_classes))
+    results = policy_fidelity(
+        model, policies, labels, jax.random.key(args.seed + 1), batch=args.batch, cfg=args.cfg, top_k=args.top_k,
+        top_p=args.top_p, dtype=args.dtype,
+    )
+    if args.json:
+        print(json.dumps({name: dataclasses.asdict(r) for name, r in results.items()}, indent=1))
+    else:
+        print(f"model {args.model}: {model.description}; {args.samples} samples, seed {args.seed}, cfg {args.cfg}, "
+              f"top-k {args.top_k}, top-p {args.top_p}, {args.dtype}\n")
+        print(format_table(results, policies))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Exact K/V memory of every cache policy for a model, batch and dtype (+ CLI).
+
+Definitions (docs `AMSKV.md` §4b): `cache_bytes` are the static buffers of `init_cache` for the layout: K and V of
+every layer's capacity for 2·batch rows (classifier-free guidance doubles the rows), plus each layer's int32
+`slot_scale`; they hold past scales only. `peak_kv_bytes` adds the largest transient current-scale K/V: blocks run
+one after another, and a scale's fresh K and V exist for one layer at a time while its queries attend, so the
+transient is one layer's K and V of the largest scale. The reference (VAR's `models/basic_var.py`) instead
+concatenates every scale's K/V, the current one included: L tokens per layer at the last scale, and under
+autocast its K are float32 (cached after `F.normalize`), 1.5 times the bfloat16 figure.
+
+    python -m amskv_jax.memory --model d30 --batch 128 --dtype bfloat16 [--json] [--calibration layers.json]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from amskv_jax.cache import CacheLayout, cache_bytes
+from amskv_jax.config import PRESETS, ModelConfig, VARConfig, get_preset
+from amskv_jax.policies import DEFAULT_POLICY, POLICIES, policy_from_name, read_calibration
+
+DTYPES = ("bfloat16", "float32")
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryRow:
+    """One policy's figures. slots: the sum of the layers' capacities (tokens per row)."""
+
+    policy: str
+    description: str
+    default: bool
+    slots: int
+    cache_bytes: int
+    peak_kv_bytes: int
+    reduction_vs_full: float  # 1 − cache_bytes / the full cache's cache_bytes
+
+    def to_json(self) -> dict:
+        return {
+            "policy": self.policy, "default": self.default, "cache_bytes": self.cache_bytes,
+            "peak_kv_bytes": self.peak_kv_bytes, "reduction_vs_full": self.reduction_vs_full,
+        }
+
+
+def itemsize(dtype: str) -> int:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    return jnp.dtype(dtype).itemsize
+
+
+def transient_kv_bytes(config: VARConfig, rows: int, dtype: str) -> int:
+    """One layer's fresh K and V of the largest scale: 2 · rows · max pn² · C · itemsize."""
+    return 2 * rows * max(pn * pn for pn in config.patch_nums) * config.embed_dim * itemsize(dtype)
+
+
+def layout_bytes(layout: CacheLayout, config: VARConfig, batch: int, dtype: str) -> tuple[int, int]:
+    """(cache_bytes, peak_kv_bytes) of a layout for `batch` images (2·batch rows)."""
+    rows = 2 * batch
+    static = cache_bytes(layout, rows, config.num_heads, config.head_dim, itemsize(dtype))
+    return static, static + transient_kv_bytes(config, rows, dtype)
+
+
+def reference_bytes(config: VARConfig, batch: int, dtype: str, fp32_k: bool = False) -> int:
+    """The reference's concatenated cache at the last scale: all L tokens per layer (K in float32 if fp32_k)."""
+    per_token = config.embed_dim * (itemsize(dtype) + (4 if fp32_k else itemsize(dtype)))
+    return 2 * batch * config.depth * config.seq_len * per_token
+
+
+def memory_table(config: VARConfig, batch: int, dtype: str, calibration: dict | None = None) -> list[MemoryRow]:
+    """Every named policy, the full cache first, then the reference's own figure (policy "reference")."""
+    rows = []
+    for name in POLICIES:
+        policy = policy_from_name(name, config, calibration)
+        layout = policy.layout(config)
+        static, peak = layout_bytes(layout, config, batch, dtype)
+        slots = sum(layout.capacities)
+        rows.append(MemoryRow(name, policy.describe(), name == DEFAULT_POLICY, slots, static, peak, 0.0))
+    reference = reference_bytes(config, batch, dtype)
+    rows.append(MemoryRow(
+        "reference", "VAR reference: every scale concatenated, the current one included", False,
+        config.depth * config.seq_len, reference, reference, 0.0,
+    ))
+    full = rows[0].cache_bytes
+    return [dataclasses.replace(row, reduction_vs_full=1 - row.cache_bytes / full) for row in rows]
+
+
+def format_table(rows: list[MemoryRow], config: VARConfig, batch: int, dtype: str, title: str) -> str:
+    """A markdown table of the rows, with the reference's float32-K caveat underneath."""
+    full_peak = rows[0].peak_kv_bytes
+    lines = [
+        f"{title}: depth {config.depth}, {config.num_scales} scales up to {config.patch_nums[-1]}x"
+        f"{config.patch_nums[-1]} (L = {config.seq_len}), batch {batch} ({2 * batch} rows with guidance), {dtype}",
+        "",
+        "| policy | setting | slots/layer | cache_bytes | GiB | peak_kv_bytes | GiB | cut (cache) | cut (peak) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        name = f"**{row.policy}** (default)" if row.default else row.policy
+        lines.append(
+            f"| {name} | {row.description} | {row.slots / config.depth:.1f} | {row.cache_bytes:,} | "
+            f"{row.cache_bytes / GIB:.3f} | {row.peak_kv_bytes:,} | {row.peak_kv_bytes / GIB:.3f} | "
+            f"{100 * row.reduction_vs_full:.1f}% | {100 * (1 - row.peak_kv_bytes / full_peak):.1f}% |"
+        )
+    fp32 = reference_bytes(config, batch, dtype, fp32_k=True)
+    lines += [
+        "",
+        f"The reference row counts the L = {config.seq_len} tokens its per-layer concatenation holds at the last "
+        f"scale, in {dtype}; under autocast its cached K is float32 (normalised after the cast), which makes it "
+        f"{fp32:,} bytes ({fp32 / GIB:.3f} GiB)." if dtype != "float32" else
+        f"The reference row counts the L = {config.seq_len} tokens its per-layer concatenation holds at the last "
+        "scale.",
+    ]
+    return "\n".join(lines)
+
+
+def load_config(spec: str) -> ModelConfig:
+    """A preset name or a checkpoint directory (only its config.json is read)."""
+    if spec in PRESETS:
+        return get_preset(spec)
+    config_file = Path(spec) / "config.json"
+    if config_file.is_file():
+        return ModelConfig.from_json(config_file.read_text())
+    raise ValueError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m amskv_jax.memory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="d30", help="a preset name or a checkpoint directory")
+    parser.add_argument("--batch", type=int, default=128, help="images per batch (the cache holds 2·batch rows)")
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="the cache's dtype")
+    parser.add_argument("--calibration", default=None, help="a calibration JSON choosing the demanding layers")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        if args.batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {args.batch}")
+        config = load_config(args.model).var
+        calibration = read_calibration(args.calibration) if args.calibration else None
+        rows = memory_table(config, args.batch, args.dtype, calibration)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    if args.json:
+        print(json.dumps([row.to_json() for row in rows], indent=1))
+    else:
+        print(format_table(rows, config, args.batch, args.dtype, f"model {args.model}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Sampling as the reference does it (`models/helpers.py`, `VAR.autoregressive_infer_cfg`).
+
+* Guidance ramps with the scale: `t = cfg · si/(S-1)`, `logits = (1+t)·cond − t·uncond` over the two halves of the
+  doubled batch (rows [labels; null class]).
+* top-k keeps the logits ≥ the k-th largest (ties at the boundary kept); top-p sorts ascending and removes the
+  tokens whose cumulative softmax is ≤ 1 − top_p, always keeping the largest. Removed logits become −inf.
+* `more_smooth` replaces the hard code vector by a Gumbel-softmax mixture of code vectors, with temperature
+  `max(0.27·(1 − 0.95·ratio), 0.005)` on `logits·(1 + ratio)`.
+
+`top_k` is static (it sets a `lax.top_k` size; 0 = off); `cfg` and `top_p` may be traced (top_p 0 = off).
+Shapes: B rows, l tokens of one scale, V vocabulary.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def guidance_ratio(si: int, num_scales: int) -> float:
+    """si/(S-1): 0 at the first scale, 1 at the last."""
+    return si / (num_scales - 1)
+
+
+def apply_guidance(logits_2BlV: jax.Array, cfg, ratio: float) -> jax.Array:
+    """Combine the conditional (first half) and unconditional (second half) rows: [2B, l, V] -> [B, l, V]."""
+    cond, uncond = jnp.split(logits_2BlV.astype(jnp.float32), 2, axis=0)
+    t = cfg * ratio
+    return (1 + t) * cond - t * uncond
+
+
+def top_k_top_p_filter(logits_BlV: jax.Array, top_k: int, top_p) -> jax.Array:
+    """Set the logits outside the top-k and top-p support to −inf (float32 in, float32 out)."""
+    logits = logits_BlV.astype(jnp.float32)
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    top_p = jnp.asarray(top_p, jnp.float32)
+    order = jnp.argsort(logits, axis=-1)  # ascending, as the reference sorts
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = (cumulative <= 1 - top_p).at[..., -1].set(False)
+    remove = jnp.zeros_like(remove_sorted).at[
+        tuple(jnp.indices(order.shape, sparse=True)[:-1]) + (order,)
+    ].set(remove_sorted)
+    return jnp.where((top_p > 0) & remove, -jnp.inf, logits)
+
+
+def sample_tokens(key: jax.Array, logits_BlV: jax.Array) -> jax.Array:
+    """One draw per token from softmax(logits): int32 [B, l]."""
+    return jax.random.categorical(key, logits_BlV, axis=-1).astype(jnp.int32)
+
+
+def gumbel_smooth(key: jax.Array, logits_BlV: jax.Array, ratio: float, codebook_VC: jax.Array) -> jax.Array:
+    """The `more_smooth` code vectors: softmax((logits·(1+ratio) + Gumbel)/tau) @ codebook -> [B, l, Cvae]."""
+    tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+    gumbels = jax.random.gumbel(key, logits_BlV.shape, jnp.float32)
+    weights = jax.nn.softmax((logits_BlV * (1 + ratio) + gumbels) / tau, axis=-1)
+    return weights @ codebook_VC

@@ -1,0 +1,106 @@
+"""Train the emoji VQ-VAE and VAR, and export them as one amskv_jax checkpoint.
+
+    python -m amskv_jax.train vqvae  --config emoji32 --out runs/vqvae
+    python -m amskv_jax.train var    --config emoji32 --vqvae runs/vqvae --out runs/var
+    python -m amskv_jax.train export --vqvae runs/vqvae --var runs/var --out amskv_jax/assets/emoji32
+
+Training resumes from the latest checkpoint in --out; --steps, --batch-size, --lr and --seed override the
+config's values for that stage. Each finished run holds config.json, params/ and loss_log.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from amskv_jax.checkpoint import save_checkpoint
+from amskv_jax.train import loop
+from amskv_jax.train.configs import CONFIGS, OptimConfig, TrainConfig, get_config
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+def _optim(base: OptimConfig, args) -> OptimConfig:
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _dataset(cfg: TrainConfig):
+    from amskv_jax.train.data import load_emoji_dataset
+
+    images, labels, groups = load_emoji_dataset(size=cfg.image_size, max_per_group=cfg.max_per_group)
+    if len(groups) != cfg.model.var.num_classes:
+        raise ValueError(f"the data has {len(groups)} classes {groups}; the config expects {cfg.model.var.num_classes}")
+    print(f"data: {len(images)} emoji {images.shape[1:]}, {len(groups)} classes: {', '.join(groups)}")
+    return images, labels
+
+
+def _summary(out: Path, columns: tuple[str, ...], last: int = 50) -> str:
+    rows = loop.read_log(out)[-last:]
+    means = {c: np.mean([r[c] for r in rows]) for c in columns}
+    return f"final (mean of the last {len(rows)} steps): " + ", ".join(f"{c} {v:.4f}" for c, v in means.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m amskv_jax.train", description=__doc__.split("\n")[0])
+    stages = parser.add_subparsers(dest="stage", required=True)
+    for stage in ("vqvae", "var"):
+        p = stages.add_parser(stage, help=f"train the {stage.upper()}")
+        p.add_argument("--config", default="emoji32", choices=sorted(CONFIGS))
+        p.add_argument("--out", required=True, type=Path, help="run directory (resumed if it holds checkpoints)")
+        if stage == "var":
+            p.add_argument("--vqvae", required=True, type=Path, help="a finished VQ-VAE run directory")
+        p.add_argument("--steps", type=int)
+        p.add_argument("--batch-size", type=int)
+        p.add_argument("--lr", type=float)
+        p.add_argument("--seed", type=int)
+    p = stages.add_parser("export", help="write the two finished runs as one checkpoint (config.json + params/)")
+    p.add_argument("--vqvae", required=True, type=Path)
+    p.add_argument("--var", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="storage dtype of float params")
+    args = parser.parse_args(argv)
+
+    if args.stage == "export":
+        return export(args.vqvae, args.var, args.out, args.dtype)
+    cfg = get_config(args.config)
+    images, labels = _dataset(cfg)
+    if args.stage == "vqvae":
+        from amskv_jax.train import vqvae_trainer
+
+        opt = _optim(cfg.vqvae_optim, args)
+        variables, _ = vqvae_trainer.train(cfg, opt, images, args.out)
+        columns = ("loss", "l1", "mse", "vq", "usage")
+    else:
+        from amskv_jax.train import var_trainer
+
+        opt = _optim(cfg.var_optim, args)
+        variables, _ = var_trainer.train(cfg.model, opt, args.vqvae, images, labels, args.out)
+        columns = ("loss", "acc", "acc_last")
+    loop.save_params(args.out, cfg.model, variables)
+    print(_summary(args.out, columns))
+    print(f"wrote {args.out}/params, config.json, loss_log.csv")
+    return 0
+
+
+def export(vqvae_run: Path, var_run: Path, out: Path, dtype: str) -> int:
+    """Combine a VQ-VAE run and the VAR run trained on it into one checkpoint, floats stored as `dtype`."""
+    vqvae_model, vqvae_vars = loop.load_params(vqvae_run)
+    model, var_vars = loop.load_params(var_run)
+    if vqvae_model.vqvae != model.vqvae:
+        raise ValueError(f"{var_run} was trained on a VQ-VAE {model.vqvae}, {vqvae_run} holds {vqvae_model.vqvae}")
+    if (out / "params").exists():
+        raise FileExistsError(f"{out}/params exists; remove it first")
+    params = loop.cast_floats({"var": var_vars, "vqvae": vqvae_vars}, DTYPES[dtype])
+    save_checkpoint(out, model, params)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({size / 2**20:.2f} MiB, {dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

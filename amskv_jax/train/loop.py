@@ -1,0 +1,160 @@
+"""What both trainers share: the optimiser, a resumable jitted loop with a progress bar, and the loss log.
+
+The loop's state is `{"params": ..., "opt_state": ...}`; the step number is the orbax checkpoint's step. Batches are
+a pure function of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
+
+Layout of a run directory `out/`:
+    out/checkpoints/<step>/   orbax checkpoints of the state (the latest few)
+    out/loss_log.csv          one row per step: step, the step's metrics, lr, seconds since the run (re)started
+    out/config.json, params/  when finished: the ModelConfig and this stage's final variables (`save_params`)
+"""
+from __future__ import annotations
+
+import csv
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from amskv_jax.config import ModelConfig
+from amskv_jax.train.configs import OptimConfig
+
+# Parameters exempt from weight decay (the reference's `nowd_keys`, plus biases and norms by rank).
+_NO_DECAY = ("pos_1LC", "pos_start", "lvl_embed", "class_emb", "scale_mul_1H11", "embedding")
+
+
+def schedule(opt: OptimConfig) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        0.0, opt.lr, opt.warmup_steps, max(opt.steps, opt.warmup_steps + 1), end_value=opt.lr * opt.end_lr_ratio
+    )
+
+
+def optimizer(opt: OptimConfig) -> optax.GradientTransformation:
+    def decay_mask(params):
+        def decays(path, leaf):
+            names = [getattr(k, "key", "") for k in path]
+            return leaf.ndim >= 2 and not any(n in _NO_DECAY for n in names)
+
+        return jax.tree_util.tree_map_with_path(decays, params)
+
+    return optax.chain(
+        optax.clip_by_global_norm(opt.grad_clip),
+        optax.adamw(schedule(opt), b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay, mask=decay_mask),
+    )
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Rows of step `step`'s batch: epochs are seeded permutations of range(n), walked batch by batch."""
+    per_epoch = max(n // batch_size, 1)
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    if n < batch_size:
+        return np.resize(perm, batch_size)
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def run(
+    out: str | Path,
+    state: dict,
+    train_step: Callable[[dict, dict, jax.Array], tuple[dict, dict]],
+    get_batch: Callable[[int], dict],
+    opt: OptimConfig,
+    desc: str,
+) -> tuple[dict, int]:
+    """Train `state` to `opt.steps` steps, resuming from the latest checkpoint in `out/checkpoints`.
+
+    `train_step(state, batch, key) -> (state, metrics)` is jitted here; `key` is `fold_in(seed key, step)`.
+    Saves every `opt.save_every` steps and at the end. Returns (state, steps done).
+    """
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    # Synchronous saves: the jitted step donates the state buffers an async save could still be reading.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=2, save_interval_steps=opt.save_every, enable_async_checkpointing=False
+    )
+    lr_at = schedule(opt)
+    step_fn = jax.jit(train_step, donate_argnums=0)
+    base_key = jax.random.key(opt.seed)
+    with ocp.CheckpointManager(out / "checkpoints", options=options) as manager:
+        start = manager.latest_step() or 0
+        if start:
+            state = manager.restore(start, args=ocp.args.StandardRestore(state))
+        log = _LossLog(out / "loss_log.csv", start)
+        t0 = time.perf_counter()
+        bar = tqdm(range(start, opt.steps), initial=start, total=opt.steps, desc=desc, dynamic_ncols=True)
+        for step in bar:
+            state, metrics = step_fn(state, get_batch(step), jax.random.fold_in(base_key, step))
+            metrics = {k: float(v) for k, v in metrics.items()}
+            bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()}, refresh=False)
+            log.write(step + 1, metrics, float(lr_at(step)), time.perf_counter() - t0)
+            manager.save(step + 1, args=ocp.args.StandardSave(state), force=step + 1 == opt.steps)
+        manager.wait_until_finished()
+        log.close()
+    return state, max(start, opt.steps)
+
+
+class _LossLog:
+    """Appends rows to loss_log.csv; on resume drops rows past the restored step (they were never saved)."""
+
+    def __init__(self, path: Path, start: int):
+        rows = []
+        if start and path.is_file():
+            with path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
+        self.path, self.rows, self.file, self.writer = path, rows, None, None
+
+    def write(self, step: int, metrics: dict, lr: float, seconds: float) -> None:
+        row = {"step": step, **metrics, "lr": lr, "seconds": round(seconds, 2)}
+        if self.writer is None:
+            self.file = self.path.open("w", newline="")
+            self.writer = csv.DictWriter(self.file, fieldnames=list(row))
+            self.writer.writeheader()
+            self.writer.writerows(self.rows)
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def read_log(out: str | Path) -> list[dict]:
+    """loss_log.csv as a list of {column: float}."""
+    with (Path(out) / "loss_log.csv").open() as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def cast_floats(tree, dtype) -> dict:
+    """Every floating leaf of `tree` as `dtype` (numpy), integers untouched."""
+    def cast(x):
+        x = np.asarray(x)
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(cast, tree)
+
+
+def save_params(out: str | Path, model: ModelConfig, variables: dict) -> None:
+    """A finished run: out/config.json (the whole ModelConfig) and out/params/ (this stage's Flax variables)."""
+    out = Path(out).absolute()
+    if (out / "params").exists():
+        shutil.rmtree(out / "params")
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(out / "params", jax.tree.map(np.asarray, variables))
+    (out / "config.json").write_text(model.to_json())
+
+
+def load_params(run: str | Path) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, variables) of a finished run written by `save_params`."""
+    run = Path(run).absolute()
+    if not (run / "config.json").is_file() or not (run / "params").is_dir():
+        raise FileNotFoundError(f"{run}: not a finished training run (needs config.json and params/)")
+    with ocp.StandardCheckpointer() as checkpointer:
+        variables = checkpointer.restore(run / "params")
+    return ModelConfig.from_json((run / "config.json").read_text()), variables

@@ -1,0 +1,167 @@
+"""Convert PyTorch VAR / VQ-VAE checkpoints into an amskv_jax checkpoint directory (no torch needed).
+
+    python -m convert.from_torch var_d30.pth --vae vae_ch160v4096z32.pth --out var_d30_flax
+
+The configuration is inferred from tensor shapes (VAR_SPEC.md, "Checkpoint keys"): depth = number of blocks,
+C and Cvae from `word_embed.weight`, V from `head.weight`, the ladder from `pos_1LC`'s length, shared AdaLN from
+`ada_gss`, L2-normalised attention and the head count from `scale_mul_1H11`. Every key is mapped onto the Flax
+params tree; leftovers, missing keys and wrong shapes are errors naming the file and the key.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from amskv_jax.checkpoint import save_checkpoint
+from amskv_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, ModelConfig, VARConfig, VQVAEConfig
+from amskv_jax.var import VAR
+from amskv_jax.vqvae import VQVAE
+from convert.mapping import MappingError, state_dict_to_params
+from convert.torch_pickle import CheckpointError, load_state_dict
+
+KNOWN_LADDERS = (PATCH_NUMS_256, PATCH_NUMS_512, (1, 2, 3, 4))
+OUT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file and the problem."""
+
+
+def _shape(sd, key, source):
+    if key not in sd:
+        raise ConversionError(f"{source}: missing key {key!r}; is this a VAR checkpoint?")
+    return tuple(sd[key].shape)
+
+
+def infer_var_config(sd, source: str, *, heads: int | None = None, patch_nums=None) -> VARConfig:
+    """The VAR configuration implied by a state dict's shapes (see module docstring)."""
+    embed_dim, cvae = _shape(sd, "word_embed.weight", source)
+    vocab_size = _shape(sd, "head.weight", source)[0]
+    seq_len = _shape(sd, "pos_1LC", source)[1]
+    num_scales = _shape(sd, "lvl_embed.weight", source)[0]
+    depth = len({m.group(1) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if patch_nums is None:
+        matches = [p for p in KNOWN_LADDERS if sum(n * n for n in p) == seq_len and len(p) == num_scales]
+        if not matches:
+            raise ConversionError(
+                f"{source}: pos_1LC has {seq_len} tokens over {num_scales} scales, which matches no known ladder "
+                f"{KNOWN_LADDERS}; pass --patch-nums"
+            )
+        patch_nums = matches[0]
+    l2_norm = "blocks.0.attn.scale_mul_1H11" in sd
+    if heads is None:
+        heads = _shape(sd, "blocks.0.attn.scale_mul_1H11", source)[1] if l2_norm else embed_dim // 64
+    try:
+        return VARConfig(
+            depth=depth, embed_dim=embed_dim, num_heads=heads,
+            num_classes=_shape(sd, "class_emb.weight", source)[0] - 1, patch_nums=tuple(patch_nums),
+            vocab_size=vocab_size, cvae=cvae, mlp_ratio=_shape(sd, "blocks.0.ffn.fc1.weight", source)[0] / embed_dim,
+            shared_aln="blocks.0.ada_gss" in sd, attn_l2_norm=l2_norm,
+        )
+    except ValueError as err:
+        raise ConversionError(f"{source}: {err}") from None
+
+
+def infer_vqvae_config(sd, source: str, patch_nums) -> VQVAEConfig:
+    vocab_size, z_channels = _shape(sd, "quantize.embedding.weight", source)
+    ch = _shape(sd, "encoder.conv_in.weight", source)[0]
+    levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+    ch_mult = tuple(_shape(sd, f"encoder.down.{i}.block.0.conv1.weight", source)[0] // ch for i in levels)
+    res_blocks = len({m.group(1) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
+    shares = len({m.group(1) for k in sd if (m := re.match(r"quantize\.quant_resi\.qresi_ls\.(\d+)\.", k))})
+    return VQVAEConfig(
+        vocab_size=vocab_size, z_channels=z_channels, ch=ch, ch_mult=ch_mult, num_res_blocks=res_blocks,
+        using_sa=any(k.startswith(f"encoder.down.{levels[-1]}.attn.") for k in sd),
+        using_mid_sa="encoder.mid.attn_1.qkv.weight" in sd,
+        share_quant_resi=max(shares, 1), patch_nums=tuple(patch_nums),
+    )
+
+
+def var_params(sd, config: VARConfig, source: str) -> dict:
+    target = jax.eval_shape(
+        lambda: VAR(config).init(
+            jax.random.key(0), jnp.zeros((1,), jnp.int32), jnp.zeros((1, config.seq_len - config.first_l, config.cvae))
+        )
+    )
+    return {"params": state_dict_to_params(sd, target["params"], source=source)}
+
+
+def vqvae_params(sd, config: VQVAEConfig, source: str) -> dict:
+    img = jnp.zeros((1, config.image_size, config.image_size, 3))
+    target = jax.eval_shape(lambda: VQVAE(config).init(jax.random.key(0), img))
+    return {"params": state_dict_to_params(sd, target["params"], source=source)}
+
+
+def convert(var_path, vae_path=None, *, heads=None, patch_nums=None, log=print):
+    """Read and map the checkpoints. Returns (ModelConfig, params) with params in the files' dtypes."""
+    var_sd = load_state_dict(var_path, log=log, which="var")
+    var_config = infer_var_config(var_sd, str(var_path), heads=heads, patch_nums=patch_nums)
+    params = {"var": var_params(var_sd, var_config, str(var_path))}
+    if vae_path is None:
+        vae_config = VQVAEConfig(vocab_size=var_config.vocab_size, z_channels=var_config.cvae,
+                                 patch_nums=var_config.patch_nums)
+    else:
+        vae_sd = load_state_dict(vae_path, log=log, which="vae")
+        vae_config = infer_vqvae_config(vae_sd, str(vae_path), var_config.patch_nums)
+        params["vqvae"] = vqvae_params(vae_sd, vae_config, str(vae_path))
+    try:
+        config = ModelConfig(var=var_config, vqvae=vae_config)
+    except ValueError as err:
+        raise ConversionError(f"{var_path} and {vae_path} do not belong together: {err}") from None
+    return config, params
+
+
+def cast_params(params, dtype) -> dict:
+    """Floating leaves to `dtype` (numpy / ml_dtypes); integer leaves untouched."""
+    def cast(x):
+        floating = np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16
+        return x.astype(dtype) if floating else x
+
+    return jax.tree.map(cast, params)
+
+
+def count_params(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m convert.from_torch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("var", help="VAR checkpoint (.pth zip or legacy, training checkpoint, or .safetensors)")
+    parser.add_argument("--vae", help="VQ-VAE checkpoint (needed to generate images)")
+    parser.add_argument("--out", help="output directory (default: next to the input, <name>_flax)")
+    parser.add_argument("--dtype", choices=sorted(OUT_DTYPES), default="float32")
+    parser.add_argument("--heads", type=int, help="attention heads (default: from scale_mul_1H11, else C/64)")
+    parser.add_argument("--patch-nums", help="comma-separated token ladder, when it is not a published one")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out) if args.out else Path(args.var).with_name(Path(args.var).stem + "_flax")
+    if (out / "params").exists():
+        parser.error(f"{out} already holds a checkpoint; choose another --out")
+    patch_nums = tuple(int(x) for x in args.patch_nums.split(",")) if args.patch_nums else None
+    start = time.perf_counter()
+    try:
+        config, params = convert(args.var, args.vae, heads=args.heads, patch_nums=patch_nums)
+    except (CheckpointError, ConversionError, MappingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    params = cast_params(params, OUT_DTYPES[args.dtype])
+    save_checkpoint(out, config, params)
+    v = config.var
+    print(f"preset: depth {v.depth}, width {v.embed_dim}, {v.num_heads} heads, ladder {v.patch_nums}, "
+          f"{config.vqvae.image_size}px, shared AdaLN {v.shared_aln}")
+    print(f"parameters: VAR {count_params(params['var']):,}"
+          + (f", VQ-VAE {count_params(params['vqvae']):,}" if "vqvae" in params else ", no VQ-VAE (pass --vae)"))
+    print(f"dtype {args.dtype}; wrote {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

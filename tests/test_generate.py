@@ -1,0 +1,66 @@
+"""End-to-end generation: shapes and ranges, one compilation for new labels/keys, validation before compiling."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from amskv_jax import generate as gen_module
+from amskv_jax.checkpoint import init_params
+from amskv_jax.config import get_preset
+from amskv_jax.generate import generate, image_grid
+
+CONFIG = get_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CONFIG, seed=0)
+
+
+def test_generate_returns_tokens_per_scale_and_images_in_unit_range(params):
+    out = generate(params, [1, 2, 3], jax.random.key(0), config=CONFIG, top_k=10, top_p=0.9)
+    assert [t.shape for t in out.tokens] == [(3, pn * pn) for pn in CONFIG.var.patch_nums]
+    assert all(int(t.min()) >= 0 and int(t.max()) < CONFIG.var.vocab_size for t in out.tokens)
+    assert out.images.shape == (3, 64, 64, 3)
+    assert 0.0 <= float(out.images.min()) and float(out.images.max()) <= 1.0
+
+
+def test_generate_compiles_once_for_new_labels_keys_and_guidance(params):
+    gen_module._generate.clear_cache()
+    for labels, seed, cfg, top_p in [([0, 1], 0, 1.5, 0.9), ([5, 9], 1, 4.0, 0.5), ([3, 3], 2, 0.0, 0.0)]:
+        generate(params, labels, jax.random.key(seed), config=CONFIG, cfg=cfg, top_k=5, top_p=top_p)
+    assert gen_module._generate._cache_size() == 1
+
+
+def test_greedy_generation_is_deterministic_and_key_independent(params):
+    a = generate(params, [4, 2], jax.random.key(0), config=CONFIG, top_k=1, top_p=0.0)
+    b = generate(params, [4, 2], jax.random.key(7), config=CONFIG, top_k=1, top_p=0.0)
+    for x, y in zip(a.tokens, b.tokens):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(labels=[0, 10]), r"labels \[10\] out of range; allowed: 0..9"),
+        (dict(labels=[-1]), r"labels \[-1\] out of range"),
+        (dict(labels=[]), "non-empty"),
+        (dict(labels=[1], top_k=100000), r"top_k must be in \[0, 512\]"),
+        (dict(labels=[1], top_p=1.5), r"top_p must be in \[0, 1\]"),
+        (dict(labels=[1], dtype="float16"), "unknown dtype 'float16'; allowed: float32, bfloat16"),
+    ],
+)
+def test_invalid_inputs_fail_before_compiling(params, kwargs, message):
+    gen_module._generate.clear_cache()
+    labels = kwargs.pop("labels")
+    with pytest.raises(ValueError, match=message):
+        generate(params, labels, jax.random.key(0), config=CONFIG, **kwargs)
+    assert gen_module._generate._cache_size() == 0
+
+
+def test_image_grid_tiles_with_gutters():
+    images = np.zeros((5, 4, 4, 3))
+    grid = image_grid(images, columns=3)
+    assert grid.shape == (2 * 6 + 2, 3 * 6 + 2, 3) and grid.dtype == np.uint8
+    assert (grid[2:6, 2:6] == 0).all() and (grid[0] == 255).all()

@@ -1,0 +1,89 @@
+"""Exact K/V memory: the figures equal the compiled programs' buffers, meet the goals, and the CLI's JSON."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from amskv_jax.cache import init_cache
+from amskv_jax.config import get_preset
+from amskv_jax.memory import layout_bytes, main, memory_table, reference_bytes, transient_kv_bytes
+from amskv_jax.policies import POLICIES, policy_from_name
+from amskv_jax.var import VAR, SelfAttention
+
+LADDER = get_preset("tiny-ladder256").var
+
+
+def _nbytes(tree) -> int:
+    return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
+
+
+def test_cache_bytes_are_exactly_the_cache_arguments_of_the_compiled_programs():
+    """XLA's `memory_analysis()` of a program taking the cache counts exactly `cache_bytes` for it, for every
+    policy; and the generation's last-scale step program takes exactly params + inputs + `cache_bytes`."""
+    rows = 6
+    for name in POLICIES:
+        layout = policy_from_name(name, LADDER).layout(LADDER)
+        cache = jax.eval_shape(lambda: init_cache(layout, rows, LADDER.num_heads, LADDER.head_dim, jnp.bfloat16))
+        reader = jax.jit(lambda c: jax.tree.map(lambda a: a.astype(jnp.float32).sum(), c)).lower(cache).compile()
+        static, _ = layout_bytes(layout, LADDER, rows // 2, "bfloat16")
+        assert reader.memory_analysis().argument_size_in_bytes == static == _nbytes(cache), name
+
+    layout = policy_from_name("amskv", LADDER).layout(LADDER)
+    model = VAR(LADDER, dtype=jnp.bfloat16)
+    x_full = jnp.zeros((1, LADDER.seq_len - LADDER.first_l, LADDER.cvae))
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1,), jnp.int32), x_full)
+    cache = jax.eval_shape(lambda: init_cache(layout, rows, LADDER.num_heads, LADDER.head_dim, jnp.bfloat16))
+    x = jax.ShapeDtypeStruct((rows, 256, LADDER.embed_dim), jnp.float32)
+    cond = jax.ShapeDtypeStruct((rows, LADDER.embed_dim), jnp.float32)
+    step = jax.jit(lambda *a: model.apply(*a, 9, layout, method=VAR.step), keep_unused=True)
+    analysis = step.lower(params, x, cond, cache).compile().memory_analysis()
+    static, _ = layout_bytes(layout, LADDER, rows // 2, "bfloat16")
+    assert analysis.argument_size_in_bytes - _nbytes((params, x, cond)) == static
+
+
+def test_peak_adds_exactly_one_layers_fresh_kv_of_the_last_scale():
+    """The transient is what the compiled `_qkv` outputs for K and V of the last scale, in the cache dtype."""
+    rows = 6
+    attn = SelfAttention(LADDER, dtype=jnp.bfloat16)
+    x = jnp.zeros((rows, 256, LADDER.embed_dim), jnp.bfloat16)
+    params = jax.eval_shape(attn.init, jax.random.key(0), x, jnp.ones((256, 256), bool))
+    fresh_kv = jax.jit(lambda p, x: attn.apply(p, x, method=SelfAttention._qkv)[1:]).lower(params, x).compile()
+    kv_bytes = fresh_kv.memory_analysis().output_size_in_bytes - 2 * 8  # minus the output tuple's two pointers
+    assert kv_bytes == transient_kv_bytes(LADDER, rows, "bfloat16")
+    for name in POLICIES:
+        static, peak = layout_bytes(policy_from_name(name, LADDER).layout(LADDER), LADDER, rows // 2, "bfloat16")
+        assert peak - static == kv_bytes
+
+
+def test_d30_figures_at_batch_128_meet_the_goals():
+    config = get_preset("d30").var
+    rows = {row.policy: row for row in memory_table(config, 128, "bfloat16")}
+    per_slot = 2 * 256 * config.embed_dim * 2  # K and V, 256 rows, bf16
+    assert rows["full"].cache_bytes == 30 * 424 * per_slot + 4 * 30 * 424
+    assert rows["reference"].cache_bytes == 30 * 680 * per_slot  # 37.4 GiB (AMSKV.md §4)
+    assert reference_bytes(config, 128, "bfloat16", fp32_k=True) == rows["reference"].cache_bytes * 3 // 2
+    assert rows["amskv"].default and not any(row.default for name, row in rows.items() if name != "amskv")
+    assert rows["amskv"].reduction_vs_full >= 0.80 and rows["amskv-aggressive"].reduction_vs_full >= 0.90
+    assert rows["full"].peak_kv_bytes - rows["full"].cache_bytes == 2 * 256 * 256 * config.embed_dim * 2
+
+
+def test_json_lists_every_policy_full_first_with_the_documented_keys(capsys):
+    assert main(["--model", "d30", "--batch", "128", "--dtype", "bfloat16", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["policy"] for row in rows] == [*POLICIES, "reference"]
+    assert all(set(row) == {"policy", "default", "cache_bytes", "peak_kv_bytes", "reduction_vs_full"} for row in rows)
+    assert rows[0]["reduction_vs_full"] == 0.0 and [row["default"] for row in rows].count(True) == 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--batch", "0"], "--batch must be >= 1"), (["--model", "d17"], "neither a preset"),
+     (["--dtype", "int8"], "invalid choice")],
+)
+def test_bad_arguments_fail_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
