@@ -10,6 +10,7 @@ params tree; leftovers, missing keys and wrong shapes are errors naming the file
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 import time
@@ -21,7 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from amskv_jax.checkpoint import save_checkpoint
-from amskv_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, ModelConfig, VARConfig, VQVAEConfig
+from amskv_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, PRESETS, ModelConfig, VARConfig, VQVAEConfig
 from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
 from convert.mapping import MappingError, state_dict_to_params
@@ -57,8 +58,18 @@ def infer_var_config(sd, source: str, *, heads: int | None = None, patch_nums=No
             )
         patch_nums = matches[0]
     l2_norm = "blocks.0.attn.scale_mul_1H11" in sd
-    if heads is None:
-        heads = _shape(sd, "blocks.0.attn.scale_mul_1H11", source)[1] if l2_norm else embed_dim // 64
+    if heads is not None and heads < 1:
+        raise ConversionError(f"{source}: --heads must be >= 1, got {heads}")
+    if l2_norm:
+        stored = _shape(sd, "blocks.0.attn.scale_mul_1H11", source)[1]
+        if heads is not None and heads != stored:
+            raise ConversionError(
+                f"{source}: --heads {heads} disagrees with key 'blocks.0.attn.scale_mul_1H11', which holds one scale "
+                f"per head for {stored} heads; leave --heads out"
+            )
+        heads = stored
+    elif heads is None:
+        heads = embed_dim // 64
     try:
         return VARConfig(
             depth=depth, embed_dim=embed_dim, num_heads=heads,
@@ -132,6 +143,15 @@ def count_params(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
+def matching_preset(config: ModelConfig, *, with_vqvae: bool = True) -> str | None:
+    """The name of the preset with this architecture (training-only settings such as cond_drop_rate aside); the
+    VQ-VAE is compared only `with_vqvae` (without a VQ-VAE checkpoint its config is a placeholder)."""
+    def arch(c: ModelConfig):
+        return dataclasses.replace(c.var, cond_drop_rate=0.0), c.vqvae if with_vqvae else None
+
+    return next((name for name, preset in PRESETS.items() if arch(preset) == arch(config)), None)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.from_torch", description=__doc__.split("\n\n")[0])
     parser.add_argument("var", help="VAR checkpoint (.pth zip or legacy, training checkpoint, or .safetensors)")
@@ -155,7 +175,8 @@ def main(argv=None) -> int:
     params = cast_params(params, OUT_DTYPES[args.dtype])
     save_checkpoint(out, config, params)
     v = config.var
-    print(f"preset: depth {v.depth}, width {v.embed_dim}, {v.num_heads} heads, ladder {v.patch_nums}, "
+    preset = matching_preset(config, with_vqvae="vqvae" in params) or "none (custom architecture)"
+    print(f"preset: {preset}; depth {v.depth}, width {v.embed_dim}, {v.num_heads} heads, ladder {v.patch_nums}, "
           f"{config.vqvae.image_size}px, shared AdaLN {v.shared_aln}")
     print(f"parameters: VAR {count_params(params['var']):,}"
           + (f", VQ-VAE {count_params(params['vqvae']):,}" if "vqvae" in params else ", no VQ-VAE (pass --vae)"))
