@@ -10,8 +10,8 @@ actually read: live cache slots plus the scale's own) as TFLOP/s, and the bytes 
 live cache slots, the output) as GB/s, each against the device's peak when the device is known. On CPU there are no
 peaks and the "pallas" row is the interpreter: it checks that the script runs, not how fast anything is.
 
-The AMS-KV cache here is a stand-in with its structure (every layer reads the first two scales, "condensed", and
-the previous one, "local"), built with `build_layout`; swap in the calibrated policy's layout when it exists.
+The AMS-KV cache is the default setting (`policies.DEFAULT_POLICY`) without calibration: its cache-demanding layers
+are the first ones, which changes which layers are timed, not the per-layer sizes.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from amskv_jax.attention import cached_attention, pallas_gpu, resolve_impl
-from amskv_jax.cache import CacheLayout, build_layout
+from amskv_jax.cache import CacheLayout
 from amskv_jax.config import VARConfig, get_preset
-from amskv_jax.policies import FullCache
+from amskv_jax.policies import DEFAULT_POLICY, policy_from_name
 
 # Dense bf16 tensor-core FLOP/s and memory bytes/s from the vendors' data sheets, by `device_kind` prefix.
 PEAKS = {
@@ -40,11 +40,16 @@ IMPLS = ("xla", "cudnn", "pallas")
 
 
 def layouts(config: VARConfig) -> dict[str, CacheLayout]:
-    amskv = build_layout(
-        lambda layer, si: tuple(s for s in range(si) if s < 2 or s == si - 1),
-        config.depth, config.patch_nums, "amskv-like: condensed 0-1 + local 1",
-    )
-    return {"full": FullCache().layout(config), "amskv": amskv}
+    """The full cache and the default AMS-KV setting, whose cache-demanding layers keep condensed + local scales."""
+    return {name: policy_from_name(name, config).layout(config) for name in ("full", DEFAULT_POLICY)}
+
+
+def _distinct_plans(name: str, layout: CacheLayout) -> list[tuple[str, object]]:
+    """One (label, plan) per distinct layer plan: "amskv:11L" is the plan 11 layers share."""
+    groups: dict[object, int] = {}
+    for plan in layout.layers:
+        groups[plan] = groups.get(plan, 0) + 1
+    return [(f"{name}:{count}L" if len(groups) > 1 else name, plan) for plan, count in groups.items()]
 
 
 def _time(fn, args, reps: int) -> float:
@@ -91,30 +96,30 @@ def run(models: list[str], batches: list[int], dtype, reps: int, sweep: bool) ->
     print(f"# device: {device.device_kind} ({jax.default_backend()}); peaks: "
           + (f"{peaks[0] / 1e12:.0f} TFLOP/s bf16, {peaks[1] / 1e12:.2f} TB/s" if peaks else "unknown"))
     impls = _implementations(sweep)
-    header = f"{'model':6} {'cache':6} {'batch':>5} {'l':>5} {'keys/cap':>9} {'impl':18} {'ms':>9} " \
+    header = f"{'model':6} {'cache':12} {'batch':>5} {'l':>5} {'keys/cap':>9} {'impl':18} {'ms':>9} " \
              f"{'TFLOP/s':>8} {'%peak':>6} {'GB/s':>8} {'%peak':>6}"
     print(header)
     print("-" * len(header))
     itemsize = jnp.dtype(dtype).itemsize
     for name in models:
         config = get_preset(name).var
-        for policy, layout in layouts(config).items():
-            plan = layout.layers[0]  # the stand-in policies treat every layer alike
-            for si in range(config.num_scales - 3, config.num_scales):
-                l, static_mask = config.patch_nums[si] ** 2, plan.read_mask(si)
-                live = int(static_mask.sum())
-                for batch in batches:
-                    rows, heads = 2 * batch, config.num_heads
-                    args = _inputs(rows, l, heads, plan.capacity, dtype, static_mask)
-                    flops = 4 * rows * heads * l * (live + l) * 64
-                    moved = rows * heads * 64 * itemsize * (4 * l + 2 * live)
-                    for label, make in impls:
-                        seconds = _time(jax.jit(make(static_mask)), args, reps)
-                        tflops, gbps = flops / seconds / 1e12, moved / seconds / 1e9
-                        pct = (f"{100 * tflops * 1e12 / peaks[0]:6.1f} ", f"{100 * gbps * 1e9 / peaks[1]:6.1f}") \
-                            if peaks else ("     - ", "     -")
-                        print(f"{name:6} {policy:6} {batch:5d} {l:5d} {f'{live}/{plan.capacity}':>9} {label:18} "
-                              f"{seconds * 1e3:9.3f} {tflops:8.3f} {pct[0]}{gbps:8.1f} {pct[1]}", flush=True)
+        for policy_name, layout in layouts(config).items():
+            for policy, plan in _distinct_plans(policy_name, layout):
+                for si in range(config.num_scales - 3, config.num_scales):
+                    l, static_mask = config.patch_nums[si] ** 2, plan.read_mask(si)
+                    live = int(static_mask.sum())
+                    for batch in batches:
+                        rows, heads = 2 * batch, config.num_heads
+                        args = _inputs(rows, l, heads, plan.capacity, dtype, static_mask)
+                        flops = 4 * rows * heads * l * (live + l) * 64
+                        moved = rows * heads * 64 * itemsize * (4 * l + 2 * live)
+                        for label, make in impls:
+                            seconds = _time(jax.jit(make(static_mask)), args, reps)
+                            tflops, gbps = flops / seconds / 1e12, moved / seconds / 1e9
+                            pct = (f"{100 * tflops * 1e12 / peaks[0]:6.1f} ", f"{100 * gbps * 1e9 / peaks[1]:6.1f}") \
+                                if peaks else ("     - ", "     -")
+                            print(f"{name:6} {policy:12} {batch:5d} {l:5d} {f'{live}/{plan.capacity}':>9} {label:18} "
+                                  f"{seconds * 1e3:9.3f} {tflops:8.3f} {pct[0]}{gbps:8.1f} {pct[1]}", flush=True)
 
 
 def main(argv=None) -> int:

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--no-lpips", action="store_true", help="skip LPIPS (PSNR only)")
     parser.add_argument("--grid-columns", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args(argv)
     try:
         if args.samples < 1 or args.batch < 1:
