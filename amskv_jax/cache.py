@@ -10,6 +10,10 @@ every slot's content at every step is a compile-time fact:
   reused by the next write, so a layer's `capacity` is the most tokens it must hold at once, not the token count.
 * `LayerCache` is plain data: `k`, `v` buffers of that capacity and `slot_scale`, the scale each slot holds (-1 when
   empty). A query's mask is `slot_scale ∈ reads[si]`, so a stale slot can never be read even though its bytes stay.
+* Quantised storage (`init_cache(..., kv_dtype="int8" | "float8_e4m3fn")`, see `quant.py`) adds float32 scales:
+  `v_scale` per slot and head, `k_scale` per channel for each written scale ("group"). Groups are planned like
+  slots (`LayerLayout.group(si)`, `group_capacity`, `slot_groups(si)`): a scale's group is reused once no later
+  query reads that scale.
 
 Layouts are frozen and hashable: they are `jax.jit` static arguments. Policies (`policies.py`) build them.
 """
@@ -23,6 +27,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from amskv_jax import quant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +69,42 @@ class LayerLayout:
     def written(self, si: int) -> bool:
         return bool(self.writes[si])
 
+    @functools.cached_property
+    def _groups(self) -> tuple[int, tuple[int, ...]]:
+        """(group capacity, the K-scale group of every scale, -1 if unwritten): a written scale takes the lowest
+        group whose scale no query at or after si reads (as slots are reused), else a new one."""
+        n = len(self.writes)
+        last_reader = [max((t for t, r in enumerate(self.reads) if s in r), default=-1) for s in range(n)]
+        owner: list[int] = []  # group -> the scale it holds
+        group = [-1] * n
+        for si in range(n):
+            if not self.writes[si]:
+                continue
+            free = [g for g, s in enumerate(owner) if last_reader[s] <= si]
+            if free:
+                group[si] = free[0]
+                owner[free[0]] = si
+            else:
+                group[si] = len(owner)
+                owner.append(si)
+        return len(owner), tuple(group)
+
+    @property
+    def group_capacity(self) -> int:
+        """The most K-scale groups (written scales) live at once: k_scale's second dimension."""
+        return self._groups[0]
+
+    def group(self, si: int) -> int:
+        """The K-scale group scale si's per-channel scales are written to (-1 when si is not written)."""
+        return self._groups[1][si]
+
+    def slot_groups(self, si: int) -> np.ndarray:
+        """int32 [capacity]: the group of the scale each slot holds while scale si attends (0 for empty slots).
+
+        Exact for every slot si may read: a group is reused only by a write after its scale's last reader."""
+        groups = np.asarray(self._groups[1] + (0,), np.int32)  # index -1 (empty) -> 0
+        return groups[self._slot_scales[si]] if self.capacity else np.zeros(0, np.int32)
+
 
 @dataclasses.dataclass(frozen=True)
 class CacheLayout:
@@ -75,6 +117,10 @@ class CacheLayout:
     @property
     def capacities(self) -> tuple[int, ...]:
         return tuple(layer.capacity for layer in self.layers)
+
+    @property
+    def group_capacities(self) -> tuple[int, ...]:
+        return tuple(layer.group_capacity for layer in self.layers)
 
 
 def build_layout(
@@ -125,11 +171,19 @@ def _segments(slots: np.ndarray) -> tuple[Segment, ...]:
 @flax.struct.dataclass
 class LayerCache:
     """One layer's buffers. k, v: [rows, capacity, H, Dh] (k L2-normalised, as the reference caches it);
-    slot_scale: int32 [capacity], the scale each slot holds, -1 when empty."""
+    slot_scale: int32 [capacity], the scale each slot holds, -1 when empty. Quantised storage only (else None):
+    k_scale float32 [rows, group_capacity, H, Dh], per channel per written scale; v_scale float32
+    [rows, capacity, H], per token."""
 
     k: jax.Array
     v: jax.Array
     slot_scale: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
 
     def read_mask(self, reads: tuple[int, ...]) -> jax.Array:
         """bool [capacity]: slots holding one of the scales in `reads`."""
@@ -137,16 +191,30 @@ class LayerCache:
             return jnp.zeros(self.slot_scale.shape, bool)
         return (self.slot_scale[:, None] == jnp.asarray(reads, jnp.int32)[None, :]).any(-1)
 
-    def write(self, segments: tuple[Segment, ...], si: int, k_BlHD: jax.Array, v_BlHD: jax.Array) -> LayerCache:
-        """Store scale si's tokens into its planned segments (static offsets: in-place updates under jit)."""
-        k, v, slot_scale = self.k, self.v, self.slot_scale
+    def write(
+        self, segments: tuple[Segment, ...], si: int, k_BlHD: jax.Array, v_BlHD: jax.Array, group: int | None = None
+    ) -> LayerCache:
+        """Store scale si's tokens into its planned segments (static offsets: in-place updates under jit).
+
+        Quantised storage quantises here (K per channel over the scale's tokens, into K-scale group `group`, the
+        layout's `LayerLayout.group(si)`; V per token); `group` is unused otherwise."""
+        k, v, slot_scale, k_scale, v_scale = self.k, self.v, self.slot_scale, self.k_scale, self.v_scale
+        if self.quantized:
+            if group is None or not 0 <= group < k_scale.shape[1]:
+                raise ValueError(f"a quantised cache needs the scale's K-scale group in [0, {k_scale.shape[1]}), "
+                                 f"got {group}")
+            k_BlHD, k_scale_BHD = quant.quantize_k(k_BlHD, k.dtype)
+            v_BlHD, v_scale_BlH = quant.quantize_v(v_BlHD, v.dtype)
+            k_scale = k_scale.at[:, group].set(k_scale_BHD)
         for seg in segments:
             src = slice(seg.token, seg.token + seg.length)
             dst = slice(seg.slot, seg.slot + seg.length)
             k = k.at[:, dst].set(k_BlHD[:, src].astype(k.dtype))
             v = v.at[:, dst].set(v_BlHD[:, src].astype(v.dtype))
+            if self.quantized:
+                v_scale = v_scale.at[:, dst].set(v_scale_BlH[:, src])
             slot_scale = slot_scale.at[dst].set(si)
-        return LayerCache(k=k, v=v, slot_scale=slot_scale)
+        return LayerCache(k=k, v=v, slot_scale=slot_scale, k_scale=k_scale, v_scale=v_scale)
 
 
 @flax.struct.dataclass
@@ -156,21 +224,38 @@ class KVCache:
     layers: tuple[LayerCache, ...]
 
 
-def init_cache(layout: CacheLayout, rows: int, num_heads: int, head_dim: int, dtype=jnp.bfloat16) -> KVCache:
-    """Empty buffers for `rows` sequences (2·batch under classifier-free guidance)."""
+def init_cache(
+    layout: CacheLayout, rows: int, num_heads: int, head_dim: int, dtype=jnp.bfloat16, kv_dtype: str | None = None
+) -> KVCache:
+    """Empty buffers for `rows` sequences (2·batch under classifier-free guidance).
+
+    dtype: the model's compute dtype; kv_dtype: the storage dtype (`quant.KV_DTYPES`), None for `dtype`. int8 and
+    float8_e4m3fn add the float32 scales."""
+    store = quant.storage_dtype(kv_dtype, dtype)
+    scaled = quant.is_quantized(store)
     return KVCache(
         layers=tuple(
             LayerCache(
-                k=jnp.zeros((rows, layer.capacity, num_heads, head_dim), dtype),
-                v=jnp.zeros((rows, layer.capacity, num_heads, head_dim), dtype),
+                k=jnp.zeros((rows, layer.capacity, num_heads, head_dim), store),
+                v=jnp.zeros((rows, layer.capacity, num_heads, head_dim), store),
                 slot_scale=jnp.full((layer.capacity,), -1, jnp.int32),
+                k_scale=jnp.zeros((rows, layer.group_capacity, num_heads, head_dim), quant.SCALE_DTYPE)
+                if scaled else None,
+                v_scale=jnp.zeros((rows, layer.capacity, num_heads), quant.SCALE_DTYPE) if scaled else None,
             )
             for layer in layout.layers
         )
     )
 
 
-def cache_bytes(layout: CacheLayout, rows: int, num_heads: int, head_dim: int, itemsize: int) -> int:
-    """Exact bytes of the K/V buffers of `init_cache` (slot_scale's few bytes included)."""
+def cache_bytes(
+    layout: CacheLayout, rows: int, num_heads: int, head_dim: int, itemsize: int, *, quantized: bool = False
+) -> int:
+    """Exact bytes of the K/V buffers of `init_cache` (slot_scale's few bytes included); `quantized` adds the
+    float32 scales of int8 / float8 storage (K: per group and channel, V: per slot and head)."""
     slots = sum(layout.capacities)
-    return 2 * rows * slots * num_heads * head_dim * itemsize + 4 * slots
+    total = 2 * rows * slots * num_heads * head_dim * itemsize + 4 * slots
+    if quantized:
+        scale = jnp.dtype(quant.SCALE_DTYPE).itemsize
+        total += scale * rows * num_heads * (sum(layout.group_capacities) * head_dim + slots)
+    return total

@@ -5,7 +5,9 @@ checkpoint is the params tree. Two ways to run it:
 
 * `__call__(label_B, x_BLCv)`: teacher forcing over all L tokens with the block-causal mask (training, parity).
 * `step(x_BlC, cond_BD, cache, si, layout)`: one scale of generation; reads and writes the explicit `KVCache`
-  (cache in, cache out; no module state), returning logits for that scale's tokens.
+  (cache in, cache out; no module state), returning logits for that scale's tokens. The cache decides its own
+  storage (`init_cache(..., kv_dtype=...)`, `quant.py`): a quantised one is dequantised by the attention and
+  quantised on write, with the layout's static K-scale groups.
 
 Embeddings, LayerNorms, softmax, the head and its AdaLN run in float32 as the reference does; the blocks' matmuls
 run in `dtype` (float32 or bfloat16). Shapes: B rows, l tokens of one scale, L all tokens, C width, V vocabulary.
@@ -74,12 +76,17 @@ class SelfAttention(nn.Module):
     def step(self, x_BlC, cache: LayerCache, plan: LayerLayout, si: int):
         q, k, v = self._qkv(x_BlC)
         mask = cache.read_mask(plan.reads[si])
+        # A quantised cache (its storage dtype is the cache's own; see quant.py) brings its scales.
+        scales = (
+            dict(k_scale=cache.k_scale, v_scale=cache.v_scale, k_group=plan.slot_groups(si)) if cache.quantized else {}
+        )
         o = cached_attention(
-            q, k, v, cache.k, cache.v, mask, self._scale_mul_H(), impl=self.impl, static_mask=plan.read_mask(si)
+            q, k, v, cache.k, cache.v, mask, self._scale_mul_H(), impl=self.impl, static_mask=plan.read_mask(si),
+            **scales,
         )
         if plan.written(si):
             _, k_cached = prepare_qk(q, k, self._scale_mul_H())
-            cache = cache.write(plan.writes[si], si, k_cached, v)
+            cache = cache.write(plan.writes[si], si, k_cached, v, group=plan.group(si))
         return self._out(o), cache
 
 

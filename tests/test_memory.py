@@ -1,4 +1,5 @@
-"""Exact K/V memory: the figures equal the compiled programs' buffers, meet the goals, and the CLI's JSON."""
+"""Exact K/V memory: the figures equal the compiled programs' buffers (bf16 and int8 storage), meet the goals, and
+the CLI's JSON."""
 from __future__ import annotations
 
 import json
@@ -20,27 +21,33 @@ def _nbytes(tree) -> int:
     return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
 
 
-def test_cache_bytes_are_exactly_the_cache_arguments_of_the_compiled_programs():
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_cache_bytes_are_exactly_the_cache_arguments_of_the_compiled_programs(kv_dtype):
     """XLA's `memory_analysis()` of a program taking the cache counts exactly `cache_bytes` for it, for every
-    policy; and the generation's last-scale step program takes exactly params + inputs + `cache_bytes`."""
+    policy; and the generation's last-scale step program takes exactly params + inputs + `cache_bytes`. For int8
+    storage the figures include the float32 scales."""
     rows = 6
+    make = lambda layout: init_cache(  # noqa: E731
+        layout, rows, LADDER.num_heads, LADDER.head_dim, jnp.bfloat16, kv_dtype=kv_dtype
+    )
     for name in POLICIES:
         layout = policy_from_name(name, LADDER).layout(LADDER)
-        cache = jax.eval_shape(lambda: init_cache(layout, rows, LADDER.num_heads, LADDER.head_dim, jnp.bfloat16))
+        cache = jax.eval_shape(lambda: make(layout))
+        assert (cache.layers[0].k_scale is not None) == (kv_dtype == "int8")
         reader = jax.jit(lambda c: jax.tree.map(lambda a: a.astype(jnp.float32).sum(), c)).lower(cache).compile()
-        static, _ = layout_bytes(layout, LADDER, rows // 2, "bfloat16")
+        static, _ = layout_bytes(layout, LADDER, rows // 2, "bfloat16", kv_dtype)
         assert reader.memory_analysis().argument_size_in_bytes == static == _nbytes(cache), name
 
     layout = policy_from_name("amskv", LADDER).layout(LADDER)
     model = VAR(LADDER, dtype=jnp.bfloat16)
     x_full = jnp.zeros((1, LADDER.seq_len - LADDER.first_l, LADDER.cvae))
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1,), jnp.int32), x_full)
-    cache = jax.eval_shape(lambda: init_cache(layout, rows, LADDER.num_heads, LADDER.head_dim, jnp.bfloat16))
+    cache = jax.eval_shape(lambda: make(layout))
     x = jax.ShapeDtypeStruct((rows, 256, LADDER.embed_dim), jnp.float32)
     cond = jax.ShapeDtypeStruct((rows, LADDER.embed_dim), jnp.float32)
     step = jax.jit(lambda *a: model.apply(*a, 9, layout, method=VAR.step), keep_unused=True)
     analysis = step.lower(params, x, cond, cache).compile().memory_analysis()
-    static, _ = layout_bytes(layout, LADDER, rows // 2, "bfloat16")
+    static, _ = layout_bytes(layout, LADDER, rows // 2, "bfloat16", kv_dtype)
     assert analysis.argument_size_in_bytes - _nbytes((params, x, cond)) == static
 
 
@@ -70,18 +77,49 @@ def test_d30_figures_at_batch_128_meet_the_goals():
     assert rows["full"].peak_kv_bytes - rows["full"].cache_bytes == 2 * 256 * 256 * config.embed_dim * 2
 
 
+def test_d30_int8_and_float8_storage_count_their_scales_and_cut_against_the_bf16_full_cache():
+    config = get_preset("d30").var
+    table = memory_table(config, 128, "bfloat16", kv_dtypes=(None, "int8", "float8_e4m3fn"))
+    rows = {(row.policy, row.kv_dtype): row for row in table}
+    assert len(rows) == len(table) == 3 * len(POLICIES) + 1
+    heads, dh = config.num_heads, config.head_dim
+    # full cache: 424 slots and all 9 cached scales' K groups live per layer; 256 rows
+    scales = 4 * 256 * heads * (9 * dh + 424) * 30
+    int8_full = rows["full", "int8"]
+    assert int8_full.cache_bytes == 30 * 424 * 2 * 256 * config.embed_dim + 4 * 30 * 424 + scales
+    assert rows["full", "float8_e4m3fn"].cache_bytes == int8_full.cache_bytes
+    bf16 = rows["full", "bfloat16"].cache_bytes
+    assert int8_full.reduction_vs_full == pytest.approx(1 - int8_full.cache_bytes / bf16)
+    # the transient fresh K/V stay in the compute dtype
+    assert int8_full.peak_kv_bytes - int8_full.cache_bytes == 2 * 256 * 256 * config.embed_dim * 2
+    amskv = rows["amskv", "int8"]
+    assert amskv.cache_bytes < 0.6 * rows["amskv", "bfloat16"].cache_bytes and amskv.reduction_vs_full >= 0.9
+
+
 def test_json_lists_every_policy_full_first_with_the_documented_keys(capsys):
     assert main(["--model", "d30", "--batch", "128", "--dtype", "bfloat16", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [row["policy"] for row in rows] == [*POLICIES, "reference"]
-    assert all(set(row) == {"policy", "default", "cache_bytes", "peak_kv_bytes", "reduction_vs_full"} for row in rows)
+    keys = {"policy", "kv_dtype", "default", "cache_bytes", "peak_kv_bytes", "reduction_vs_full"}
+    assert all(set(row) == keys for row in rows)
     assert rows[0]["reduction_vs_full"] == 0.0 and [row["default"] for row in rows].count(True) == 1
+    assert {row["kv_dtype"] for row in rows} == {"bfloat16"}
+
+
+def test_json_with_several_storage_dtypes_repeats_the_policies_per_dtype(capsys):
+    assert main(["--model", "d30", "--json", "--kv-dtype", "default", "int8", "float8_e4m3fn"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(row["policy"], row["kv_dtype"]) for row in rows] == [
+        *((name, kv) for kv in ("bfloat16", "int8", "float8_e4m3fn") for name in POLICIES), ("reference", "bfloat16")
+    ]
+    by = {(row["policy"], row["kv_dtype"]): row for row in rows}
+    assert by["amskv", "int8"]["cache_bytes"] < by["amskv", "bfloat16"]["cache_bytes"]
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [(["--batch", "0"], "--batch must be >= 1"), (["--model", "d17"], "neither a preset"),
-     (["--dtype", "int8"], "invalid choice")],
+     (["--dtype", "int8"], "invalid choice"), (["--kv-dtype", "int4"], "invalid choice")],
 )
 def test_bad_arguments_fail_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -12,6 +12,9 @@
   for `bench/attention.py` to confirm on the hardware), "xla" on CPU (where Pallas only runs interpreted).
 
 The platform is `jax.default_backend()` at trace time.
+
+Quantised caches (`quant.py`) pass `k_scale`, `v_scale` and the static `k_group`: the reference and the GPU kernel
+dequantise as they read, the TPU path and cuDNN dequantise first (see each module).
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from amskv_jax.attention import pallas_gpu, tpu
-from amskv_jax.attention.reference import cached_attention_reference, masked_attention, prepare_qk
+from amskv_jax.attention.reference import (
+    cached_attention_reference, dequantize_cache, masked_attention, prepare_qk,
+)
 
 IMPLS = ("auto", "xla", "pallas", "cudnn")
 
@@ -76,24 +81,33 @@ def cached_attention(
     q, k, v, cache_k, cache_v, cache_mask, scale_mul_H, *,
     impl: str = "xla",
     static_mask: np.ndarray | tuple[bool, ...] | None = None,
+    k_scale=None,
+    v_scale=None,
+    k_group: np.ndarray | tuple[int, ...] | None = None,
 ):
     """Attention of this scale's queries over the cache (masked) plus their own fresh K/V.
 
     q, k, v: [B, l, H, D] raw projections; cache_k, cache_v: [B, S, H, D]; cache_mask: bool [S] (dynamic);
     scale_mul_H: [H] (None without L2 norm); static_mask: the layout's bool [S] read mask, known at trace time
     (numpy or a tuple, which is hashable), a superset of cache_mask: the kernels skip key blocks it leaves empty;
-    None skips nothing. Returns [B, l, H, D] in cache_v's dtype.
+    None skips nothing. A quantised cache (int8 / float8_e4m3fn) adds k_scale [B, G, H, D], v_scale [B, S, H] and
+    the static slot -> group map k_group [S] (`LayerLayout.slot_groups(si)`). Returns [B, l, H, D] in cache_v's
+    dtype (in v's dtype for a quantised cache).
     """
     impl = resolve_impl(impl)
     args = (q, k, v, cache_k, cache_v, cache_mask, scale_mul_H)
+    scales = dict(k_scale=k_scale, v_scale=v_scale, k_group=k_group)
     if impl == "xla":
-        return cached_attention_reference(*args)
+        return cached_attention_reference(*args, **scales)
     if impl == "cudnn":
-        return cudnn_attention(*args)
-    return PALLAS_KERNELS[jax.default_backend()](*args, static_mask=static_mask)
+        cache_k, cache_v = dequantize_cache(cache_k, cache_v, k_scale, v_scale, k_group, v.dtype)
+        return cudnn_attention(q, k, v, cache_k, cache_v, cache_mask, scale_mul_H)
+    if k_scale is None:
+        return PALLAS_KERNELS[jax.default_backend()](*args, static_mask=static_mask)
+    return PALLAS_KERNELS[jax.default_backend()](*args, static_mask=static_mask, **scales)
 
 
 __all__ = [
-    "IMPLS", "PALLAS_KERNELS", "cached_attention", "check_impl", "cudnn_attention", "masked_attention", "prepare_qk",
-    "resolve_impl",
+    "IMPLS", "PALLAS_KERNELS", "cached_attention", "check_impl", "cudnn_attention", "dequantize_cache",
+    "masked_attention", "prepare_qk", "resolve_impl",
 ]

@@ -25,6 +25,15 @@ with p rounded to the value dtype as in the reference.
 Queries and keys are not padded in memory: partial blocks use masked loads and stores. `interpret=True` runs the
 same kernel on CPU (the tests).
 
+Quantised caches (int8 / float8_e4m3fn, `quant.py`) are dequantised in the kernel as each key block is loaded: the
+scales come as three more inputs, `k_scale` [B, G, H, D] (per channel, one row per written scale), `v_scale`
+[B, S, H] (per slot) and the slot -> group map [S] (static, `LayerLayout.slot_groups(si)`). A block's per-slot K
+scales are selected from the few group rows its run can hold (known at trace time: the layout's groups of the run's
+readable slots; 1-3 for AMS-KV), so there is no gather. The dequantised K (f32) is split into hi + lo parts like
+the fresh keys, so the scores match the reference's f32 keys (one more dot per block than a bf16 cache); V is
+dequantised to the compute dtype (the fresh values' dtype, also the output's), as the reference does. The quantised
+bytes are what is read from memory: 1 byte per element instead of 2, plus 4 bytes per slot and head for V's scale.
+
 Block sizes (`block_sizes(l)`; chosen by reasoning for an H100, not yet measured on one; `bench/attention.py` sweeps
 them): Triton's dots need every tile dimension >= 16 and a power of two. `block_q` is the smallest power of two >= l
 up to 64 (16 for scales of 1-16 tokens), then 128 from 512 queries on: small scales waste fewest padded rows, and at
@@ -73,6 +82,11 @@ def _l2_normalize(x):
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
 
 
+def _zero(dtype) -> int | float:
+    """The `other` of a masked load: Triton casts it to the ref's dtype, but not from an int to float8."""
+    return 0 if jnp.issubdtype(dtype, jnp.integer) else 0.0
+
+
 def _split(x, dtype) -> tuple[jax.Array, ...]:
     """f32 x as a sum of `dtype` tiles: (x,) for f32; hi + lo for 16-bit types (about 16 mantissa bits)."""
     if dtype == jnp.float32:
@@ -82,12 +96,19 @@ def _split(x, dtype) -> tuple[jax.Array, ...]:
 
 
 def _kernel(
-    q_ref, k_ref, v_ref, cache_k_ref, cache_v_ref, mask_ref, scale_ref, o_ref,
-    *, runs, l, capacity, block_q, block_k, block_fresh, l2_norm, precision,
+    q_ref, k_ref, v_ref, cache_k_ref, cache_v_ref, mask_ref, scale_ref, *refs,
+    runs, run_groups, l, capacity, block_q, block_k, block_fresh, l2_norm, precision,
 ):
-    """Refs (one row, one head): q/k/v [l, D], cache_k/cache_v [S, D], mask int32 [S], scale f32 [H], o [l, D]."""
+    """Refs (one row, one head): q/k/v [l, D], cache_k/cache_v [S, D], mask int32 [S], scale f32 [H], then for a
+    quantised cache (run_groups not None) k_scale f32 [G, D], v_scale f32 [S], group int32 [S]; last o [l, D]."""
     head, qi = pl.program_id(1), pl.program_id(2)
-    dot_dtype, v_dtype = cache_k_ref.dtype, cache_v_ref.dtype
+    quantized = run_groups is not None
+    if quantized:
+        k_scale_ref, v_scale_ref, group_ref, o_ref = refs
+        dot_dtype = v_dtype = v_ref.dtype  # the compute dtype
+    else:
+        (o_ref,) = refs
+        dot_dtype, v_dtype = cache_k_ref.dtype, cache_v_ref.dtype
     head_dim = q_ref.shape[-1]
 
     q_rows = qi * block_q + jnp.arange(block_q) < l
@@ -111,14 +132,25 @@ def _kernel(
         o = alpha[:, None] * o + plgpu.dot(p.astype(v_dtype), v, precision=precision)
         return o, m_next, alpha * s + jnp.sum(p, axis=1)
 
-    def cache_block(j, carry):
+    def cache_block(groups, j, carry):
         slot = j * block_k + jnp.arange(block_k)
         inside = slot < capacity
         rows = pl.ds(j * block_k, block_k)
         valid = plgpu.load(mask_ref.at[rows], mask=inside, other=0) != 0
-        k = plgpu.load(cache_k_ref.at[rows, :], mask=inside[:, None], other=0.0)
-        v = plgpu.load(cache_v_ref.at[rows, :], mask=inside[:, None], other=0.0)
-        return attend(carry, (k,), v, valid)
+        k = plgpu.load(cache_k_ref.at[rows, :], mask=inside[:, None], other=_zero(cache_k_ref.dtype))
+        v = plgpu.load(cache_v_ref.at[rows, :], mask=inside[:, None], other=_zero(cache_v_ref.dtype))
+        if not quantized:
+            return attend(carry, (k,), v, valid)
+        # Dequantise: K per channel with its slot's group row (selected among the run's static groups), V per slot.
+        group = plgpu.load(group_ref.at[rows], mask=inside, other=-1)
+        k_scale = jnp.zeros((block_k, head_dim), jnp.float32)
+        for g in groups:
+            row = plgpu.load(k_scale_ref.at[pl.ds(g, 1), :])  # [1, D]
+            k_scale = jnp.where((group == g)[:, None], row, k_scale)
+        v_scale = plgpu.load(v_scale_ref.at[rows], mask=inside, other=0.0)
+        k = k.astype(jnp.float32) * k_scale
+        v = (v.astype(jnp.float32) * v_scale[:, None]).astype(v_dtype)
+        return attend(carry, _split(k, dot_dtype), v, valid)
 
     def fresh_block(j, carry):
         valid = j * block_fresh + jnp.arange(block_fresh) < l
@@ -134,16 +166,31 @@ def _kernel(
         jnp.full((block_q,), -jnp.inf, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    for start, stop in runs:  # static: only blocks with a live slot
-        carry = jax.lax.fori_loop(start, stop, cache_block, carry)
+    for r, (start, stop) in enumerate(runs):  # static: only blocks with a live slot
+        groups = run_groups[r] if quantized else ()
+        carry = jax.lax.fori_loop(start, stop, functools.partial(cache_block, groups), carry)
     o, _, s = jax.lax.fori_loop(0, pl.cdiv(l, block_fresh), fresh_block, carry)
     out = (o / s[:, None]).astype(o_ref.dtype)
     plgpu.store(o_ref.at[pl.ds(qi * block_q, block_q), :], out, mask=q_rows[:, None])
 
 
+def run_groups(
+    runs: tuple[tuple[int, int], ...], static_mask: np.ndarray, k_group: np.ndarray, block_k: int
+) -> tuple[tuple[int, ...], ...]:
+    """Per run of key blocks, the K-scale groups of the readable slots in it (static; the kernel selects among them)."""
+    out = []
+    for start, stop in runs:
+        slots = slice(start * block_k, stop * block_k)
+        out.append(tuple(int(g) for g in np.unique(k_group[slots][static_mask[slots]])))
+    return tuple(out)
+
+
 def cached_attention(
     q, k, v, cache_k, cache_v, cache_mask, scale_mul_H, *,
     static_mask: np.ndarray | tuple[bool, ...] | None = None,
+    k_scale=None,
+    v_scale=None,
+    k_group: np.ndarray | tuple[int, ...] | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
     num_warps: int = 4,
@@ -155,6 +202,8 @@ def cached_attention(
     static_mask: bool [S] known at trace time (numpy array or tuple); key blocks with no slot set are skipped. It
     must include every slot `cache_mask` may set (the model passes `LayerLayout.read_mask(si)`, which equals it).
     None processes every block. block_q/block_k override `block_sizes(l)` (powers of two >= 16).
+    k_scale, v_scale, k_group: a quantised cache's scales and static slot -> group map (see the module docstring);
+    the result is then in v's dtype.
     """
     B, l, H, D = q.shape
     capacity = cache_k.shape[1]
@@ -166,31 +215,49 @@ def cached_attention(
     if static_mask.shape != (capacity,):
         raise ValueError(f"static_mask must have shape ({capacity},) like the cache, got {static_mask.shape}")
     runs = valid_block_runs(static_mask, block_k)
+    quantized = k_scale is not None
+    if quantized:
+        if v_scale is None or k_group is None:
+            raise ValueError("a quantised cache needs k_scale, v_scale and k_group together")
+        k_group = np.asarray(k_group, np.int32)
+        if k_group.shape != (capacity,):
+            raise ValueError(f"k_group must have shape ({capacity},) like the cache, got {k_group.shape}")
     if not runs:  # nothing to read (e.g. an empty cache): one dummy slot that the loops never touch
         cache_k = jnp.zeros((B, 1, H, D), cache_k.dtype)
         cache_v = jnp.zeros((B, 1, H, D), cache_v.dtype)
         cache_mask, capacity = jnp.zeros((1,), bool), 1
+        if quantized:
+            k_scale, v_scale = jnp.zeros((B, 1, H, D), jnp.float32), jnp.zeros((B, 1, H), jnp.float32)
+            k_group, static_mask = np.zeros(1, np.int32), np.zeros(1, bool)
 
     l2_norm = scale_mul_H is not None
     if l2_norm:
         scale_H = jnp.exp(jnp.minimum(scale_mul_H.astype(jnp.float32), MAX_SCALE_MUL))
     else:
         scale_H = jnp.full((H,), 0.25 / math.sqrt(D), jnp.float32)
-    f32 = cache_k.dtype == jnp.float32
+    out_dtype = v.dtype if quantized else cache_v.dtype
+    f32 = (out_dtype if quantized else cache_k.dtype) == jnp.float32
     kernel = functools.partial(
-        _kernel, runs=runs, l=l, capacity=capacity, block_q=block_q, block_k=block_k,
+        _kernel, runs=runs, run_groups=run_groups(runs, static_mask, k_group, block_k) if quantized else None,
+        l=l, capacity=capacity, block_q=block_q, block_k=block_k,
         block_fresh=min(block_k, max(16, pl.next_power_of_2(l))), l2_norm=l2_norm,
         precision=jax.lax.Precision.HIGHEST if f32 else None,
     )
     seq = lambda n: pl.BlockSpec((None, n, None, D), lambda b, h, i: (b, 0, h, 0))  # noqa: E731
     whole = lambda n: pl.BlockSpec((n,), lambda b, h, i: (0,))  # noqa: E731
+    in_specs = [seq(l), seq(l), seq(l), seq(capacity), seq(capacity), whole(capacity), whole(H)]
+    args = [q, k, v, cache_k, cache_v, cache_mask.astype(jnp.int32), scale_H]
+    if quantized:
+        per_slot = pl.BlockSpec((None, capacity, None), lambda b, h, i: (b, 0, h))
+        in_specs += [seq(k_scale.shape[1]), per_slot, whole(capacity)]
+        args += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32), jnp.asarray(k_group)]
     return pl.pallas_call(
         kernel,
         grid=(B, H, pl.cdiv(l, block_q)),
-        in_specs=[seq(l), seq(l), seq(l), seq(capacity), seq(capacity), whole(capacity), whole(H)],
+        in_specs=in_specs,
         out_specs=seq(l),
-        out_shape=jax.ShapeDtypeStruct((B, l, H, D), cache_v.dtype),
+        out_shape=jax.ShapeDtypeStruct((B, l, H, D), out_dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="amskv_cached_attention",
-    )(q, k, v, cache_k, cache_v, cache_mask.astype(jnp.int32), scale_H)
+    )(*args)
