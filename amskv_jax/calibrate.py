@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amskv_jax import sharding
 from amskv_jax.attention import prepare_qk
 from amskv_jax.config import ModelConfig, VARConfig
 from amskv_jax.policies import CALIBRATION_FORMAT, DEMANDING_FRACTION, select_layers
@@ -177,10 +178,12 @@ def summarise(
 def calibrate(
     model, samples: int, *, batch: int = 8, seed: int = 0, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
     dtype: str = "float32", upsample: str = "nearest", measure: str = "kv", finer_from: int = 2,
-    fraction: float | None = None, threshold: float | None = None, model_name: str = "",
+    fraction: float | None = None, threshold: float | None = None, model_name: str = "", mesh=None,
 ) -> dict:
     """Generate `samples` images with the full cache (random classes from `seed`), measure, and return the
-    calibration record (the JSON that `write` saves). `model`: a `checkpoint.Model`."""
+    calibration record (the JSON that `write` saves). `model`: a `checkpoint.Model`. `mesh`
+    (`sharding.make_mesh`): generate and measure sharded over it (every batch, the last included, must divide by
+    its data axis)."""
     from amskv_jax.generate import DTYPES, generate  # generation pulls in the VQ-VAE; statistics do not need it
     from amskv_jax.vqvae import VQVAE
 
@@ -188,6 +191,11 @@ def calibrate(
     c = config.var
     if samples < 1 or batch < 1:
         raise ValueError(f"samples and batch must be >= 1, got {samples} and {batch}")
+    params = model.params
+    if mesh is not None:
+        for size in sorted({min(batch, samples - start) for start in range(0, samples, batch)}):
+            sharding.check_mesh(config, size, mesh)
+        params = sharding.shard_params(params, mesh)
     label_key, key = jax.random.split(jax.random.key(seed))
     all_labels = np.asarray(jax.random.randint(label_key, (samples,), 0, c.num_classes))
     to_input = jax.jit(lambda p, idx: VQVAE(config.vqvae).apply(p, idx, method=VQVAE.idx_to_var_input))
@@ -196,13 +204,15 @@ def calibrate(
         labels = all_labels[start : start + batch]
         key, sample_key = jax.random.split(key)
         out = generate(
-            model.params, labels, sample_key, config=config, cfg=cfg, top_k=min(top_k, c.vocab_size), top_p=top_p,
-            dtype=dtype,
+            params, labels, sample_key, config=config, cfg=cfg, top_k=min(top_k, c.vocab_size), top_p=top_p,
+            dtype=dtype, mesh=mesh,
         )
-        x = to_input(model.params["vqvae"], out.tokens)
+        x = to_input(params["vqvae"], out.tokens)
         labels_2B = np.concatenate([labels, np.full_like(labels, c.num_classes)])
+        if mesh is not None:
+            labels_2B = sharding.place_rows(labels_2B, mesh)
         stats = layer_statistics(
-            model.params["var"], c, labels_2B, jnp.concatenate([x, x]), upsample=upsample, dtype=DTYPES[dtype]
+            params["var"], c, labels_2B, jnp.concatenate([x, x]), upsample=upsample, dtype=DTYPES[dtype]
         )
         total = stats if total is None else total + stats
     summary = summarise(total, finer_from=finer_from, measure=measure, fraction=fraction, threshold=threshold)
@@ -302,6 +312,7 @@ def main(argv=None) -> int:
                         help=f"demanding = this fraction of layers, lowest similarity (default {DEMANDING_FRACTION})")
     choice.add_argument("--threshold", type=float, default=None, help="demanding = layers with similarity below")
     parser.add_argument("--plot", action="store_true", help="also write OUT_similarity.png and OUT_density.png")
+    parser.add_argument("--mesh", default=None, help="shard over the devices, e.g. data=8 or data=4,model=2")
     args = parser.parse_args(argv)
 
     try:
@@ -312,13 +323,18 @@ def main(argv=None) -> int:
         model = load_model(args.model)
         if not 1 <= args.finer_from < model.config.var.num_scales:
             raise ValueError(f"--finer-from must be in [1, {model.config.var.num_scales - 1}], got {args.finer_from}")
+        mesh = None
+        if args.mesh:
+            mesh = sharding.mesh_from_text(args.mesh)
+            for size in sorted({min(args.batch, args.samples - s) for s in range(0, args.samples, args.batch)}):
+                sharding.check_mesh(model.config, size, mesh)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     print(f"model {args.model}: {model.description}; {args.samples} samples", flush=True)
     data = calibrate(
         model, args.samples, batch=args.batch, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
         dtype=args.dtype, upsample=args.upsample, measure=args.measure, finer_from=args.finer_from,
-        fraction=args.fraction, threshold=args.threshold, model_name=args.model,
+        fraction=args.fraction, threshold=args.threshold, model_name=args.model, mesh=mesh,
     )
     out = Path(args.out)
     out.write_text(json.dumps(data, indent=1))

@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amskv_jax import sampling
+from amskv_jax import sampling, sharding
 from amskv_jax.attention import check_impl
 from amskv_jax.cache import CacheLayout, init_cache
+from amskv_jax.quant import KV_DTYPES, check_kv_dtype
 from amskv_jax.config import ModelConfig
 from amskv_jax.policies import FullCache
 from amskv_jax.var import VAR
@@ -47,7 +48,9 @@ def default_top_k(config: ModelConfig) -> int:
     return min(900, config.var.vocab_size)
 
 
-def validate(config: ModelConfig, labels, *, top_k: int, top_p, dtype: str, impl: str = "xla") -> None:
+def validate(
+    config: ModelConfig, labels, *, top_k: int, top_p, dtype: str, impl: str = "xla", kv_dtype: str | None = None
+) -> None:
     """Boundary checks with messages that say what is allowed (labels only when concrete)."""
     if np.ndim(labels) != 1 or np.shape(labels)[0] == 0:
         raise ValueError(f"labels must be a non-empty 1-D array (one class per image), got shape {np.shape(labels)}")
@@ -58,6 +61,7 @@ def validate(config: ModelConfig, labels, *, top_k: int, top_p, dtype: str, impl
     check_impl(impl)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    check_kv_dtype(kv_dtype)
     if not 0 <= top_k <= config.var.vocab_size:
         raise ValueError(f"top_k must be in [0, {config.var.vocab_size}] (0 = off), got {top_k}")
     if isinstance(top_p, (int, float)) and not 0 <= top_p <= 1:
@@ -77,8 +81,10 @@ def generate(
     more_smooth: bool = False,
     dtype: str = "float32",
     impl: str = "xla",
+    kv_dtype: str | None = None,
     progress: bool = False,
     return_logits: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Generation:
     """Generate len(labels) images. params = {"var": ..., "vqvae": ...}; layout defaults to the full cache.
 
@@ -86,19 +92,28 @@ def generate(
     Guidance ramps from 0 at the first scale to `cfg` at the last (the reference's `t = cfg·si/(S-1)`).
     `progress` prints a line from the device as each scale's tokens are drawn (a host callback per scale);
     `return_logits` also returns each scale's guided logits (memory: B·L·V floats).
+    `kv_dtype` is how the cache stores K/V (`quant.py`): None follows `dtype`; "bfloat16", "int8" (K per channel,
+    V per token, float32 scales), "float8_e4m3fn"; the model still computes in `dtype`.
+    `mesh` (`sharding.make_mesh`): run SPMD over its devices, batch over "data", heads and MLP over "model"
+    (params are placed with `sharding.shard_params`; results equal the single-device run's).
     """
     top_k = default_top_k(config) if top_k is None else top_k
-    validate(config, labels, top_k=top_k, top_p=top_p, dtype=dtype, impl=impl)
+    validate(config, labels, top_k=top_k, top_p=top_p, dtype=dtype, impl=impl, kv_dtype=kv_dtype)
     layout = layout if layout is not None else FullCache().layout(config.var)
     if len(layout.layers) != config.var.depth or layout.patch_nums != config.var.patch_nums:
         raise ValueError(
             f"layout for {len(layout.layers)} layers and ladder {layout.patch_nums} does not fit a model of depth "
             f"{config.var.depth} with ladder {config.var.patch_nums}"
         )
+    if mesh is not None:
+        sharding.check_mesh(config, np.shape(labels)[0], mesh)
+        sharding.check_impl(impl)
+        params = sharding.shard_params(params, mesh)
+        labels, key = sharding.place_rows(jnp.asarray(labels, jnp.int32), mesh), sharding.replicate(key, mesh)
     return _generate(
         params, jnp.asarray(labels, jnp.int32), key, jnp.float32(cfg), jnp.float32(top_p),
         config=config, layout=layout, top_k=top_k, more_smooth=more_smooth, dtype=dtype, impl=impl,
-        progress=progress, return_logits=return_logits,
+        kv_dtype=kv_dtype, progress=progress, return_logits=return_logits, mesh=mesh,
     )
 
 
@@ -108,35 +123,48 @@ def _report_scale(si: int, num_scales: int, pn: int, _tokens) -> None:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "layout", "top_k", "more_smooth", "dtype", "impl", "progress", "return_logits"),
+    static_argnames=(
+        "config", "layout", "top_k", "more_smooth", "dtype", "impl", "progress", "return_logits", "mesh", "kv_dtype",
+    ),
 )
 def _generate(
-    params, labels_B, key, cfg, top_p, *, config, layout, top_k, more_smooth, dtype, impl, progress, return_logits
+    params, labels_B, key, cfg, top_p, *, config, layout, top_k, more_smooth, dtype, impl, progress, return_logits,
+    mesh=None, kv_dtype=None,
 ):
     c = config.var
     var = VAR(c, dtype=DTYPES[dtype], impl=impl)
     vqvae = VQVAE(config.vqvae)
     batch = labels_B.shape[0]
-    label_2B = jnp.concatenate([labels_B, jnp.full_like(labels_B, c.num_classes)])
-    cond_BD = var.apply(params["var"], label_2B, method=VAR.condition)
+    # guidance rows interleaved [l0, null, l1, null, ...]: a data shard holds both rows of each of its images
+    label_2B = jnp.stack([labels_B, jnp.full_like(labels_B, c.num_classes)], axis=1).reshape(-1)
+    cond_BD = sharding.constrain(var.apply(params["var"], label_2B, method=VAR.condition), mesh)
     x = var.apply(params["var"], cond_BD, method=VAR.first_input)
-    cache = init_cache(layout, 2 * batch, c.num_heads, c.head_dim, DTYPES[dtype])
+    cache = init_cache(layout, 2 * batch, c.num_heads, c.head_dim, DTYPES[dtype], kv_dtype=kv_dtype)
+    cache = sharding.constrain_cache(cache, mesh)
     codebook = params["vqvae"]["params"]["quantize"]["embedding"]["embedding"]
     pn_last = c.patch_nums[-1]
     f_hat = jnp.zeros((batch, pn_last, pn_last, c.cvae), jnp.float32)
     tokens, guided = [], []
     for si, pn in enumerate(c.patch_nums):
         logits, cache = var.apply(params["var"], x, cond_BD, cache, si, layout, method=VAR.step)
+        logits, cache = sharding.constrain(logits, mesh), sharding.constrain_cache(cache, mesh)
         ratio = sampling.guidance_ratio(si, c.num_scales)
-        logits = sampling.apply_guidance(logits, cfg, ratio)
+        logits = sampling.apply_guidance(logits.reshape(batch, 2, *logits.shape[1:]).swapaxes(0, 1), cfg, ratio)[0]
         if return_logits:
             guided.append(logits)
         key, draw_key, smooth_key = jax.random.split(key, 3)
-        logits = sampling.top_k_top_p_filter(logits, top_k, top_p)
+        # row-local, but top_k and the top-p scatter do not partition by rows in XLA: run them shard by shard
+        logits = sharding.per_row(lambda lg, p: sampling.top_k_top_p_filter(lg, top_k, p), mesh)(logits, top_p)
         idx_Bl = sampling.sample_tokens(draw_key, logits)
         tokens.append(idx_Bl)
         if progress:
-            jax.debug.callback(functools.partial(_report_scale, si, c.num_scales, pn), idx_Bl, ordered=True)
+            # ordered effects need a single device; sharded, one (replicated) token sequences the print after
+            # the draw, and each scale's draw depends on the previous one's
+            jax.debug.callback(
+                functools.partial(_report_scale, si, c.num_scales, pn),
+                idx_Bl if mesh is None else sharding.constrain(idx_Bl[:1, :1], mesh, sharding.REPLICATED),
+                ordered=mesh is None,
+            )
         if more_smooth:
             h_BlC = sampling.gumbel_smooth(smooth_key, logits, ratio, codebook.astype(jnp.float32))
         else:
@@ -146,8 +174,8 @@ def _generate(
         )
         if next_BlCv is not None:
             x = var.apply(params["var"], si + 1, next_BlCv, method=VAR.next_input)
-            x = jnp.concatenate([x, x])
-    images = vqvae.apply(params["vqvae"], f_hat, method=VQVAE.decode)
+            x = sharding.constrain(jnp.repeat(x, 2, axis=0), mesh)
+    images = sharding.constrain(vqvae.apply(params["vqvae"], f_hat, method=VQVAE.decode), mesh)
     return Generation(tokens=tuple(tokens), images=(images.astype(jnp.float32) + 1) * 0.5, logits=tuple(guided))
 
 
@@ -166,53 +194,81 @@ def image_grid(images_BHWC: np.ndarray, columns: int) -> np.ndarray:
 def main(argv=None) -> int:
     from PIL import Image
 
-    from amskv_jax.checkpoint import load_model
+    from amskv_jax.checkpoint import DEFAULT_MODEL, EMBEDDED, load_model
+    from amskv_jax.policies import DEFAULT_POLICY, POLICIES, policy_from_name, read_calibration
 
     parser = argparse.ArgumentParser(prog="python -m amskv_jax.generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny", help="a preset name (random weights) or a converted checkpoint dir")
-    parser.add_argument("--labels", default=None, help="comma-separated class indices (default: 0..batch-1)")
-    parser.add_argument("--batch", type=int, default=None, help="images per label list repeat (default: 8)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"an embedded trained model ({', '.join(EMBEDDED)}), a preset name (random weights) or a "
+                        "converted checkpoint dir")
+    parser.add_argument("--labels", default=None,
+                        help="comma-separated class indices, one grid row each (default: the first 10 classes)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="images per label, one grid column each (default: 8 without --labels, else 1)")
+    parser.add_argument("--policy", default="full", choices=list(POLICIES),
+                        help=f"KV-cache policy (default: full; {DEFAULT_POLICY!r} is the default AMS-KV setting)")
+    parser.add_argument("--calibration", default=None, help="a calibration JSON choosing AMS-KV's demanding layers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance at the last scale")
     parser.add_argument("--top-k", type=int, default=None, help="default: 900, capped at the vocabulary; 0 = off")
     parser.add_argument("--top-p", type=float, default=0.96)
     parser.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax code mixtures (visualisation)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--kv-dtype", default=None, choices=KV_DTYPES,
+                        help="how the KV cache stores K/V (default: the compute dtype --dtype)")
     parser.add_argument("--out", default="grid.png")
+    parser.add_argument("--mesh", default=None, help="shard over the devices, e.g. data=4,model=2 (batch over data, "
+                        "heads and MLP over model; default: one device)")
     args = parser.parse_args(argv)
 
     try:
         model = load_model(args.model)
         labels = _labels(args.labels, args.batch, model.config.var.num_classes)
         top_k = default_top_k(model.config) if args.top_k is None else args.top_k
-        validate(model.config, labels, top_k=top_k, top_p=args.top_p, dtype=args.dtype)
+        validate(model.config, labels, top_k=top_k, top_p=args.top_p, dtype=args.dtype, kv_dtype=args.kv_dtype)
+        calibration = read_calibration(args.calibration) if args.calibration else None
+        policy = policy_from_name(args.policy, model.config.var, calibration)
+        mesh = sharding.mesh_from_text(args.mesh) if args.mesh else None
+        if mesh is not None:
+            sharding.check_mesh(model.config, len(labels), mesh)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    print(f"model {args.model}: {model.description}; {len(labels)} images, labels {labels.tolist()}", flush=True)
+    layout = policy.layout(model.config.var)
+    rows = [int(x) for x in dict.fromkeys(labels.tolist())]
+    names = [f"{x} {model.classes[x]}" if model.classes else str(x) for x in rows]
+    print(f"model {args.model}: {model.description}; {len(labels)} images, one row per label: {', '.join(names)}; "
+          f"cache: {policy.describe()} ({sum(layout.capacities)} slots)", flush=True)
 
+    if mesh is not None:
+        print(f"mesh: {sharding.describe(mesh)}", flush=True)
     start = time.perf_counter()
     out = generate(
-        model.params, labels, jax.random.key(args.seed), config=model.config, cfg=args.cfg, top_k=top_k,
-        top_p=args.top_p, more_smooth=args.more_smooth, dtype=args.dtype, progress=True,
+        model.params, labels, jax.random.key(args.seed), config=model.config, layout=layout, cfg=args.cfg, top_k=top_k,
+        top_p=args.top_p, more_smooth=args.more_smooth, dtype=args.dtype, kv_dtype=args.kv_dtype,
+        progress=True, mesh=mesh,
     )
     images = np.asarray(jax.block_until_ready(out.images))
     seconds = time.perf_counter() - start
-    Image.fromarray(image_grid(images, columns=min(len(labels), 8))).save(args.out)
+    Image.fromarray(image_grid(images, columns=len(labels) // len(rows))).save(args.out)
     print(f"wrote {args.out}: {len(labels)} images in {seconds:.2f} s ({len(labels) / seconds:.2f} images/s, "
           "compilation included)")
     return 0
 
 
 def _labels(text: str | None, batch: int | None, num_classes: int) -> np.ndarray:
+    """Each label repeated `batch` times in a row: the grid then has one row per label."""
     if batch is not None and batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
     if text is None:
-        return np.arange(batch or 8, dtype=np.int32) % num_classes
-    try:
-        labels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--labels must be comma-separated integers, got {text!r}") from None
-    return np.asarray(labels * (batch or 1), np.int32)
+        labels, batch = list(range(min(num_classes, 10))), batch or 8
+    else:
+        try:
+            labels = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--labels must be comma-separated integers, got {text!r}") from None
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"--labels repeats a class ({text!r}); use --batch for more images per class")
+    return np.repeat(np.asarray(labels, np.int32), batch or 1)
 
 
 if __name__ == "__main__":
