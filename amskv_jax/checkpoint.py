@@ -1,12 +1,14 @@
 """Model parameters: random initialisation, orbax checkpoints, and one call to get a ready model.
 
 A checkpoint directory holds `config.json` (the `ModelConfig`) and `params/` (an orbax checkpoint of
-`{"var": ..., "vqvae": ...}`, each a Flax variables dict `{"params": ...}`). `load_model(spec)` accepts a preset
-name (seeded random weights, said so in its description) or such a directory.
+`{"var": ..., "vqvae": ...}`, each a Flax variables dict `{"params": ...}`). `load_model(spec)` accepts the name of
+an embedded trained model (`EMBEDDED`: shipped in `amskv_jax/assets/`), a preset name (seeded random weights, said so
+in its description) or such a directory.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -19,11 +21,20 @@ from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
 
 
+ASSETS = Path(__file__).parent / "assets"
+# Trained models shipped with the package (see README "The embedded model"); the first is the default.
+EMBEDDED = {"emoji32": ASSETS / "emoji32"}
+DEFAULT_MODEL = "emoji32"
+
+
 @dataclasses.dataclass(frozen=True)
 class Model:
+    """A ready model; `classes` names the class labels when the checkpoint says (`classes.json`), else None."""
+
     config: ModelConfig
     params: dict
     description: str
+    classes: tuple[str, ...] | None = None
 
 
 def init_params(config: ModelConfig, seed: int = 0) -> dict:
@@ -59,11 +70,24 @@ def load_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict]:
     return config, params
 
 
-def load_model(spec: str) -> Model:
-    """A preset name (random weights) or a checkpoint directory."""
+def load_model(spec: str = DEFAULT_MODEL) -> Model:
+    """An embedded trained model's name, a preset name (random weights) or a checkpoint directory."""
+    if spec in EMBEDDED:
+        if not (EMBEDDED[spec] / "config.json").is_file():
+            raise FileNotFoundError(f"the embedded model {spec!r} is missing from {EMBEDDED[spec]}; reinstall")
+        config, params = load_checkpoint(EMBEDDED[spec])
+        return Model(config, params, f"embedded model {spec} (trained on OpenMoji emoji)", _classes(EMBEDDED[spec]))
     if spec in PRESETS:
         return Model(get_preset(spec), init_params(get_preset(spec)), f"preset {spec}, random weights (seed 0)")
     if Path(spec).is_dir():
         config, params = load_checkpoint(spec)
-        return Model(config, params, f"checkpoint {spec}")
-    raise ValueError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+        return Model(config, params, f"checkpoint {spec}", _classes(Path(spec)))
+    raise ValueError(
+        f"--model {spec!r} is neither an embedded model ({', '.join(EMBEDDED)}), a preset ({', '.join(PRESETS)}) "
+        "nor a checkpoint directory"
+    )
+
+
+def _classes(directory: Path) -> tuple[str, ...] | None:
+    path = directory / "classes.json"
+    return tuple(json.loads(path.read_text())) if path.is_file() else None

@@ -6,18 +6,16 @@ after its first different draw). Per scale we report
 * agreement: the fraction of the scale's tokens equal to the full cache's;
 * KL(full ‖ policy): the mean over tokens of the KL divergence between the guided distribution the full cache gives
   on the *policy's own prefix* (its tokens teacher-forced through the model, which equals full-cache generation) and
-  the one the policy's sampler received. Both are the guided logits before top-k/top-p filtering.
+  the one the policy's sampler received. Both are the guided logits before top-k/top-p filtering;
 
-    python -m amskv_jax.fidelity --model tiny-ladder256 --samples 32 [--policies full,amskv,...] [--sweep]
+and per image the PSNR of the policy's final image against the full cache's and, when an `image_distance` (LPIPS)
+is given, that distance. The command line is `python -m bench.fidelity`.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
-import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -35,13 +33,23 @@ from amskv_jax.vqvae import VQVAE
 
 @dataclasses.dataclass(frozen=True)
 class Fidelity:
-    """Per-scale agreement and KL(full ‖ policy) (means over tokens and samples), and the cache's slots."""
+    """Per-scale agreement and KL(full ‖ policy) (means over tokens and samples), image PSNR (dB, of the mean squared
+    error over all images; inf when all are identical) and LPIPS (None when not measured) against the full cache, and the cache's slots.
+    `samples`: float32 [n, H, W, 3] of the first generated images (for grids; not serialised)."""
 
     agreement: tuple[float, ...]
     kl: tuple[float, ...]
     sizes: tuple[int, ...]  # tokens per scale
     slots: int  # sum of the layers' capacities
     full_slots: int
+    psnr: float
+    lpips: float | None
+    samples: np.ndarray = dataclasses.field(repr=False, compare=False, default=None)
+
+    def to_json(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "samples"}
+        out.update(token_agreement=self.token_agreement, mean_kl=self.mean_kl, memory_fraction=self.memory_fraction)
+        return out
 
     @property
     def token_agreement(self) -> float:
@@ -70,17 +78,32 @@ def _compare(params, labels_B, cfg, tokens, policy_logits, full_tokens, *, confi
         full = sampling.apply_guidance(logits_2BLV[:, begin:end], cfg, sampling.guidance_ratio(si, c.num_scales))
         log_p = jax.nn.log_softmax(full.astype(jnp.float32), axis=-1)
         log_q = jax.nn.log_softmax(policy_logits[si].astype(jnp.float32), axis=-1)
-        kl.append((jnp.exp(log_p) * (log_p - log_q)).sum(-1).mean(-1).sum())
+        kl_Bl = jnp.maximum((jnp.exp(log_p) * (log_p - log_q)).sum(-1), 0.0)  # >= 0 up to rounding
+        kl.append(kl_Bl.mean(-1).sum())
         agreement.append((tokens[si] == full_tokens[si]).mean(-1).sum())
     return jnp.stack(agreement), jnp.stack(kl)
+
+
+def mse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image mean squared error of images in [0, 1] ([n, H, W, 3] each)."""
+    return np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2, axis=(1, 2, 3))
+
+
+def psnr(mse_values) -> float:
+    """PSNR in dB (peak 1) of the mean squared error over all images; inf when every image is identical."""
+    with np.errstate(divide="ignore"):
+        return float(10 * np.log10(1.0 / np.mean(mse_values)))
 
 
 def policy_fidelity(
     model, policies: Mapping[str, Policy], labels, key, *, batch: int | None = None, cfg: float = 1.5,
     top_k: int = 900, top_p: float = 0.96, dtype: str = "float32",
+    image_distance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Fidelity]:
     """Fidelity of each policy against the full cache on `labels`, `batch` images per call (default: all), the
-    same PRNG key per batch for every policy. `model`: a `checkpoint.Model`."""
+    same PRNG key per batch for every policy. `model`: a `checkpoint.Model`. `image_distance(a, b)` maps two image
+    batches in [0, 1] to one distance per image (e.g. LPIPS). The full cache itself is reported as "full" when it is
+    among `policies` (agreement 1, KL 0: a check of determinism)."""
     config: ModelConfig = model.config
     c = config.var
     labels = np.asarray(labels, np.int32)
@@ -89,6 +112,9 @@ def policy_fidelity(
     layouts = {name: policy.layout(c) for name, policy in policies.items()}
     full_layout = FullCache().layout(c)
     sums = {name: np.zeros((2, c.num_scales)) for name in policies}
+    errors = {name: [] for name in policies}
+    distances = {name: [] for name in policies}
+    samples = {}
     for start in range(0, len(labels), batch):
         chunk = labels[start : start + batch]
         chunk_key = jax.random.fold_in(key, start)
@@ -104,12 +130,19 @@ def policy_fidelity(
                 config=config, dtype=dtype,
             )
             sums[name] += np.stack([np.asarray(agreement), np.asarray(kl)])
+            images, full_images = np.asarray(out.images), np.asarray(full.images)
+            errors[name].extend(mse(images, full_images).tolist())
+            if image_distance is not None:
+                distances[name].extend(np.asarray(image_distance(images, full_images)).ravel().tolist())
+            samples.setdefault(name, images)
     sizes = tuple(pn * pn for pn in c.patch_nums)
     full_slots = sum(full_layout.capacities)
     return {
         name: Fidelity(
             agreement=tuple((total[0] / len(labels)).tolist()), kl=tuple((total[1] / len(labels)).tolist()),
             sizes=sizes, slots=sum(layouts[name].capacities), full_slots=full_slots,
+            psnr=psnr(errors[name]), lpips=float(np.mean(distances[name])) if distances[name] else None,
+            samples=samples[name],
         )
         for name, total in sums.items()
     }
@@ -157,67 +190,21 @@ def distinct(policies: Mapping[str, Policy], config: VARConfig) -> dict[str, Pol
 
 
 def format_table(results: Mapping[str, Fidelity], policies: Mapping[str, Policy]) -> str:
-    """A markdown table: memory (this model's slots vs the full cache), agreement and KL per policy."""
+    """A markdown table: memory (this model's slots vs the full cache), agreement, KL, PSNR and LPIPS per policy."""
     any_result = next(iter(results.values()))
     scales = len(any_result.sizes)
     lines = [
-        "| policy | setting | cache vs full | token agreement | mean KL | agreement per scale | KL per scale |",
-        "|---|---|---|---|---|---|---|",
+        "| policy | setting | cache vs full | token agreement | mean KL | PSNR dB | LPIPS | agreement per scale "
+        "| KL per scale |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         per_scale = " ".join(f"{a:.2f}" for a in r.agreement)
         kl = " ".join(f"{k:.3f}" for k in r.kl)
+        lpips = "n/a" if r.lpips is None else f"{r.lpips:.4f}"
         lines.append(
             f"| {name} | {policies[name].describe()} | {100 * r.memory_fraction:.1f}% | {r.token_agreement:.3f} | "
-            f"{r.mean_kl:.4f} | {per_scale} | {kl} |"
+            f"{r.mean_kl:.4f} | {r.psnr:.1f} | {lpips} | {per_scale} | {kl} |"
         )
     lines.append(f"\n({scales} scales; per-scale columns run from the coarsest to the finest scale.)")
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    from amskv_jax.checkpoint import load_model
-
-    parser = argparse.ArgumentParser(prog="python -m amskv_jax.fidelity", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny-ladder256", help="a preset name (random weights) or checkpoint dir")
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=8, help="images per generation call")
-    parser.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated of: {', '.join(POLICIES)}")
-    parser.add_argument("--sweep", action="store_true",
-                        help="also the AMS-KV candidates for the default setting (duplicates on this model dropped)")
-    parser.add_argument("--calibration", default=None, help="a calibration JSON choosing the demanding layers")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cfg", type=float, default=1.5)
-    parser.add_argument("--top-k", type=int, default=900)
-    parser.add_argument("--top-p", type=float, default=0.96)
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    try:
-        if args.samples < 1 or args.batch < 1:
-            raise ValueError(f"--samples and --batch must be >= 1, got {args.samples} and {args.batch}")
-        model = load_model(args.model)
-        c = model.config.var
-        calibration = read_calibration(args.calibration) if args.calibration else None
-        names = [n for n in args.policies.split(",") if n]
-        policies = {name: policy_from_name(name, c, calibration) for name in names}
-        if args.sweep:
-            policies = distinct({**policies, **sweep_candidates(c, calibration)}, c)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
-    labels = np.asarray(jax.random.randint(jax.random.key(args.seed), (args.samples,), 0, c.num_classes))
-    results = policy_fidelity(
-        model, policies, labels, jax.random.key(args.seed + 1), batch=args.batch, cfg=args.cfg, top_k=args.top_k,
-        top_p=args.top_p, dtype=args.dtype,
-    )
-    if args.json:
-        print(json.dumps({name: dataclasses.asdict(r) for name, r in results.items()}, indent=1))
-    else:
-        print(f"model {args.model}: {model.description}; {args.samples} samples, seed {args.seed}, cfg {args.cfg}, "
-              f"top-k {args.top_k}, top-p {args.top_p}, {args.dtype}\n")
-        print(format_table(results, policies))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

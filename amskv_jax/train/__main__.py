@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 from amskv_jax.checkpoint import save_checkpoint
 from amskv_jax.train import loop
 from amskv_jax.train.configs import CONFIGS, OptimConfig, TrainConfig, get_config
+from amskv_jax.train.data import GROUP_NAMES
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
@@ -97,6 +99,7 @@ def export(vqvae_run: Path, var_run: Path, out: Path, dtype: str) -> int:
         raise FileExistsError(f"{out}/params exists; remove it first")
     params = loop.cast_floats({"var": var_vars, "vqvae": vqvae_vars}, DTYPES[dtype])
     save_checkpoint(out, model, params)
+    (out / "classes.json").write_text(json.dumps(list(GROUP_NAMES)))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({size / 2**20:.2f} MiB, {dtype})")
     return 0
