@@ -29,12 +29,15 @@ DEFAULT_MODEL = "emoji32"
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """A ready model; `classes` names the class labels when the checkpoint says (`classes.json`), else None."""
+    """A ready model. From files beside the params, when the directory has them: `classes` names the class labels
+    (`classes.json`); `calibration` is its AMS-KV calibration (`layers.json`, written by `amskv_jax.calibrate`), the
+    default choice of cache-demanding layers for this model."""
 
     config: ModelConfig
     params: dict
     description: str
     classes: tuple[str, ...] | None = None
+    calibration: dict | None = None
 
 
 def init_params(config: ModelConfig, seed: int = 0) -> dict:
@@ -76,18 +79,25 @@ def load_model(spec: str = DEFAULT_MODEL) -> Model:
         if not (EMBEDDED[spec] / "config.json").is_file():
             raise FileNotFoundError(f"the embedded model {spec!r} is missing from {EMBEDDED[spec]}; reinstall")
         config, params = load_checkpoint(EMBEDDED[spec])
-        return Model(config, params, f"embedded model {spec} (trained on OpenMoji emoji)", _classes(EMBEDDED[spec]))
+        return Model(config, params, f"embedded model {spec} (trained on OpenMoji emoji)", *_extras(EMBEDDED[spec]))
     if spec in PRESETS:
         return Model(get_preset(spec), init_params(get_preset(spec)), f"preset {spec}, random weights (seed 0)")
     if Path(spec).is_dir():
         config, params = load_checkpoint(spec)
-        return Model(config, params, f"checkpoint {spec}", _classes(Path(spec)))
+        return Model(config, params, f"checkpoint {spec}", *_extras(Path(spec)))
     raise ValueError(
         f"--model {spec!r} is neither an embedded model ({', '.join(EMBEDDED)}), a preset ({', '.join(PRESETS)}) "
         "nor a checkpoint directory"
     )
 
 
-def _classes(directory: Path) -> tuple[str, ...] | None:
-    path = directory / "classes.json"
-    return tuple(json.loads(path.read_text())) if path.is_file() else None
+def _extras(directory: Path) -> tuple[tuple[str, ...] | None, dict | None]:
+    """(class names, calibration) from a checkpoint directory; None for each file that is absent."""
+    from amskv_jax.policies import read_calibration
+
+    classes = directory / "classes.json"
+    calibration = directory / "layers.json"
+    return (
+        tuple(json.loads(classes.read_text())) if classes.is_file() else None,
+        read_calibration(calibration) if calibration.is_file() else None,
+    )

@@ -98,12 +98,13 @@ def psnr(mse_values) -> float:
 def policy_fidelity(
     model, policies: Mapping[str, Policy], labels, key, *, batch: int | None = None, cfg: float = 1.5,
     top_k: int = 900, top_p: float = 0.96, dtype: str = "float32",
-    image_distance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    image_distance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, kv_dtype: str | None = None,
 ) -> dict[str, Fidelity]:
     """Fidelity of each policy against the full cache on `labels`, `batch` images per call (default: all), the
     same PRNG key per batch for every policy. `model`: a `checkpoint.Model`. `image_distance(a, b)` maps two image
     batches in [0, 1] to one distance per image (e.g. LPIPS). The full cache itself is reported as "full" when it is
-    among `policies` (agreement 1, KL 0: a check of determinism)."""
+    among `policies` (agreement 1, KL 0: a check of determinism). `kv_dtype` is the policies' cache storage
+    (`quant.py`); the full cache it is compared with always stores the compute dtype."""
     config: ModelConfig = model.config
     c = config.var
     labels = np.asarray(labels, np.int32)
@@ -124,7 +125,7 @@ def policy_fidelity(
         )
         full = run(layout=full_layout)
         for name, layout in layouts.items():
-            out = run(layout=layout)
+            out = run(layout=layout, kv_dtype=kv_dtype)
             agreement, kl = _compare(
                 model.params, jnp.asarray(chunk), jnp.float32(cfg), out.tokens, out.logits, full.tokens,
                 config=config, dtype=dtype,

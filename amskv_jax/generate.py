@@ -207,7 +207,8 @@ def main(argv=None) -> int:
                         help="images per label, one grid column each (default: 8 without --labels, else 1)")
     parser.add_argument("--policy", default="full", choices=list(POLICIES),
                         help=f"KV-cache policy (default: full; {DEFAULT_POLICY!r} is the default AMS-KV setting)")
-    parser.add_argument("--calibration", default=None, help="a calibration JSON choosing AMS-KV's demanding layers")
+    parser.add_argument("--calibration", default=None,
+                        help="a calibration JSON choosing AMS-KV's demanding layers (default: the model's layers.json)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance at the last scale")
     parser.add_argument("--top-k", type=int, default=None, help="default: 900, capped at the vocabulary; 0 = off")
@@ -226,7 +227,7 @@ def main(argv=None) -> int:
         labels = _labels(args.labels, args.batch, model.config.var.num_classes)
         top_k = default_top_k(model.config) if args.top_k is None else args.top_k
         validate(model.config, labels, top_k=top_k, top_p=args.top_p, dtype=args.dtype, kv_dtype=args.kv_dtype)
-        calibration = read_calibration(args.calibration) if args.calibration else None
+        calibration = read_calibration(args.calibration) if args.calibration else model.calibration
         policy = policy_from_name(args.policy, model.config.var, calibration)
         mesh = sharding.mesh_from_text(args.mesh) if args.mesh else None
         if mesh is not None:

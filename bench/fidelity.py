@@ -1,6 +1,7 @@
 """How far each cache policy drifts from the full cache: the table and the side-by-side grid.
 
-    python -m bench.fidelity [--model emoji32] [--samples 64] [--policies full,amskv,...] [--sweep] [--out DIR]
+    python -m bench.fidelity [--model emoji32] [--samples 64] [--policies full,amskv,...] [--sweep]
+        [--calibration layers.json] [--kv-dtypes default,int8,float8_e4m3fn] [--out DIR]
 
 For the same labels and PRNG keys, every policy generates independently of the full cache; per policy it reports
 the cache's size against the full cache, per-scale token agreement and logit KL (`amskv_jax.fidelity`), and PSNR
@@ -22,6 +23,7 @@ from amskv_jax.checkpoint import DEFAULT_MODEL, load_model
 from amskv_jax.fidelity import distinct, format_table, policy_fidelity, sweep_candidates
 from amskv_jax.generate import DTYPES, default_top_k, image_grid
 from amskv_jax.policies import POLICIES, policy_from_name, read_calibration
+from amskv_jax.quant import KV_DTYPES
 
 
 def lpips_distance():
@@ -48,12 +50,16 @@ def main(argv=None) -> int:
     parser.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated of: {', '.join(POLICIES)}")
     parser.add_argument("--sweep", action="store_true",
                         help="also the AMS-KV candidates for the default setting (duplicates on this model dropped)")
-    parser.add_argument("--calibration", default=None, help="a calibration JSON choosing the demanding layers")
+    parser.add_argument("--calibration", default=None,
+                        help="a calibration JSON choosing the demanding layers (default: the model's layers.json)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cfg", type=float, default=1.5)
     parser.add_argument("--top-k", type=int, default=None, help="default: 900, capped at the vocabulary")
     parser.add_argument("--top-p", type=float, default=0.96)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--kv-dtypes", default="default",
+                        help="comma-separated cache storage dtypes to cross with the policies: default (the compute "
+                        f"dtype), {', '.join(KV_DTYPES)}; each row is compared with the full cache in the compute dtype")
     parser.add_argument("--no-lpips", action="store_true", help="skip LPIPS (PSNR only)")
     parser.add_argument("--grid-columns", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -63,11 +69,15 @@ def main(argv=None) -> int:
             raise ValueError(f"--samples and --batch must be >= 1, got {args.samples} and {args.batch}")
         model = load_model(args.model)
         c = model.config.var
-        calibration = read_calibration(args.calibration) if args.calibration else None
+        calibration = read_calibration(args.calibration) if args.calibration else model.calibration
         names = [n for n in args.policies.split(",") if n]
         policies = {name: policy_from_name(name, c, calibration) for name in names}
         if args.sweep:
             policies = distinct({**policies, **sweep_candidates(c, calibration)}, c)
+        kv_dtypes = [None if k == "default" else k for k in args.kv_dtypes.split(",") if k]
+        unknown = [k for k in kv_dtypes if k is not None and k not in KV_DTYPES]
+        if unknown or not kv_dtypes:
+            raise ValueError(f"--kv-dtypes: unknown {unknown}; allowed: default, {', '.join(KV_DTYPES)}")
         distance = None if args.no_lpips else lpips_distance()
     except (ValueError, FileNotFoundError, ImportError) as err:
         parser.error(str(err))
@@ -75,11 +85,16 @@ def main(argv=None) -> int:
     labels = np.arange(args.samples, dtype=np.int32) % c.num_classes
     print(f"model {args.model}: {model.description}; {args.samples} samples, seed {args.seed}, cfg {args.cfg}, "
           f"top-k {top_k}, top-p {args.top_p}, {args.dtype}; {len(policies)} policies", flush=True)
-    results = policy_fidelity(
-        model, policies, labels, jax.random.key(args.seed), batch=args.batch, cfg=args.cfg, top_k=top_k,
-        top_p=args.top_p, dtype=args.dtype, image_distance=distance,
-    )
-    table = format_table(results, policies)
+    results, described = {}, {}
+    for kv_dtype in kv_dtypes:
+        suffix = "" if kv_dtype is None else f"+{kv_dtype}"
+        measured = policy_fidelity(
+            model, policies, labels, jax.random.key(args.seed), batch=args.batch, cfg=args.cfg, top_k=top_k,
+            top_p=args.top_p, dtype=args.dtype, image_distance=distance, kv_dtype=kv_dtype,
+        )
+        for name, result in measured.items():
+            results[name + suffix], described[name + suffix] = result, policies[name]
+    table = format_table(results, described)
     print(table)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +103,7 @@ def main(argv=None) -> int:
               f"{args.dtype}, jax {jax.__version__} on {jax.devices()[0].device_kind}")
     (args.out / "fidelity.md").write_text(f"{header}\n\n{table}\n")
     (args.out / "fidelity.json").write_text(json.dumps(
-        {"setting": header, "policies": {name: {"describe": policies[name].describe(), **r.to_json()}
+        {"setting": header, "policies": {name: {"describe": described[name].describe(), **r.to_json()}
                                          for name, r in results.items()}}, indent=1))
     columns = min(args.grid_columns, args.batch, len(labels))
     rows = [results[name].samples[:columns] for name in results]

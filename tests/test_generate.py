@@ -64,3 +64,21 @@ def test_image_grid_tiles_with_gutters():
     grid = image_grid(images, columns=3)
     assert grid.shape == (2 * 6 + 2, 3 * 6 + 2, 3) and grid.dtype == np.uint8
     assert (grid[2:6, 2:6] == 0).all() and (grid[0] == 255).all()
+
+
+def test_main_job_writes_one_grid_row_per_class_with_the_embedded_model(tmp_path, capsys):
+    from PIL import Image
+
+    from amskv_jax.checkpoint import load_model
+
+    model = load_model()
+    assert model.classes is not None and len(model.classes) == model.config.var.num_classes
+    assert model.calibration is not None and model.calibration["depth"] == model.config.var.depth
+    out = tmp_path / "grid.png"
+    assert gen_module.main(["--batch", "2", "--policy", "amskv", "--out", str(out)]) == 0
+    side = model.config.vqvae.image_size
+    rows = min(model.config.var.num_classes, 10)
+    assert Image.open(out).size == (2 * (side + 2) + 2, rows * (side + 2) + 2)
+    printed = capsys.readouterr().out
+    assert "embedded model emoji32" in printed and "images/s" in printed and "0 faces" in printed
+    assert f"scale {len(model.config.var.patch_nums)}/{len(model.config.var.patch_nums)}" in printed
