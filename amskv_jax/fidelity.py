@@ -152,8 +152,9 @@ def policy_fidelity(
 def sweep_candidates(config: VARConfig, calibration: dict | None = None) -> dict[str, Policy]:
     """The AMS-KV settings compared when choosing the default (all with the other layers condensed only unless
     named "uniform"): dNN = that percentage of layers demanding (lowest similarity; the first layers without
-    calibration), wN = their window, cN = condensed scales (2 unless named). d35-w1 is the default; d20-w2 and d15-wall
-    sit near its memory at 256px; "similar" takes the most similar layers instead (a check of the calibration)."""
+    calibration), wN = their window, cN = condensed scales (2 unless named). d20-w2 is the default ("amskv"), chosen
+    by this sweep on the embedded model over d35-w1 (the first default); "similar" takes the most similar layers
+    instead (a check of the calibration)."""
     depth = config.depth
 
     def amskv(fraction, window, condensed=2, lowest=True):

@@ -39,9 +39,7 @@ def top_k_top_p_filter(logits_BlV: jax.Array, top_k: int, top_p) -> jax.Array:
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
     remove_sorted = (cumulative <= 1 - top_p).at[..., -1].set(False)
-    remove = jnp.zeros_like(remove_sorted).at[
-        tuple(jnp.indices(order.shape, sparse=True)[:-1]) + (order,)
-    ].set(remove_sorted)
+    remove = jnp.take_along_axis(remove_sorted, jnp.argsort(order, axis=-1), axis=-1)  # back to vocabulary order
     return jnp.where((top_p > 0) & remove, -jnp.inf, logits)
 
 

@@ -12,7 +12,7 @@ import pytest
 from amskv_jax import checkpoint
 from amskv_jax.calibrate import Statistics, _layer_statistics, dispersion, main, summarise, upsample_nearest
 from amskv_jax.config import get_preset
-from amskv_jax.policies import AMSKV, ScaleBudget, policy_from_name, select_layers
+from amskv_jax.policies import AMSKV, DEMANDING_FRACTION, ScaleBudget, policy_from_name, select_layers
 from test_policies import random_model
 
 CONFIG = dataclasses.replace(get_preset("tiny").var, patch_nums=(1, 2, 3, 4))
@@ -64,7 +64,8 @@ def calibration(tmp_path_factory):
     out = tmp_path_factory.mktemp("calibration") / "layers.json"
     with pytest.MonkeyPatch.context() as patch:  # fast random weights instead of running the initialisers
         patch.setattr(checkpoint, "load_model", random_model)
-        argv = ["--model", "tiny", "--samples", "2", "--batch", "2", "--top-k", "20", "--out", str(out), "--plot"]
+        argv = ["--model", "tiny", "--samples", "2", "--batch", "2", "--top-k", "20", "--fraction", "0.5",
+                "--out", str(out), "--plot"]
         assert main(argv) == 0
     return out
 
@@ -72,7 +73,7 @@ def calibration(tmp_path_factory):
 def test_cli_writes_scores_choice_method_and_heat_maps(calibration):
     data = json.loads(calibration.read_text())
     assert data["depth"] == 2 and data["patch_nums"] == [1, 2, 3, 4] and data["samples"] == 2
-    assert len(data["demanding_layers"]) == 1  # round(0.35 * 2)
+    assert len(data["demanding_layers"]) == 1  # round(0.5 * 2)
     scores = data["scores"]
     assert data["demanding_layers"] == [int(np.argmin(scores["similarity"]))]
     assert all(len(scores[name]) == 2 for name in ("similarity", "similarity_k", "similarity_v", "dispersion"))
@@ -89,7 +90,8 @@ def test_policies_load_the_calibration_and_refuse_another_depth(calibration):
     assert policy.layout(get_preset("tiny").var).layers[data["demanding_layers"][0]].reads[3] == (0, 1, 2)
     drafters = ScaleBudget.from_calibration(calibration).drafter_layers
     assert drafters == (int(np.argmax(data["scores"]["dispersion"])),)
-    assert policy_from_name("amskv", get_preset("tiny").var, calibration).demanding_layers == policy.demanding_layers
+    lowest = select_layers(data["scores"]["similarity"], fraction=DEMANDING_FRACTION)  # the named setting's count
+    assert policy_from_name("amskv", get_preset("tiny").var, calibration).demanding_layers == tuple(lowest)
     with pytest.raises(ValueError, match="made for a model of depth 2, not 16"):
         policy.layout(get_preset("d16").var)
     with pytest.raises(ValueError, match="calibration is for a model of depth 2, not 16"):
