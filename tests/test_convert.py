@@ -101,11 +101,10 @@ def test_teacher_forced_logits_and_block_outputs_within_1e_4(verified):
         assert row.max_rel <= LOGITS_RTOL, (row.name, row.max_rel)
 
 
+@pytest.mark.parametrize("verified", [n for n in PARTS if "steps" in PARTS[n]], indirect=True)
 def test_cached_generation_step_reproduces_teacher_forced_logits_within_1e_4(verified):
     """The generation path of the converted VAR, fed the reference's input, independent of the VQ-VAE."""
     name, rows, io = verified
-    if "steps" not in PARTS[name]:
-        pytest.skip("cached-step check not run for this fixture")
     for si in range(_num_scales(io)):
         row = rows[f"cached step logits s{si}"]
         assert row.max_rel <= LOGITS_RTOL, (row.name, row.max_rel)
@@ -135,10 +134,9 @@ def test_images_within_bound(verified):
         assert rows[name].max_abs <= IMAGE_ATOL, (name, rows[name].max_abs)
 
 
+@pytest.mark.parametrize("verified", [n for n in PARTS if "vqvae" in PARTS[n]], indirect=True)
 def test_vqvae_tokens_and_fhat(verified):
     name, rows, io = verified
-    if "vqvae" not in PARTS[name]:
-        pytest.skip("VQ-VAE-only checks not run for this fixture")
     for si in range(_num_scales(io)):
         # the reference's tokens at every scale (the f16 rounding moves no code choice on these 64 px fixtures)
         assert rows[f"vae tokens s{si} (ref. residual)"].agreement == 1.0, si
