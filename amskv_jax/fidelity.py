@@ -24,9 +24,7 @@ import numpy as np
 from amskv_jax import sampling
 from amskv_jax.config import ModelConfig, VARConfig
 from amskv_jax.generate import DTYPES, generate
-from amskv_jax.policies import (
-    AMSKV, POLICIES, FullCache, Policy, choose_demanding_layers, policy_from_name, read_calibration, select_layers,
-)
+from amskv_jax.policies import AMSKV, FullCache, Policy, choose_demanding_layers, select_layers
 from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
 

@@ -15,9 +15,10 @@ import pytest
 from amskv_jax import attention
 from amskv_jax.attention import pallas_gpu, tpu
 from amskv_jax.attention.reference import cached_attention_reference as _reference
-from amskv_jax.cache import build_layout, init_cache
+from amskv_jax.cache import build_layout
 from amskv_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, get_preset
 from amskv_jax.var import VAR
+from test_var import cached_logits
 
 SCALE_SIZES = sorted({pn * pn for pn in PATCH_NUMS_256 + PATCH_NUMS_512})  # 1, 4, 9, ..., 1024
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -222,18 +223,7 @@ def var_params():
 
 def _stepped_logits(model: VAR, params, labels, x_BLCv):
     """Every scale through `VAR.step` on teacher-forcing inputs, with CONDENSED_LOCAL: logits [B, L, V]."""
-    c = model.config
-    cond = model.apply(params, labels, method=VAR.condition)
-    cache = init_cache(CONDENSED_LOCAL, labels.shape[0], c.num_heads, c.head_dim, jnp.float32)
-    x = model.apply(params, cond, method=VAR.first_input)
-    out = []
-    for si in range(c.num_scales):
-        logits, cache = model.apply(params, x, cond, cache, si, CONDENSED_LOCAL, method=VAR.step)
-        out.append(logits)
-        if si + 1 < c.num_scales:
-            begin, end = c.begin_ends[si + 1]
-            x = model.apply(params, si + 1, x_BLCv[:, begin - c.first_l : end - c.first_l], method=VAR.next_input)
-    return jnp.concatenate(out, axis=1)
+    return cached_logits(model, params, labels, x_BLCv, CONDENSED_LOCAL)[0]
 
 
 def test_tiny_model_runs_on_the_tpu_path_with_the_logits_of_xla(var_params, monkeypatch):

@@ -35,6 +35,7 @@ from amskv_jax.generate import generate
 from amskv_jax.policies import POLICIES, FullCache, policy_from_name
 from amskv_jax.var import VAR
 from test_policies import random_model
+from test_var import cached_logits
 
 KV = ["int8", "float8_e4m3fn"]
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny"
@@ -97,18 +98,7 @@ def fixture_model():
 
 def _stepped(cfg, params, labels, x_BLCv, layout, kv_dtype):
     """Every scale through `VAR.step` on teacher-forcing inputs: (logits [B, L, V], the final cache)."""
-    model = VAR(cfg)
-    cond = model.apply(params, labels, method=VAR.condition)
-    cache = init_cache(layout, labels.shape[0], cfg.num_heads, cfg.head_dim, jnp.float32, kv_dtype=kv_dtype)
-    x = model.apply(params, cond, method=VAR.first_input)
-    out = []
-    for si in range(cfg.num_scales):
-        logits, cache = model.apply(params, x, cond, cache, si, layout, method=VAR.step)
-        out.append(logits)
-        if si + 1 < cfg.num_scales:
-            begin, end = cfg.begin_ends[si + 1]
-            x = model.apply(params, si + 1, x_BLCv[:, begin - cfg.first_l : end - cfg.first_l], method=VAR.next_input)
-    return jnp.concatenate(out, axis=1), cache
+    return cached_logits(VAR(cfg), params, labels, x_BLCv, layout, kv_dtype=kv_dtype)
 
 
 def test_real_kv_of_the_fixture_model_round_trip_within_the_bound_and_int8_logits_stay_close(fixture_model):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from amskv_jax.cache import init_cache
@@ -23,11 +22,12 @@ def _random_var_params(cfg: VARConfig, seed: int = 0):
     return jax.tree.unflatten(tree, leaves)
 
 
-def cached_logits(model: VAR, params, labels, x_BLCv, layout, dtype=jnp.float32):
-    """Run the per-scale cached path on teacher-forcing inputs; returns logits [B, L, V]."""
+def cached_logits(model: VAR, params, labels, x_BLCv, layout, dtype=jnp.float32, kv_dtype=None):
+    """Run the per-scale cached path on teacher-forcing inputs: (logits [B, L, V], the final cache). Shared by the
+    attention and quantisation tests."""
     cfg = model.config
     cond = model.apply(params, labels, method=VAR.condition)
-    cache = init_cache(layout, labels.shape[0], cfg.num_heads, cfg.head_dim, dtype)
+    cache = init_cache(layout, labels.shape[0], cfg.num_heads, cfg.head_dim, dtype, kv_dtype=kv_dtype)
     x = model.apply(params, cond, method=VAR.first_input)
     out = []
     for si in range(cfg.num_scales):
@@ -36,7 +36,7 @@ def cached_logits(model: VAR, params, labels, x_BLCv, layout, dtype=jnp.float32)
         if si + 1 < cfg.num_scales:
             begin, end = cfg.begin_ends[si + 1]
             x = model.apply(params, si + 1, x_BLCv[:, begin - cfg.first_l : end - cfg.first_l], method=VAR.next_input)
-    return jnp.concatenate(out, axis=1)
+    return jnp.concatenate(out, axis=1), cache
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-saln", "tiny-ladder256"])
@@ -47,7 +47,7 @@ def test_cached_steps_reproduce_teacher_forcing(preset):
     labels = jnp.array([3, 7], jnp.int32)
     x = jax.random.normal(jax.random.key(5), (2, cfg.seq_len - cfg.first_l, cfg.cvae))
     full = model.apply(params, labels, x)
-    stepped = jax.jit(cached_logits, static_argnums=(0, 4))(model, params, labels, x, FullCache().layout(cfg))
+    stepped, _ = jax.jit(cached_logits, static_argnums=(0, 4))(model, params, labels, x, FullCache().layout(cfg))
     rel = float(jnp.abs(stepped - full).max() / jnp.abs(full).max())
     assert rel < 1e-5, rel
 
