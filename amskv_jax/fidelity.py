@@ -3,7 +3,10 @@
 Every policy generates from the same labels and PRNG keys as the full cache, independently (so its tokens diverge
 after its first different draw). Per scale we report
 
-* agreement: the fraction of the scale's tokens equal to the full cache's;
+* agreement: the fraction of the scale's tokens equal to the full cache's (this compounds: one different draw
+  changes every later scale's prefix, so even a near-lossless cache scores well below 1 under sampling);
+* top-1 agreement: on the *policy's own prefix*, the fraction of tokens whose most likely code is the same under the
+  policy's guided logits and the full cache's (no sampling, no compounding: the cache's effect on each decision);
 * KL(full ‖ policy): the mean over tokens of the KL divergence between the guided distribution the full cache gives
   on the *policy's own prefix* (its tokens teacher-forced through the model, which equals full-cache generation) and
   the one the policy's sampler received. Both are the guided logits before top-k/top-p filtering;
@@ -31,11 +34,12 @@ from amskv_jax.vqvae import VQVAE
 
 @dataclasses.dataclass(frozen=True)
 class Fidelity:
-    """Per-scale agreement and KL(full ‖ policy) (means over tokens and samples), image PSNR (dB, of the mean squared
-    error over all images; inf when all are identical) and LPIPS (None when not measured) against the full cache, and the cache's slots.
-    `samples`: float32 [n, H, W, 3] of the first generated images (for grids; not serialised)."""
+    """Per-scale agreement, top-1 agreement and KL(full ‖ policy) (means over tokens and samples), image PSNR (dB, of
+    the mean squared error over all images; inf when all are identical) and LPIPS (None when not measured) against the
+    full cache, and the cache's slots. `samples`: float32 [n, H, W, 3] of the first images (for grids; not saved)."""
 
     agreement: tuple[float, ...]
+    top1: tuple[float, ...]
     kl: tuple[float, ...]
     sizes: tuple[int, ...]  # tokens per scale
     slots: int  # sum of the layers' capacities
@@ -46,13 +50,18 @@ class Fidelity:
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "samples"}
-        out.update(token_agreement=self.token_agreement, mean_kl=self.mean_kl, memory_fraction=self.memory_fraction)
+        out.update(token_agreement=self.token_agreement, top1_agreement=self.top1_agreement, mean_kl=self.mean_kl,
+                   memory_fraction=self.memory_fraction)
         return out
 
     @property
     def token_agreement(self) -> float:
         """Over all tokens of an image (scales weighted by their token counts)."""
         return float(np.dot(self.agreement, self.sizes) / sum(self.sizes))
+
+    @property
+    def top1_agreement(self) -> float:
+        return float(np.dot(self.top1, self.sizes) / sum(self.sizes))
 
     @property
     def mean_kl(self) -> float:
@@ -71,7 +80,7 @@ def _compare(params, labels_B, cfg, tokens, policy_logits, full_tokens, *, confi
     x = VQVAE(config.vqvae).apply(params["vqvae"], tokens, method=VQVAE.idx_to_var_input)
     labels_2B = jnp.concatenate([labels_B, jnp.full_like(labels_B, c.num_classes)])
     logits_2BLV = VAR(c, dtype=DTYPES[dtype]).apply(params["var"], labels_2B, jnp.concatenate([x, x]))
-    agreement, kl = [], []
+    agreement, top1, kl = [], [], []
     for si, (begin, end) in enumerate(c.begin_ends):
         full = sampling.apply_guidance(logits_2BLV[:, begin:end], cfg, sampling.guidance_ratio(si, c.num_scales))
         log_p = jax.nn.log_softmax(full.astype(jnp.float32), axis=-1)
@@ -79,7 +88,8 @@ def _compare(params, labels_B, cfg, tokens, policy_logits, full_tokens, *, confi
         kl_Bl = jnp.maximum((jnp.exp(log_p) * (log_p - log_q)).sum(-1), 0.0)  # >= 0 up to rounding
         kl.append(kl_Bl.mean(-1).sum())
         agreement.append((tokens[si] == full_tokens[si]).mean(-1).sum())
-    return jnp.stack(agreement), jnp.stack(kl)
+        top1.append((full.argmax(-1) == policy_logits[si].argmax(-1)).mean(-1).sum())
+    return jnp.stack(agreement), jnp.stack(top1), jnp.stack(kl)
 
 
 def mse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -110,7 +120,7 @@ def policy_fidelity(
     top_k = min(top_k, c.vocab_size)
     layouts = {name: policy.layout(c) for name, policy in policies.items()}
     full_layout = FullCache().layout(c)
-    sums = {name: np.zeros((2, c.num_scales)) for name in policies}
+    sums = {name: np.zeros((3, c.num_scales)) for name in policies}
     errors = {name: [] for name in policies}
     distances = {name: [] for name in policies}
     samples = {}
@@ -124,11 +134,11 @@ def policy_fidelity(
         full = run(layout=full_layout)
         for name, layout in layouts.items():
             out = run(layout=layout, kv_dtype=kv_dtype)
-            agreement, kl = _compare(
+            agreement, top1, kl = _compare(
                 model.params, jnp.asarray(chunk), jnp.float32(cfg), out.tokens, out.logits, full.tokens,
                 config=config, dtype=dtype,
             )
-            sums[name] += np.stack([np.asarray(agreement), np.asarray(kl)])
+            sums[name] += np.stack([np.asarray(agreement), np.asarray(top1), np.asarray(kl)])
             images, full_images = np.asarray(out.images), np.asarray(full.images)
             errors[name].extend(mse(images, full_images).tolist())
             if image_distance is not None:
@@ -138,7 +148,8 @@ def policy_fidelity(
     full_slots = sum(full_layout.capacities)
     return {
         name: Fidelity(
-            agreement=tuple((total[0] / len(labels)).tolist()), kl=tuple((total[1] / len(labels)).tolist()),
+            agreement=tuple((total[0] / len(labels)).tolist()), top1=tuple((total[1] / len(labels)).tolist()),
+            kl=tuple((total[2] / len(labels)).tolist()),
             sizes=sizes, slots=sum(layouts[name].capacities), full_slots=full_slots,
             psnr=psnr(errors[name]), lpips=float(np.mean(distances[name])) if distances[name] else None,
             samples=samples[name],
@@ -194,17 +205,18 @@ def format_table(results: Mapping[str, Fidelity], policies: Mapping[str, Policy]
     any_result = next(iter(results.values()))
     scales = len(any_result.sizes)
     lines = [
-        "| policy | setting | cache vs full | token agreement | mean KL | PSNR dB | LPIPS | agreement per scale "
-        "| KL per scale |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| policy | setting | cache vs full | token agreement | top-1 agreement | mean KL | PSNR dB | LPIPS "
+        "| agreement per scale | top-1 per scale | KL per scale |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         per_scale = " ".join(f"{a:.2f}" for a in r.agreement)
+        top1 = " ".join(f"{a:.2f}" for a in r.top1)
         kl = " ".join(f"{k:.3f}" for k in r.kl)
         lpips = "n/a" if r.lpips is None else f"{r.lpips:.4f}"
         lines.append(
             f"| {name} | {policies[name].describe()} | {100 * r.memory_fraction:.1f}% | {r.token_agreement:.3f} | "
-            f"{r.mean_kl:.4f} | {r.psnr:.1f} | {lpips} | {per_scale} | {kl} |"
+            f"{r.top1_agreement:.3f} | {r.mean_kl:.4f} | {r.psnr:.1f} | {lpips} | {per_scale} | {top1} | {kl} |"
         )
     lines.append(f"\n({scales} scales; per-scale columns run from the coarsest to the finest scale.)")
     return "\n".join(lines)
