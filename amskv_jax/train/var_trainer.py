@@ -104,7 +104,7 @@ def make_train_step(config: VARConfig, opt: optax.GradientTransformation):
         (loss, aux), grads = grad_fn(state["params"], batch["labels"], batch["gt"], batch["x"], key)
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        return {"params": params, "opt_state": opt_state}, {"loss": loss, **aux, "grad_norm": optax.global_norm(grads)}
+        return {"params": params, "opt_state": opt_state}, {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads)}
 
     return train_step
 

@@ -43,7 +43,7 @@ def make_train_step(cfg: TrainConfig, opt: optax.GradientTransformation):
         (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state["params"], batch["images"])
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        return {"params": params, "opt_state": opt_state}, {"loss": value, **aux, "grad_norm": optax.global_norm(grads)}
+        return {"params": params, "opt_state": opt_state}, {"loss": value, **aux, "grad_norm": optax.tree.norm(grads)}
 
     return train_step
 
