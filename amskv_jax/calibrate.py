@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amskv_jax import sharding
+from amskv_jax import sampling, sharding
 from amskv_jax.attention import prepare_qk
 from amskv_jax.config import ModelConfig, VARConfig
 from amskv_jax.policies import CALIBRATION_FORMAT, DEMANDING_FRACTION, select_layers
@@ -208,11 +208,11 @@ def calibrate(
             dtype=dtype, mesh=mesh,
         )
         x = to_input(params["vqvae"], out.tokens)
-        labels_2B = np.concatenate([labels, np.full_like(labels, c.num_classes)])
+        labels_2B = sampling.guidance_rows(jnp.asarray(labels), c.num_classes)
         if mesh is not None:
             labels_2B = sharding.place_rows(labels_2B, mesh)
         stats = layer_statistics(
-            params["var"], c, labels_2B, jnp.concatenate([x, x]), upsample=upsample, dtype=DTYPES[dtype]
+            params["var"], c, labels_2B, jnp.repeat(x, 2, axis=0), upsample=upsample, dtype=DTYPES[dtype]
         )
         total = stats if total is None else total + stats
     summary = summarise(total, finer_from=finer_from, measure=measure, fraction=fraction, threshold=threshold)

@@ -78,8 +78,8 @@ def _compare(params, labels_B, cfg, tokens, policy_logits, full_tokens, *, confi
     policy_logits))."""
     c = config.var
     x = VQVAE(config.vqvae).apply(params["vqvae"], tokens, method=VQVAE.idx_to_var_input)
-    labels_2B = jnp.concatenate([labels_B, jnp.full_like(labels_B, c.num_classes)])
-    logits_2BLV = VAR(c, dtype=DTYPES[dtype]).apply(params["var"], labels_2B, jnp.concatenate([x, x]))
+    labels_2B = sampling.guidance_rows(labels_B, c.num_classes)
+    logits_2BLV = VAR(c, dtype=DTYPES[dtype]).apply(params["var"], labels_2B, jnp.repeat(x, 2, axis=0))
     agreement, top1, kl = [], [], []
     for si, (begin, end) in enumerate(c.begin_ends):
         full = sampling.apply_guidance(logits_2BLV[:, begin:end], cfg, sampling.guidance_ratio(si, c.num_scales))

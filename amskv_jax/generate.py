@@ -135,8 +135,7 @@ def _generate(
     var = VAR(c, dtype=DTYPES[dtype], impl=impl)
     vqvae = VQVAE(config.vqvae)
     batch = labels_B.shape[0]
-    # guidance rows interleaved [l0, null, l1, null, ...]: a data shard holds both rows of each of its images
-    label_2B = jnp.stack([labels_B, jnp.full_like(labels_B, c.num_classes)], axis=1).reshape(-1)
+    label_2B = sampling.guidance_rows(labels_B, c.num_classes)  # a data shard holds both rows of its images
     cond_BD = sharding.constrain(var.apply(params["var"], label_2B, method=VAR.condition), mesh)
     x = var.apply(params["var"], cond_BD, method=VAR.first_input)
     cache = init_cache(layout, 2 * batch, c.num_heads, c.head_dim, DTYPES[dtype], kv_dtype=kv_dtype)
@@ -149,11 +148,11 @@ def _generate(
         logits, cache = var.apply(params["var"], x, cond_BD, cache, si, layout, method=VAR.step)
         logits, cache = sharding.constrain(logits, mesh), sharding.constrain_cache(cache, mesh)
         ratio = sampling.guidance_ratio(si, c.num_scales)
-        logits = sampling.apply_guidance(logits.reshape(batch, 2, *logits.shape[1:]).swapaxes(0, 1), cfg, ratio)[0]
+        logits = sampling.apply_guidance(logits, cfg, ratio)
         if return_logits:
             guided.append(logits)
         key, draw_key, smooth_key = jax.random.split(key, 3)
-        # row-local, but top_k and the top-p scatter do not partition by rows in XLA: run them shard by shard
+        # row-local, but XLA does not partition lax.top_k by rows: run the filter shard by shard
         logits = sharding.per_row(lambda lg, p: sampling.top_k_top_p_filter(lg, top_k, p), mesh)(logits, top_p)
         idx_Bl = sampling.sample_tokens(draw_key, logits)
         tokens.append(idx_Bl)

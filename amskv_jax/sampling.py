@@ -1,7 +1,8 @@
 """Sampling as the reference does it (`models/helpers.py`, `VAR.autoregressive_infer_cfg`).
 
-* Guidance ramps with the scale: `t = cfg · si/(S-1)`, `logits = (1+t)·cond − t·uncond` over the two halves of the
-  doubled batch (rows [labels; null class]).
+* Guidance ramps with the scale: `t = cfg · si/(S-1)`, `logits = (1+t)·cond − t·uncond`. The batch is doubled with
+  the rows of each image side by side, `[l0, null, l1, null, ...]` (`guidance_rows`), so that splitting rows over
+  devices keeps both rows of an image together (the reference stacks the halves instead; the math is the same).
 * top-k keeps the logits ≥ the k-th largest (ties at the boundary kept); top-p sorts ascending and removes the
   tokens whose cumulative softmax is ≤ 1 − top_p, always keeping the largest. Removed logits become −inf.
 * `more_smooth` replaces the hard code vector by a Gumbel-softmax mixture of code vectors, with temperature
@@ -21,9 +22,15 @@ def guidance_ratio(si: int, num_scales: int) -> float:
     return si / (num_scales - 1)
 
 
+def guidance_rows(labels_B: jax.Array, num_classes: int) -> jax.Array:
+    """[B] -> [2B]: each image's class, then the null class (`num_classes`). Inputs follow with `jnp.repeat(x, 2)`."""
+    return jnp.stack([labels_B, jnp.full_like(labels_B, num_classes)], axis=1).reshape(-1)
+
+
 def apply_guidance(logits_2BlV: jax.Array, cfg, ratio: float) -> jax.Array:
-    """Combine the conditional (first half) and unconditional (second half) rows: [2B, l, V] -> [B, l, V]."""
-    cond, uncond = jnp.split(logits_2BlV.astype(jnp.float32), 2, axis=0)
+    """Combine each image's conditional and unconditional rows (`guidance_rows` order): [2B, l, V] -> [B, l, V]."""
+    pairs = logits_2BlV.astype(jnp.float32).reshape(-1, 2, *logits_2BlV.shape[1:])
+    cond, uncond = pairs[:, 0], pairs[:, 1]
     t = cfg * ratio
     return (1 + t) * cond - t * uncond
 

@@ -20,7 +20,7 @@ collectives (the all-reduces of the model axis, the final gather of the images w
 
 `check_mesh` rejects, before anything compiles, a batch the data axis does not divide and a head count or MLP
 width the model axis does not divide. On several hosts call `jax.distributed.initialize()` first; the mesh then
-spans every process's devices and the same code runs on each (README, "Sharded generation").
+spans every process's devices and the same code runs on each (README, "Many devices").
 """
 from __future__ import annotations
 
@@ -188,33 +188,11 @@ def shard_params(params, mesh: Mesh, config: ModelConfig | VARConfig | None = No
     return jax.device_put(params, param_shardings(params, mesh))
 
 
-def abstract_params(config: ModelConfig, mesh: Mesh, dtype=None):
-    """`jax.ShapeDtypeStruct`s of the params with their shardings; no weights are materialised (for `.lower`).
-
-    `dtype` (e.g. jnp.bfloat16) recasts the floating-point leaves, as a checkpoint converted with --dtype holds.
-    """
-    from amskv_jax.checkpoint import init_params
-
-    shapes = jax.eval_shape(lambda: init_params(config))
-    shardings = param_shardings(shapes, mesh)
-
-    def abstract(x, sharding):
-        dt = dtype if dtype is not None and np.issubdtype(x.dtype, np.floating) else x.dtype
-        return jax.ShapeDtypeStruct(x.shape, dt, sharding=sharding)
-
-    return jax.tree.map(abstract, shapes, shardings)
-
-
 # --- KV cache and activations -----------------------------------------------------------------------------------
 def cache_spec(x) -> P:
     """By rank: [rows, slots, H, Dh] buffers (k, v; quantised k_scale) and [rows, slots, H] (v_scale) split rows
     over "data" and heads over "model"; slot_scale [capacity] replicated."""
     return {4: CACHE_KV, 3: P("data", None, "model")}.get(np.ndim(x), REPLICATED)
-
-
-def cache_specs(cache: KVCache) -> KVCache:
-    """A KVCache of PartitionSpecs (`cache_spec` per buffer; absent optional buffers stay None)."""
-    return jax.tree.map(cache_spec, cache)
 
 
 def cache_shardings(cache: KVCache, mesh: Mesh) -> KVCache:
@@ -247,7 +225,7 @@ def constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
 
 def per_row(fn, mesh: Mesh | None, row_args: int = 1):
     """fn run shard by shard over "data" (`jax.shard_map`; no collectives): for row-local computations that
-    XLA's partitioner would otherwise gather (`lax.top_k`, scatters indexed by `jnp.indices`). The first
+    XLA's partitioner would otherwise gather (`lax.top_k`). The first
     `row_args` arguments and the result are split by rows, the other arguments replicated. fn without a mesh.
 
     fn must treat rows independently and draw no random numbers (each shard would draw the same ones).
