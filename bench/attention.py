@@ -132,8 +132,11 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="also time the kernel at every block_q × block_k (GPU)")
     args = parser.parse_args(argv)
-    run(args.models.split(","), [int(b) for b in args.batches.split(",")], jnp.dtype(args.dtype), args.reps,
-        args.sweep)
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    run(args.models.split(","), batches, jnp.dtype(args.dtype), args.reps, args.sweep)
     return 0
 
 
