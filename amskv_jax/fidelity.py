@@ -26,7 +26,7 @@ import numpy as np
 
 from amskv_jax import sampling
 from amskv_jax.config import ModelConfig, VARConfig
-from amskv_jax.generate import DTYPES, generate
+from amskv_jax.generate import DTYPES, first_nonfinite_scale, generate
 from amskv_jax.policies import AMSKV, FullCache, Policy, choose_demanding_layers, select_layers
 from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
@@ -36,7 +36,10 @@ from amskv_jax.vqvae import VQVAE
 class Fidelity:
     """Per-scale agreement, top-1 agreement and KL(full ‖ policy) (means over tokens and samples), image PSNR (dB, of
     the mean squared error over all images; inf when all are identical) and LPIPS (None when not measured) against the
-    full cache, and the cache's slots. `samples`: float32 [n, H, W, 3] of the first images (for grids; not saved)."""
+    full cache, and the cache's slots. `nonfinite_scale`: None, or the first scale (1-based) where the policy's or the
+    full cache's logits were not all finite in some batch: every figure of the row is then meaningless (NaN-derived),
+    and `format_table` shows the mark instead. `samples`: float32 [n, H, W, 3] of the first images (for grids; not
+    saved)."""
 
     agreement: tuple[float, ...]
     top1: tuple[float, ...]
@@ -46,6 +49,7 @@ class Fidelity:
     full_slots: int
     psnr: float
     lpips: float | None
+    nonfinite_scale: int | None = None
     samples: np.ndarray = dataclasses.field(repr=False, compare=False, default=None)
 
     def to_json(self) -> dict:
@@ -123,6 +127,7 @@ def policy_fidelity(
     sums = {name: np.zeros((3, c.num_scales)) for name in policies}
     errors = {name: [] for name in policies}
     distances = {name: [] for name in policies}
+    nonfinite = {name: None for name in policies}
     samples = {}
     for start in range(0, len(labels), batch):
         chunk = labels[start : start + batch]
@@ -139,6 +144,9 @@ def policy_fidelity(
                 config=config, dtype=dtype,
             )
             sums[name] += np.stack([np.asarray(agreement), np.asarray(top1), np.asarray(kl)])
+            bad = first_nonfinite_scale(np.asarray(out.finite) & np.asarray(full.finite))
+            if bad is not None:
+                nonfinite[name] = min(bad + 1, nonfinite[name] or bad + 1)
             images, full_images = np.asarray(out.images), np.asarray(full.images)
             errors[name].extend(mse(images, full_images).tolist())
             if image_distance is not None:
@@ -152,7 +160,7 @@ def policy_fidelity(
             kl=tuple((total[2] / len(labels)).tolist()),
             sizes=sizes, slots=sum(layouts[name].capacities), full_slots=full_slots,
             psnr=psnr(errors[name]), lpips=float(np.mean(distances[name])) if distances[name] else None,
-            samples=samples[name],
+            nonfinite_scale=nonfinite[name], samples=samples[name],
         )
         for name, total in sums.items()
     }
@@ -210,6 +218,11 @@ def format_table(results: Mapping[str, Fidelity], policies: Mapping[str, Policy]
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
+        if r.nonfinite_scale is not None:
+            mark = f"non-finite logits from scale {r.nonfinite_scale}"
+            lines.append(f"| {name} | {policies[name].describe()} | {100 * r.memory_fraction:.1f}% | "
+                         + " | ".join([mark] * 8) + " |")
+            continue
         per_scale = " ".join(f"{a:.2f}" for a in r.agreement)
         top1 = " ".join(f"{a:.2f}" for a in r.top1)
         kl = " ".join(f"{k:.3f}" for k in r.kl)
@@ -218,5 +231,5 @@ def format_table(results: Mapping[str, Fidelity], policies: Mapping[str, Policy]
             f"| {name} | {policies[name].describe()} | {100 * r.memory_fraction:.1f}% | {r.token_agreement:.3f} | "
             f"{r.top1_agreement:.3f} | {r.mean_kl:.4f} | {r.psnr:.1f} | {lpips} | {per_scale} | {top1} | {kl} |"
         )
-    lines.append(f"\n({scales} scales; per-scale columns run from the coarsest to the finest scale.)")
+    lines.append(f"\n({scales} scales, counted from 1; per-scale columns run from the coarsest to the finest scale.)")
     return "\n".join(lines)

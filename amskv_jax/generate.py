@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amskv_jax import sampling, sharding
+from amskv_jax import cli, sampling, sharding
 from amskv_jax.attention import check_impl
 from amskv_jax.cache import CacheLayout, init_cache
 from amskv_jax.quant import KV_DTYPES, check_kv_dtype
@@ -32,15 +32,24 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    """tokens: one int32 [B, pn²] array per scale; images: float32 [B, H, W, 3] in [0, 1]; logits: the guided
-    float32 logits [B, pn², V] the sampler received at each scale (only with `return_logits=True`, else empty)."""
+    """tokens: one int32 [B, pn²] array per scale; images: float32 [B, H, W, 3] in [0, 1]; finite: bool [S], whether
+    every guided logit of scale s was finite (computed in the program: a NaN or inf anywhere in the batch makes that
+    scale's flag False, and what follows it is garbage); logits: the guided float32 logits [B, pn², V] the sampler
+    received at each scale (only with `return_logits=True`, else empty)."""
 
     tokens: tuple[jax.Array, ...]
     images: jax.Array
+    finite: jax.Array
     logits: tuple[jax.Array, ...] = ()
 
 
-jax.tree_util.register_dataclass(Generation, data_fields=["tokens", "images", "logits"], meta_fields=[])
+jax.tree_util.register_dataclass(Generation, data_fields=["tokens", "images", "finite", "logits"], meta_fields=[])
+
+
+def first_nonfinite_scale(finite_S) -> int | None:
+    """The 0-based index of the first scale whose logits were not all finite, or None when every one was."""
+    bad = np.flatnonzero(~np.asarray(finite_S))
+    return int(bad[0]) if bad.size else None
 
 
 def default_top_k(config: ModelConfig) -> int:
@@ -143,12 +152,13 @@ def _generate(
     codebook = params["vqvae"]["params"]["quantize"]["embedding"]["embedding"]
     pn_last = c.patch_nums[-1]
     f_hat = jnp.zeros((batch, pn_last, pn_last, c.cvae), jnp.float32)
-    tokens, guided = [], []
+    tokens, guided, finite = [], [], []
     for si, pn in enumerate(c.patch_nums):
         logits, cache = var.apply(params["var"], x, cond_BD, cache, si, layout, method=VAR.step)
         logits, cache = sharding.constrain(logits, mesh), sharding.constrain_cache(cache, mesh)
         ratio = sampling.guidance_ratio(si, c.num_scales)
         logits = sampling.apply_guidance(logits, cfg, ratio)
+        finite.append(jnp.isfinite(logits).all())
         if return_logits:
             guided.append(logits)
         key, draw_key, smooth_key = jax.random.split(key, 3)
@@ -175,7 +185,8 @@ def _generate(
             x = var.apply(params["var"], si + 1, next_BlCv, method=VAR.next_input)
             x = sharding.constrain(jnp.repeat(x, 2, axis=0), mesh)
     images = sharding.constrain(vqvae.apply(params["vqvae"], f_hat, method=VQVAE.decode), mesh)
-    return Generation(tokens=tuple(tokens), images=(images.astype(jnp.float32) + 1) * 0.5, logits=tuple(guided))
+    return Generation(tokens=tuple(tokens), images=(images.astype(jnp.float32) + 1) * 0.5, finite=jnp.stack(finite),
+                      logits=tuple(guided))
 
 
 def image_grid(images_BHWC: np.ndarray, columns: int) -> np.ndarray:
@@ -190,6 +201,7 @@ def image_grid(images_BHWC: np.ndarray, columns: int) -> np.ndarray:
     return grid
 
 
+@cli.command("python -m amskv_jax.generate")
 def main(argv=None) -> int:
     from PIL import Image
 
@@ -219,10 +231,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="grid.png")
     parser.add_argument("--mesh", default=None, help="shard over the devices, e.g. data=4,model=2 (batch over data, "
                         "heads and MLP over model; default: one device)")
+    cli.add_verify_flag(parser)
     args = parser.parse_args(argv)
 
+    model = load_model(args.model, verify=args.verify)
     try:
-        model = load_model(args.model)
         labels = _labels(args.labels, args.batch, model.config.var.num_classes)
         top_k = default_top_k(model.config) if args.top_k is None else args.top_k
         validate(model.config, labels, top_k=top_k, top_p=args.top_p, dtype=args.dtype, kv_dtype=args.kv_dtype)
@@ -249,6 +262,13 @@ def main(argv=None) -> int:
     )
     images = np.asarray(jax.block_until_ready(out.images))
     seconds = time.perf_counter() - start
+    bad = first_nonfinite_scale(out.finite)
+    if bad is not None:
+        raise FloatingPointError(
+            f"{args.model}: the logits of scale {bad + 1}/{model.config.var.num_scales} (1-based, as the progress lines "
+            f"count) are not finite, so no image was written to {args.out}; the weights are probably untrained or "
+            "damaged"
+        )
     Image.fromarray(image_grid(images, columns=len(labels) // len(rows))).save(args.out)
     print(f"wrote {args.out}: {len(labels)} images in {seconds:.2f} s ({len(labels) / seconds:.2f} images/s, "
           "compilation included)")

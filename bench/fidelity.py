@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from amskv_jax import cli
 from amskv_jax.checkpoint import DEFAULT_MODEL, load_model
 from amskv_jax.fidelity import distinct, format_table, policy_fidelity, sweep_candidates
 from amskv_jax.generate import DTYPES, default_top_k, image_grid
@@ -42,6 +43,7 @@ def lpips_distance():
     return distance
 
 
+@cli.command("python -m bench.fidelity")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fidelity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded model, preset (random weights) or dir")
@@ -63,11 +65,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-lpips", action="store_true", help="skip LPIPS (PSNR only)")
     parser.add_argument("--grid-columns", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    cli.add_verify_flag(parser)
     args = parser.parse_args(argv)
+    if args.samples < 1 or args.batch < 1:
+        parser.error(f"--samples and --batch must be >= 1, got {args.samples} and {args.batch}")
+    model = load_model(args.model, verify=args.verify)
     try:
-        if args.samples < 1 or args.batch < 1:
-            raise ValueError(f"--samples and --batch must be >= 1, got {args.samples} and {args.batch}")
-        model = load_model(args.model)
         c = model.config.var
         calibration = read_calibration(args.calibration) if args.calibration else model.calibration
         names = [n for n in args.policies.split(",") if n]

@@ -21,12 +21,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from amskv_jax import cli
 from amskv_jax.checkpoint import save_checkpoint
 from amskv_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, PRESETS, ModelConfig, VARConfig, VQVAEConfig
 from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
-from convert.mapping import MappingError, state_dict_to_params
-from convert.torch_pickle import CheckpointError, load_state_dict
+from convert.mapping import state_dict_to_params
+from convert.torch_pickle import load_state_dict
 
 KNOWN_LADDERS = (PATCH_NUMS_256, PATCH_NUMS_512, (1, 2, 3, 4))
 OUT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -152,6 +153,7 @@ def matching_preset(config: ModelConfig, *, with_vqvae: bool = True) -> str | No
     return next((name for name, preset in PRESETS.items() if arch(preset) == arch(config)), None)
 
 
+@cli.command("python -m convert.from_torch")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.from_torch", description=__doc__.split("\n\n")[0])
     parser.add_argument("var", help="VAR checkpoint (.pth zip or legacy, training checkpoint, or .safetensors)")
@@ -167,11 +169,7 @@ def main(argv=None) -> int:
         parser.error(f"{out} already holds a checkpoint; choose another --out")
     patch_nums = tuple(int(x) for x in args.patch_nums.split(",")) if args.patch_nums else None
     start = time.perf_counter()
-    try:
-        config, params = convert(args.var, args.vae, heads=args.heads, patch_nums=patch_nums)
-    except (CheckpointError, ConversionError, MappingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    config, params = convert(args.var, args.vae, heads=args.heads, patch_nums=patch_nums)
     params = cast_params(params, OUT_DTYPES[args.dtype])
     save_checkpoint(out, config, params)
     v = config.var

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from amskv_jax import cli
 from amskv_jax.cache import init_cache
 from amskv_jax.config import VARConfig, VQVAEConfig
 from amskv_jax.generate import generate
@@ -42,9 +43,7 @@ from amskv_jax.policies import FullCache
 from amskv_jax.resize import resize_area, resize_bicubic
 from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
-from convert.from_torch import ConversionError, convert
-from convert.mapping import MappingError
-from convert.torch_pickle import CheckpointError
+from convert.from_torch import convert
 
 # Bounds for float32 weights: logits relative 1e-4, f_hat relative 1e-4, images 1e-3 absolute on [0, 1];
 # "tie": tokens must be identical (no near-tie allowance).
@@ -312,6 +311,7 @@ def print_table(rows: list[Row], tolerances=TOLERANCES) -> bool:
     return ok
 
 
+@cli.command("python -m convert.verify")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("ref_dir", help="directory with var.pth, the VQ-VAE, config.json, io.npz")
@@ -321,9 +321,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = verify(args.ref_dir, vae=args.vae, parts=[p.strip() for p in args.parts.split(",") if p.strip()])
-    except (CheckpointError, ConversionError, MappingError, OSError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except KeyError as err:
+        raise ValueError(f"{args.ref_dir}: the reference dump lacks {err}") from None
     ok = print_table(rows)
     print("all figures within tolerance" if ok else "some figures are OUT OF TOLERANCE")
     return 0 if ok else 1

@@ -36,6 +36,8 @@ def test_cpu_suite_files_and_keys(cpu_run):
     md = (out / "results.md").read_text()
     for heading in ("KV-cache bytes", "Attention time per scale", "End-to-end generation", "Largest batch"):
         assert heading in md and heading in printed
+    assert all(r["nonfinite_scale"] is None for r in data["generate"]) and "| finite |" in md
+    assert bench._finite({"status": "ok", "nonfinite_scale": 2}) == "NO, from scale 2"
 
 
 def test_cpu_suite_figures_consistent(cpu_run):

@@ -211,7 +211,7 @@ def cli_output(tmp_path_factory):
 def test_cli_writes_checkpoint_and_prints_summary(cli_output, tiny_var):
     proc, out = cli_output
     assert proc.returncode == 0, proc.stderr
-    assert (out / "config.json").is_file() and (out / "params").is_dir()
+    assert (out / "config.json").is_file() and (out / "params").is_dir() and (out / "checksums.json").is_file()
     text = proc.stdout
     assert "preset: tiny;" in text and "depth 2, width 128, 2 heads, ladder (1, 2, 3, 4)" in text
     assert f"VAR {_expected_var_param_count():,}" in text and f"VAR {count_params(tiny_var[1]):,}" in text
@@ -276,13 +276,13 @@ def test_cli_heads_override(tmp_path, var_sd, capsys):
     assert config.var.num_heads == 128 // 64
 
     # A head count that does not divide the width.
-    assert from_torch.main([str(no_l2), "--out", str(tmp_path / "heads3"), "--heads", "3"]) == 1
+    assert from_torch.main([str(no_l2), "--out", str(tmp_path / "heads3"), "--heads", "3"]) == 2
     err = capsys.readouterr().err
     assert str(no_l2) in err and "embed_dim 128 is not divisible by num_heads 3" in err
     assert not (tmp_path / "heads3").exists()
 
     # With L2-normalised attention the checkpoint fixes the count; a different --heads is refused, naming the key.
-    assert from_torch.main([str(TINY / "var.pth"), "--out", str(tmp_path / "h4"), "--heads", "4"]) == 1
+    assert from_torch.main([str(TINY / "var.pth"), "--out", str(tmp_path / "h4"), "--heads", "4"]) == 2
     err = capsys.readouterr().err
     assert "var.pth" in err and "scale_mul_1H11" in err and "2 heads" in err and "--heads 4" in err
     config, _ = convert(TINY / "var.pth", heads=2, log=_quiet)
@@ -333,9 +333,9 @@ def test_not_a_var_state_dict(tmp_path):
 
 def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     path = _save(tmp_path / "other.safetensors", {"encoder.weight": np.ones((4, 4), np.float32)})
-    assert from_torch.main([str(path), "--out", str(tmp_path / "out")]) == 1
+    assert from_torch.main([str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and str(path) in err and "Traceback" not in err
+    assert err.startswith("python -m convert.from_torch: error: ") and err.count("\n") == 1 and str(path) in err and "Traceback" not in err
 
 
 # ---- python -m convert.verify: exit status ----------------------------------------------------------------------
@@ -369,7 +369,7 @@ def test_verify_cli_reports_unreadable_input_without_traceback(tmp_path, capsys)
         shutil.copy(TINY / name, tmp_path / name)
     assert verify.main([str(tmp_path)]) == 2  # no VQ-VAE
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "--vae" in err
+    assert err.startswith("python -m convert.verify: error: ") and "--vae" in err and err.count("\n") == 1
     (tmp_path / "config.json").write_text(json.dumps({"num_heads": 4}))
     assert verify.main([str(tmp_path), "--vae", str(VAE)]) == 2
     assert "scale_mul_1H11" in capsys.readouterr().err

@@ -56,6 +56,8 @@ def test_export_writes_a_loadable_bf16_checkpoint(runs):
     assert main(["export", "--vqvae", str(runs / "vqvae"), "--var", str(runs / "var"), "--out", str(runs / "m")]) == 0
     model = load_model(str(runs / "m"))
     assert model.config == CFG.model
+    for directory in (runs / "m", runs / "vqvae", runs / "var"):  # every writer goes through save_checkpoint
+        assert (directory / "checksums.json").is_file()
     kernel = model.params["var"]["params"]["head"]["kernel"]
     assert kernel.dtype == jax.numpy.bfloat16
 
@@ -72,4 +74,5 @@ def test_committed_model_generates_a_batch_on_cpu_in_seconds():
     assert time.perf_counter() - start < 60
     side = model.config.vqvae.image_size
     assert images.shape == (4, side, side, 3) and np.isfinite(images).all()
+    assert out.finite.shape == (model.config.var.num_scales,) and bool(out.finite.all())  # every scale's logits
     assert images.std() > 0.05  # not a flat colour

@@ -18,6 +18,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from amskv_jax import cli
 from amskv_jax.checkpoint import save_checkpoint
 from amskv_jax.train import loop
 from amskv_jax.train.configs import CONFIGS, OptimConfig, TrainConfig, get_config
@@ -47,6 +48,7 @@ def _summary(out: Path, columns: tuple[str, ...], last: int = 50) -> str:
     return f"final (mean of the last {len(rows)} steps): " + ", ".join(f"{c} {v:.4f}" for c, v in means.items())
 
 
+@cli.command("python -m amskv_jax.train")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m amskv_jax.train", description=__doc__.split("\n")[0])
     stages = parser.add_subparsers(dest="stage", required=True)
@@ -65,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--var", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="storage dtype of float params")
+    cli.add_verify_flag(p)
     args = parser.parse_args(argv)
 
     if args.stage == "export":
-        return export(args.vqvae, args.var, args.out, args.dtype)
+        return export(args.vqvae, args.var, args.out, args.dtype, args.verify)
     cfg = get_config(args.config)
     images, labels = _dataset(cfg)
     if args.stage == "vqvae":
@@ -89,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def export(vqvae_run: Path, var_run: Path, out: Path, dtype: str) -> int:
+def export(vqvae_run: Path, var_run: Path, out: Path, dtype: str, verify: bool | None = None) -> int:
     """Combine a VQ-VAE run and the VAR run trained on it into one checkpoint, floats stored as `dtype`."""
-    vqvae_model, vqvae_vars = loop.load_params(vqvae_run)
-    model, var_vars = loop.load_params(var_run)
+    vqvae_model, vqvae_vars = loop.load_params(vqvae_run, verify)
+    model, var_vars = loop.load_params(var_run, verify)
     if vqvae_model.vqvae != model.vqvae:
         raise ValueError(f"{var_run} was trained on a VQ-VAE {model.vqvae}, {vqvae_run} holds {vqvae_model.vqvae}")
     if (out / "params").exists():
