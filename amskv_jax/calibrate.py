@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amskv_jax import sampling, sharding
+from amskv_jax import compile_cache, sampling, sharding
 from amskv_jax.attention import prepare_qk
 from amskv_jax.config import ModelConfig, VARConfig
 from amskv_jax.policies import CALIBRATION_FORMAT, DEMANDING_FRACTION, select_layers
@@ -313,7 +313,9 @@ def main(argv=None) -> int:
     choice.add_argument("--threshold", type=float, default=None, help="demanding = layers with similarity below")
     parser.add_argument("--plot", action="store_true", help="also write OUT_similarity.png and OUT_density.png")
     parser.add_argument("--mesh", default=None, help="shard over the devices, e.g. data=8 or data=4,model=2")
+    compile_cache.add_flag(parser)
     args = parser.parse_args(argv)
+    compile_cache.enable(args.no_compile_cache)
 
     try:
         if args.samples < 1 or args.batch < 1:

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from amskv_jax.config import PRESETS, ModelConfig, get_preset
+from amskv_jax.lazy import save_arrays
 from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
 
@@ -52,12 +53,16 @@ def init_params(config: ModelConfig, seed: int = 0) -> dict:
     return {"var": var_params, "vqvae": vae_params}
 
 
+class MissingVQVAEError(ValueError):
+    """A checkpoint directory without a VQ-VAE (converted without one), asked for by code that decodes images."""
+
+
 def save_checkpoint(directory: str | Path, config: ModelConfig, params: dict) -> Path:
-    """Write config.json and an orbax checkpoint of params under `directory` (created; must not hold params/)."""
+    """Write config.json and an orbax checkpoint of params under `directory` (created; must not hold params/).
+    Leaves may be `amskv_jax.lazy.LazyArray`s: they are read one at a time while writing."""
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory / "params", jax.tree.map(np.asarray, params))
+    save_arrays(directory / "params", params)
     (directory / "config.json").write_text(config.to_json())
     return directory
 
@@ -73,8 +78,17 @@ def load_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict]:
     return config, params
 
 
-def load_model(spec: str = DEFAULT_MODEL) -> Model:
-    """An embedded trained model's name, a preset name (random weights) or a checkpoint directory."""
+def has_vqvae(directory: str | Path) -> bool:
+    """Whether the checkpoint directory holds a VQ-VAE (read from orbax's metadata, not the params)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        return "vqvae" in checkpointer.metadata(Path(directory).absolute() / "params").item_metadata
+
+
+def load_model(spec: str = DEFAULT_MODEL, *, need_vqvae: bool = True) -> Model:
+    """An embedded trained model's name, a preset name (random weights) or a checkpoint directory.
+
+    A directory without a VQ-VAE (converted without `--vae`) raises MissingVQVAEError, naming it and the command that
+    adds one, before its params are read; `need_vqvae=False` loads it anyway (for code that never decodes images)."""
     if spec in EMBEDDED:
         if not (EMBEDDED[spec] / "config.json").is_file():
             raise FileNotFoundError(f"the embedded model {spec!r} is missing from {EMBEDDED[spec]}; reinstall")
@@ -83,6 +97,13 @@ def load_model(spec: str = DEFAULT_MODEL) -> Model:
     if spec in PRESETS:
         return Model(get_preset(spec), init_params(get_preset(spec)), f"preset {spec}, random weights (seed 0)")
     if Path(spec).is_dir():
+        if need_vqvae and (Path(spec) / "params").is_dir() and not has_vqvae(spec):
+            raise MissingVQVAEError(
+                f"{spec} holds a VAR without a VQ-VAE (converted without --vae), so it cannot generate images; convert "
+                f"it again with the VQ-VAE: rm -r {shlex.quote(spec)} && python -m convert.from_torch VAR.pth --vae "
+                f"vae_ch160v4096z32.pth --out {shlex.quote(spec)} (the reference publishes vae_ch160v4096z32.pth beside "
+                "its VAR checkpoints)"
+            )
         config, params = load_checkpoint(spec)
         return Model(config, params, f"checkpoint {spec}", *_extras(Path(spec)))
     raise ValueError(

@@ -20,7 +20,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+import jax
 import numpy as np
+
+from amskv_jax.lazy import LazyArray
 
 # Buffers of the reference that are recomputed here (masks, level indices, zero biases, training statistics).
 BUFFER_PATTERNS = (
@@ -51,12 +54,13 @@ def torch_key_to_path(key: str) -> tuple[str, ...]:
     return tuple(path)
 
 
-def _to_flax_leaf(value: np.ndarray, flax_leaf: str) -> np.ndarray:
-    if flax_leaf == "kernel" and value.ndim == 2:
-        return value.T
-    if flax_leaf == "kernel" and value.ndim == 4:
-        return value.transpose(2, 3, 1, 0)
-    return value
+def _flax_axes(ndim: int, flax_leaf: str) -> tuple[int, ...]:
+    """The transpose that takes a torch leaf to the Flax leaf `flax_leaf` (see the module docstring's table)."""
+    if flax_leaf == "kernel" and ndim == 2:
+        return (1, 0)
+    if flax_leaf == "kernel" and ndim == 4:
+        return (2, 3, 1, 0)
+    return tuple(range(ndim))
 
 
 def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
@@ -82,10 +86,19 @@ def _unflatten(flat: Mapping[tuple[str, ...], object]) -> dict:
 def state_dict_to_params(
     state_dict: Mapping[str, np.ndarray], target: Mapping, *, prefix: str = "", source: str = "state dict"
 ) -> dict:
-    """Map `state_dict` (torch keys, numpy arrays) onto the structure and shapes of `target` (a Flax params tree).
+    """`lazy_params`, materialised: a nested dict of numpy arrays in the state dict's dtype."""
+    return jax.tree.map(np.asarray, lazy_params(state_dict, target, prefix=prefix, source=source))
+
+
+def lazy_params(
+    state_dict: Mapping[str, np.ndarray | LazyArray], target: Mapping, *, prefix: str = "", source: str = "state dict"
+) -> dict:
+    """Map `state_dict` (torch keys, numpy arrays or LazyArrays) onto the structure and shapes of `target` (a Flax
+    params tree) without reading any values.
 
     `prefix` selects the keys under one torch module (e.g. `"quantize."`) and is stripped. Returns a nested dict of
-    numpy arrays in the state dict's dtype. Raises MappingError naming `source` and the key for every mismatch.
+    LazyArrays in the state dict's dtype, each laid out for Flax when materialised (conversion streams them into
+    the checkpoint one at a time). Raises MappingError naming `source` and the key for every mismatch.
     """
     flat_target = _flatten(target)
     by_torch_path = {}
@@ -105,14 +118,14 @@ def state_dict_to_params(
         if flax_path is None:
             problems.append(f"unexpected key {key!r} {tuple(value.shape)}: the model has no such parameter")
             continue
-        array = _to_flax_leaf(np.asarray(value), flax_path[-1])
+        lazy = value if isinstance(value, LazyArray) else LazyArray.of(value)
+        axes = _flax_axes(lazy.ndim, flax_path[-1])
+        shape = tuple(lazy.shape[i] for i in axes)
         want = tuple(flat_target[flax_path].shape)
-        if array.shape != want:
-            problems.append(
-                f"key {key!r}: shape {tuple(value.shape)} maps to {array.shape}, the model expects {want}"
-            )
+        if shape != want:
+            problems.append(f"key {key!r}: shape {lazy.shape} maps to {shape}, the model expects {want}")
             continue
-        params[flax_path] = array
+        params[flax_path] = lazy.map(lambda x, axes=axes: x.transpose(axes), shape)
     missing = [prefix + ".".join(_torch_name(p)) for p in flat_target if p not in params]
     problems += [f"missing key {k!r}" for k in missing]
     if problems:
