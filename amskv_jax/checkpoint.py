@@ -101,8 +101,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, need_vqvae: bool = True) -> Model:
             raise MissingVQVAEError(
                 f"{spec} holds a VAR without a VQ-VAE (converted without --vae), so it cannot generate images; convert "
                 f"it again with the VQ-VAE: rm -r {shlex.quote(spec)} && python -m convert.from_torch VAR.pth --vae "
-                f"vae_ch160v4096z32.pth --out {shlex.quote(spec)} (the reference publishes vae_ch160v4096z32.pth beside "
-                "its VAR checkpoints)"
+                f"vae_ch160v4096z32.pth --out {shlex.quote(spec)} (the reference publishes vae_ch160v4096z32.pth "
+                "beside its VAR checkpoints)"
             )
         config, params = load_checkpoint(spec)
         return Model(config, params, f"checkpoint {spec}", *_extras(Path(spec)))

@@ -49,8 +49,8 @@ def time_run(command: list[str], env: dict) -> dict:
             hits = CACHE.search(line)
     if child.wait() != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{''.join(lines)}")
-    return {"ready_s": ready, "ready_cpu_s": cpu, "total_s": time.perf_counter() - start, "hits": int(hits[1]) if hits else None,
-            "requests": int(hits[2]) if hits else None, "output": "".join(lines)}
+    return {"ready_s": ready, "ready_cpu_s": cpu, "total_s": time.perf_counter() - start,
+            "hits": int(hits[1]) if hits else None, "requests": int(hits[2]) if hits else None, "output": "".join(lines)}
 
 
 def measure(generate_args: list[str], runs: int = 2) -> list[dict]:
