@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amskv_jax import cli, sampling, sharding
+from amskv_jax import cli, compile_cache, sampling, sharding
 from amskv_jax.attention import prepare_qk
 from amskv_jax.config import ModelConfig, VARConfig
 from amskv_jax.policies import CALIBRATION_FORMAT, DEMANDING_FRACTION, select_layers
@@ -310,7 +310,9 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", action="store_true", help="also write OUT_similarity.png and OUT_density.png")
     parser.add_argument("--mesh", default=None, help="shard over the devices, e.g. data=8 or data=4,model=2")
     cli.add_verify_flag(parser)
+    compile_cache.add_flag(parser)
     args = parser.parse_args(argv)
+    compile_cache.enable(args.no_compile_cache)
 
     try:
         if args.samples < 1 or args.batch < 1:

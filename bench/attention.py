@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amskv_jax import cli
+from amskv_jax import cli, compile_cache
 from amskv_jax.attention import cached_attention, pallas_gpu, resolve_impl
 from amskv_jax.cache import CacheLayout
 from amskv_jax.config import VARConfig, get_preset
@@ -131,7 +131,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="also time the kernel at every block_q × block_k (GPU)")
+    compile_cache.add_flag(parser)
     args = parser.parse_args(argv)
+    compile_cache.enable(args.no_compile_cache)
     try:
         batches = [int(b) for b in args.batches.split(",")]
     except ValueError:

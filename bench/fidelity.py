@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from amskv_jax import cli
+from amskv_jax import cli, compile_cache
 from amskv_jax.checkpoint import DEFAULT_MODEL, load_model
 from amskv_jax.fidelity import distinct, format_table, policy_fidelity, sweep_candidates
 from amskv_jax.generate import DTYPES, default_top_k, image_grid
@@ -66,7 +66,9 @@ def main(argv=None) -> int:
     parser.add_argument("--grid-columns", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     cli.add_verify_flag(parser)
+    compile_cache.add_flag(parser)
     args = parser.parse_args(argv)
+    compile_cache.enable(args.no_compile_cache)
     if args.samples < 1 or args.batch < 1:
         parser.error(f"--samples and --batch must be >= 1, got {args.samples} and {args.batch}")
     model = load_model(args.model, verify=args.verify)

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from amskv_jax.attention import IMPLS, cached_attention, resolve_impl
 from amskv_jax.cache import CacheLayout
-from amskv_jax import checkpoint, cli
+from amskv_jax import checkpoint, cli, compile_cache
 from amskv_jax.checkpoint import init_params, load_model
 from amskv_jax.config import PRESETS, ModelConfig, VARConfig, get_preset
 from amskv_jax.generate import default_top_k, first_nonfinite_scale, generate
@@ -229,6 +229,7 @@ class Options:
     seed: int = 0
     plots: bool = True
     verify: bool | None = None  # the checkpoints' array checksums (None: unless AMSKV_SKIP_VERIFY is set)
+    compile_cache: bool = True  # JAX's persistent compilation cache (amskv_jax.compile_cache)
 
 
 class Bench:
@@ -643,6 +644,9 @@ def format_report(results: dict) -> str:
         f"{_num(peak / 1e12, '.0f') + ' TFLOP/s bf16' if isinstance(peak, float) else peak}; "
         f"wall {meta.get('wall_s', 0):.1f} s.",
         "",
+        f"Compile times: {meta.get('compile_cache', 'persistent compilation cache off')} (a program loaded from the "
+        "cache times its loading, not its compilation; `--no-compile-cache` measures compilation).",
+        "",
         "Weights: " + "; ".join(f"{k}: {v}" for k, v in meta["weights"].items()) + ".",
         "",
         "Policies: " + "; ".join(f"{m}/{p}: {d}" for m, s in meta["policy_settings"].items() for p, d in s.items())
@@ -787,6 +791,7 @@ def parse_args(argv=None) -> Options:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plots", action="store_true")
     cli.add_verify_flag(parser)
+    compile_cache.add_flag(parser)
     args = parser.parse_args(argv)
     suite = SUITES[args.suite]
     try:
@@ -828,7 +833,7 @@ def parse_args(argv=None) -> Options:
         suite=args.suite, models=models, policies=policies, batches=batches, reps=reps,
         dtype=args.dtype or suite["dtype"], impl=args.impl, out=Path(args.out), torch_reference=torch_ref,
         max_batch=suite["max_batch"] if args.max_batch is None else args.max_batch, seed=args.seed,
-        plots=not args.no_plots, verify=args.verify,
+        plots=not args.no_plots, verify=args.verify, compile_cache=not args.no_compile_cache,
     )
 
 
@@ -841,6 +846,7 @@ def check_backend(opts: Options) -> None:
 
 def run(opts: Options, log=print) -> dict:
     """Run the benchmark, print the tables and write DIR/results.{md,json} and the plots. Returns the results."""
+    cache_dir = compile_cache.enable(disable=not opts.compile_cache)
     if opts.suite == "gpu" or opts.max_batch:
         # Let XLA use most of the GPU (default 75%) so the max-batch search measures the device, not the pool.
         # Only effective before JAX first touches the device (the command line guarantees that).
@@ -854,6 +860,7 @@ def run(opts: Options, log=print) -> dict:
         torch_times = torch_reference_times(opts.torch_reference, models, opts.batches, opts.dtype, opts.reps,
                                             opts.seed)
     results = Bench(opts).run(models, torch_times)
+    results["meta"]["compile_cache"] = compile_cache.describe(cache_dir)
     report = format_report(results)
     opts.out.mkdir(parents=True, exist_ok=True)
     results["meta"]["plots"] = write_plots(results, opts.out) if opts.plots else []

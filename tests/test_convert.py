@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from amskv_jax.checkpoint import load_checkpoint, load_model
+from amskv_jax.checkpoint import MissingVQVAEError, has_vqvae, load_checkpoint, load_model
 from amskv_jax.generate import generate
 from convert import from_torch, verify
 from convert.from_torch import ConversionError, convert, count_params
@@ -251,6 +251,58 @@ def test_cli_refuses_an_existing_checkpoint(cli_output, capsys):
         from_torch.main([str(TINY / "var.pth"), "--out", str(out)])
     assert exc.value.code == 2
     assert "already holds a checkpoint" in capsys.readouterr().err
+
+
+def test_cli_finds_the_vqvae_beside_the_var_checkpoint(tmp_path, capsys):
+    shutil.copy(TINY / "var.pth", tmp_path / "var_d30.pth")
+    shutil.copy(VAE, tmp_path / "vae_ch160v4096z32.pth")  # the published name (safetensors is told by its content)
+    assert from_torch.main([str(tmp_path / "var_d30.pth")]) == 0
+    captured = capsys.readouterr()
+    assert f"VQ-VAE: {tmp_path / 'vae_ch160v4096z32.pth'} (found beside var_d30.pth" in captured.out
+    assert "VQ-VAE 4,378,587" in captured.out and "warning" not in captured.err
+    out = tmp_path / "var_d30_flax"
+    assert has_vqvae(out) and load_model(str(out)).config.vqvae.vocab_size == 512
+
+
+def test_find_vae_prefers_the_published_name(tmp_path):
+    assert from_torch.find_vae(tmp_path) is None
+    for name in ("vae_f16.safetensors", "vae_ch160v4096z32.pth"):
+        (tmp_path / name).write_bytes(b"")
+    assert from_torch.find_vae(tmp_path) == tmp_path / "vae_ch160v4096z32.pth"
+
+
+@pytest.fixture(scope="module")
+def var_only(tmp_path_factory):
+    """A checkpoint converted from a VAR file with no VQ-VAE beside it: (directory, captured stdout, stderr)."""
+    src = tmp_path_factory.mktemp("var_only")
+    shutil.copy(TINY / "var.pth", src / "var.pth")
+    out = src / "var_flax"
+    proc = subprocess.run([sys.executable, "-m", "convert.from_torch", str(src / "var.pth")], capture_output=True,
+                          text=True, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout, proc.stderr
+
+
+def test_conversion_without_a_vqvae_says_the_result_cannot_generate(var_only):
+    out, stdout, stderr = var_only
+    assert not has_vqvae(out) and "no VQ-VAE" in stdout
+    assert stderr.startswith("warning: no VQ-VAE") and "cannot generate images until a VQ-VAE is added" in stderr
+    assert f"--vae vae_ch160v4096z32.pth --out {out}" in stderr
+
+
+def test_generate_refuses_a_checkpoint_without_a_vqvae_before_tracing(var_only):
+    out, _, _ = var_only
+    proc = subprocess.run([sys.executable, "-m", "amskv_jax.generate", "--model", str(out)], capture_output=True,
+                          text=True, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    message = proc.stderr.splitlines()[-1]
+    assert f"{out} holds a VAR without a VQ-VAE" in message and "python -m convert.from_torch" in message
+    assert "--vae vae_ch160v4096z32.pth" in message and "compiled" not in proc.stdout
+    with pytest.raises(MissingVQVAEError, match="holds a VAR without a VQ-VAE"):
+        load_model(str(out))
+    model = load_model(str(out), need_vqvae=False)
+    with pytest.raises(MissingVQVAEError, match="no 'vqvae'"):
+        generate(model.params, [1], jax.random.key(0), config=model.config)
 
 
 @pytest.fixture(scope="module")
