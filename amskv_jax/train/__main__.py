@@ -5,7 +5,7 @@
     python -m amskv_jax.train export --vqvae runs/vqvae --var runs/var --out amskv_jax/assets/emoji32
 
 Training resumes from the latest checkpoint in --out; --steps, --batch-size, --lr and --seed override the
-config's values for that stage. Each finished run holds config.json, params/ and loss_log.csv.
+config's values for that stage. Each finished run holds config.json, params/, classes.json and loss_log.csv.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import numpy as np
 from amskv_jax.checkpoint import save_checkpoint
 from amskv_jax.train import loop
 from amskv_jax.train.configs import CONFIGS, OptimConfig, TrainConfig, get_config
-from amskv_jax.train.data import GROUP_NAMES
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
@@ -34,11 +33,12 @@ def _optim(base: OptimConfig, args) -> OptimConfig:
 def _dataset(cfg: TrainConfig):
     from amskv_jax.train.data import load_emoji_dataset
 
-    images, labels, groups = load_emoji_dataset(size=cfg.image_size, max_per_group=cfg.max_per_group)
+    images, labels, groups = load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, cfg.split)
     if len(groups) != cfg.model.var.num_classes:
         raise ValueError(f"the data has {len(groups)} classes {groups}; the config expects {cfg.model.var.num_classes}")
-    print(f"data: {len(images)} emoji {images.shape[1:]}, {len(groups)} classes: {', '.join(groups)}")
-    return images, labels
+    print(f"data: {len(images)} emoji {images.shape[1:]} ({cfg.scheme}, {cfg.split}), {len(groups)} classes: "
+          f"{', '.join(groups)}")
+    return images, labels, groups
 
 
 def _summary(out: Path, columns: tuple[str, ...], last: int = 50) -> str:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "export":
         return export(args.vqvae, args.var, args.out, args.dtype)
     cfg = get_config(args.config)
-    images, labels = _dataset(cfg)
+    images, labels, classes = _dataset(cfg)
     if args.stage == "vqvae":
         from amskv_jax.train import vqvae_trainer
 
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         variables, _ = var_trainer.train(cfg.model, opt, args.vqvae, images, labels, args.out)
         columns = ("loss", "acc", "acc_last")
     loop.save_params(args.out, cfg.model, variables)
+    (args.out / "classes.json").write_text(json.dumps(list(classes)))
     print(_summary(args.out, columns))
     print(f"wrote {args.out}/params, config.json, loss_log.csv")
     return 0
@@ -99,7 +100,7 @@ def export(vqvae_run: Path, var_run: Path, out: Path, dtype: str) -> int:
         raise FileExistsError(f"{out}/params exists; remove it first")
     params = loop.cast_floats({"var": var_vars, "vqvae": vqvae_vars}, DTYPES[dtype])
     save_checkpoint(out, model, params)
-    (out / "classes.json").write_text(json.dumps(list(GROUP_NAMES)))
+    (out / "classes.json").write_text((var_run / "classes.json").read_text())
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({size / 2**20:.2f} MiB, {dtype})")
     return 0
