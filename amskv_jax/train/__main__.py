@@ -3,6 +3,7 @@
     python -m amskv_jax.train vqvae  --config emoji32 --out runs/vqvae
     python -m amskv_jax.train var    --config emoji32 --vqvae runs/vqvae --out runs/var
     python -m amskv_jax.train export --vqvae runs/vqvae --var runs/var --out amskv_jax/assets/emoji32
+    python -m amskv_jax.train classifier --config emoji32 --out runs/classifier
 
 Training resumes from the latest checkpoint in --out; --steps, --batch-size, --lr and --seed override the
 config's values for that stage. Each finished run holds config.json, params/, classes.json and loss_log.csv.
@@ -50,8 +51,9 @@ def _summary(out: Path, columns: tuple[str, ...], last: int = 50) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m amskv_jax.train", description=__doc__.split("\n")[0])
     stages = parser.add_subparsers(dest="stage", required=True)
-    for stage in ("vqvae", "var"):
-        p = stages.add_parser(stage, help=f"train the {stage.upper()}")
+    helps = {"vqvae": "train the VQ-VAE", "var": "train the VAR", "classifier": "train the sample classifier"}
+    for stage, text in helps.items():
+        p = stages.add_parser(stage, help=text)
         p.add_argument("--config", default="emoji32", choices=sorted(CONFIGS))
         p.add_argument("--out", required=True, type=Path, help="run directory (resumed if it holds checkpoints)")
         if stage == "var":
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "export":
         return export(args.vqvae, args.var, args.out, args.dtype)
     cfg = get_config(args.config)
+    if args.stage == "classifier":
+        return train_classifier(cfg, _optim(cfg.classifier_optim, args), args.out)
     images, labels, classes = _dataset(cfg)
     if args.stage == "vqvae":
         from amskv_jax.train import vqvae_trainer
@@ -87,6 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "classes.json").write_text(json.dumps(list(classes)))
     print(_summary(args.out, columns))
     print(f"wrote {args.out}/params, config.json, loss_log.csv")
+    return 0
+
+
+def train_classifier(cfg: TrainConfig, opt: OptimConfig, out: Path) -> int:
+    """Train the sample classifier on the config's scheme (train split), score it on the held-out split."""
+    from amskv_jax.classifier import ClassifierConfig
+    from amskv_jax.train import classifier_trainer
+    from amskv_jax.train.data import load_emoji_set
+
+    splits = [
+        load_emoji_set(cfg.image_size, cfg.scheme, split, cfg.max_per_group) for split in ("train", "heldout")
+    ]
+    print(f"data: {len(splits[0].labels)} train, {len(splits[1].labels)} held-out emoji ({cfg.scheme})")
+    config = ClassifierConfig(image_size=cfg.image_size, classes=splits[0].classes)
+    _, metrics = classifier_trainer.train(
+        config, opt, *[((s.images + 1.0) * 0.5, s.labels) for s in splits], out
+    )
+    print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    print(f"wrote {out}/params, config.json, metrics.json; ship it by copying those into <model>/classifier/")
     return 0
 
 

@@ -38,9 +38,13 @@ class OptimConfig:
         _check(self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}")
 
 
+# The sample classifier (amskv_jax.classifier), trained on the scheme's train split of either config.
+CLASSIFIER_OPTIM = OptimConfig(steps=1500, batch_size=64, lr=2e-3, warmup_steps=100, save_every=500)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The model, the emoji data, and both stages' optimisers.
+    """The model, the emoji data, and the optimisers of both stages and of the sample classifier.
 
     The data is the `scheme`'s emoji (`amskv_jax.train.data.SCHEMES`), of the `split` both stages train on ("all", or
     "train" to keep the held-out split unseen); `max_per_group` caps each class (None = all).
@@ -50,6 +54,7 @@ class TrainConfig:
     model: ModelConfig
     vqvae_optim: OptimConfig
     var_optim: OptimConfig
+    classifier_optim: OptimConfig = CLASSIFIER_OPTIM
     scheme: str = "ranges"
     split: str = "all"
     max_per_group: int | None = None
@@ -98,13 +103,14 @@ CONFIGS: dict[str, TrainConfig] = {
     ),
     # The published 256px ladder (10 scales up to a 16×16 latent, L = 680) on every Unicode-grouped OpenMoji emoji
     # (3944, 12 classes), the held-out split unseen. 32×32 images, one 2× downsampling: a 64×64 VQ-VAE step took
-    # ~20 s here against ~5 s at 32×32 (batch 32, 2 shared CPU cores, noisy), too slow for a CPU run of ~1000 steps.
+    # ~20 s here against ~5 s at 32×32 (batch 32, 2 CPU cores shared with other jobs, noisy); batch 16 keeps the
+    # VQ-VAE's CPU run near two hours on a shared machine.
     "emoji16l": TrainConfig(
         model=_model(
             image_ladder=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), num_classes=UNICODE_EMOJI_CLASSES, vocab=512, cvae=8,
             ch=64, ch_mult=(1, 1), depth=6, width=192, heads=3, mlp_ratio=3.0,
         ),
-        vqvae_optim=OptimConfig(steps=1000, batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.0, save_every=50),
+        vqvae_optim=OptimConfig(steps=800, batch_size=16, lr=2e-3, warmup_steps=50, weight_decay=0.0, save_every=50),
         var_optim=OptimConfig(steps=1500, batch_size=32, lr=1e-3, warmup_steps=100),
         scheme="unicode",
         split="train",
@@ -117,6 +123,7 @@ CONFIGS: dict[str, TrainConfig] = {
         ),
         vqvae_optim=OptimConfig(steps=20, batch_size=8, lr=3e-3, warmup_steps=2, weight_decay=0.0, save_every=10),
         var_optim=OptimConfig(steps=20, batch_size=8, lr=3e-3, warmup_steps=2, save_every=10),
+        classifier_optim=OptimConfig(steps=30, batch_size=16, lr=3e-3, warmup_steps=2, save_every=10),
         max_per_group=2,
     ),
 }

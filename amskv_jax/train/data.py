@@ -16,7 +16,7 @@ Two labelling schemes (`SCHEMES`):
 A fixed held-out split (`held_out_mask`, `HELD_OUT_FRACTION` of each class, stratified) that training never sees:
 within each class, emoji are taken in the order of a hash of their base sequence (without variation selectors and
 skin tones, so all tones of one emoji fall on the same side). It depends only on the font's set of emoji: no seed,
-no file order; a font release that adds emoji to a class can move only the emoji at its boundary.
+no file order; a font release that adds emoji to a class can move emoji near its boundary between the splits.
 
 Images are float32 [N, size, size, 3] in [-1, 1] on a white background; labels are int32 [N].
 """
