@@ -236,6 +236,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kv-dtype", default=None, choices=KV_DTYPES,
                         help="how the KV cache stores K/V (default: the compute dtype --dtype)")
     parser.add_argument("--out", default="grid.png")
+    parser.add_argument("--compare", action="store_true",
+                        help="also run the full cache on the same labels and seeds and write one grid with both: for "
+                        "every label, the full cache's row above the chosen policy's")
     parser.add_argument("--mesh", default=None, help="shard over the devices, e.g. data=4,model=2 (batch over data, "
                         "heads and MLP over model; default: one device)")
     cli.add_verify_flag(parser)
@@ -256,36 +259,60 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     layout = policy.layout(model.config.var)
+    full_layout = FullCache().layout(model.config.var)
     rows = [int(x) for x in dict.fromkeys(labels.tolist())]
     names = [f"{x} {model.classes[x]}" if model.classes else str(x) for x in rows]
-    print(f"model {args.model}: {model.description}; {len(labels)} images, one row per label: {', '.join(names)}; "
-          f"cache: {policy.describe()} ({sum(layout.capacities)} slots)", flush=True)
+    print(f"model {args.model}: {model.description}; {len(labels)} images, one row per label: {', '.join(names)}",
+          flush=True)
+    print(describe_cache(policy.describe(), layout, full_layout, model.config, len(labels), args.dtype, args.kv_dtype),
+          flush=True)
 
     if mesh is not None:
         print(f"mesh: {sharding.describe(mesh)}", flush=True)
-    start = time.perf_counter()
-    # Returns once the program is compiled (or loaded from the persistent cache) and dispatched; it runs meanwhile.
-    # No per-scale progress lines: a program with host callbacks cannot be written to the persistent cache.
-    out = generate(
-        model.params, labels, jax.random.key(args.seed), config=model.config, layout=layout, cfg=args.cfg, top_k=top_k,
-        top_p=args.top_p, more_smooth=args.more_smooth, dtype=args.dtype, kv_dtype=args.kv_dtype, mesh=mesh,
-    )
-    dispatched = time.perf_counter()
-    print(f"compiled in {dispatched - start:.2f} s ({compile_cache.describe(cache_dir)}); generating "
-          f"{model.config.var.num_scales} scales ...", flush=True)
-    images = np.asarray(jax.block_until_ready(out.images))
-    seconds = time.perf_counter() - dispatched
-    bad = first_nonfinite_scale(out.finite)
-    if bad is not None:
-        raise FloatingPointError(
-            f"{args.model}: the logits of scale {bad + 1}/{model.config.var.num_scales} (1-based)"
-            f" are not finite, so no image was written to {args.out}; the weights are probably untrained or "
-            "damaged"
+    runs = [(policy.describe(), layout)] + ([("full cache", full_layout)] if args.compare else [])
+    grids = []
+    for name, run_layout in runs:
+        start = time.perf_counter()
+        # Returns once the program is compiled (or loaded from the persistent cache) and dispatched; it runs meanwhile.
+        # No per-scale progress lines: a program with host callbacks cannot be written to the persistent cache.
+        out = generate(
+            model.params, labels, jax.random.key(args.seed), config=model.config, layout=run_layout, cfg=args.cfg,
+            top_k=top_k, top_p=args.top_p, more_smooth=args.more_smooth, dtype=args.dtype, kv_dtype=args.kv_dtype,
+            mesh=mesh,
         )
+        dispatched = time.perf_counter()
+        print(f"{name}: compiled in {dispatched - start:.2f} s ({compile_cache.describe(cache_dir)}); generating "
+              f"{model.config.var.num_scales} scales ...", flush=True)
+        images = np.asarray(jax.block_until_ready(out.images))
+        seconds = time.perf_counter() - dispatched
+        bad = first_nonfinite_scale(out.finite)
+        if bad is not None:
+            raise FloatingPointError(
+                f"{args.model}: the logits of scale {bad + 1}/{model.config.var.num_scales} (1-based)"
+                f" are not finite, so no image was written to {args.out}; the weights are probably untrained or "
+                "damaged"
+            )
+        print(f"{name}: {len(labels)} images in {seconds:.2f} s ({len(labels) / seconds:.2f} images/s, compilation "
+              "excluded)", flush=True)
+        grids.append(images.reshape(len(rows), -1, *images.shape[1:]))
+    # --compare: each label's full-cache row directly above the policy's row (same seeds, so same column = same draw)
+    images = np.stack(grids[::-1], axis=1).reshape(-1, *grids[0].shape[2:])
     Image.fromarray(image_grid(images, columns=len(labels) // len(rows))).save(args.out)
-    print(f"wrote {args.out}: {len(labels)} images in {seconds:.2f} s ({len(labels) / seconds:.2f} images/s, "
-          "compilation excluded)")
+    layout_text = "rows alternate: full cache, then " + policy.describe() if args.compare else "one row per label"
+    print(f"wrote {args.out} ({layout_text})")
     return 0
+
+
+def describe_cache(name: str, layout: CacheLayout, full_layout: CacheLayout, config: ModelConfig, batch: int,
+                   dtype: str, kv_dtype: str | None) -> str:
+    """One line: the cache this run allocates beside the full cache's (slots, bytes, the share saved)."""
+    from amskv_jax.memory import layout_bytes
+
+    used, _ = layout_bytes(layout, config.var, batch, dtype, kv_dtype)
+    full, _ = layout_bytes(full_layout, config.var, batch, dtype)
+    slots, full_slots = sum(layout.capacities), sum(full_layout.capacities)
+    return (f"cache: {name}: {slots} slots, {used / 2**20:.2f} MiB for {batch} images; full cache ({dtype}): "
+            f"{full_slots} slots, {full / 2**20:.2f} MiB; saved {100 * (1 - used / full):.1f}%")
 
 
 def _labels(text: str | None, batch: int | None, num_classes: int) -> np.ndarray:

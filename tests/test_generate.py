@@ -90,3 +90,23 @@ def test_main_job_writes_one_grid_row_per_class_with_the_embedded_model(tmp_path
     assert "embedded model emoji32" in printed and "images/s" in printed and "0 faces" in printed
     assert f"generating {len(model.config.var.patch_nums)} scales" in printed
     assert "persistent compilation cache off" in printed  # tests/conftest.py keeps the user's cache out of tests
+    assert "saved" in printed and "full cache" in printed  # the cache used beside the full cache's
+
+
+def test_compare_writes_the_full_cache_row_above_the_policy_row_for_the_same_seeds(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "compare.png"
+    assert gen_module.main(["--labels", "0,1", "--batch", "2", "--policy", "sliding", "--compare",
+                            "--out", str(out)]) == 0
+    grid = np.asarray(Image.open(out))
+    side = (grid.shape[1] - 2) // 2 - 2
+    assert grid.shape[:2] == (4 * (side + 2) + 2, 2 * (side + 2) + 2)  # label 0: full, sliding; label 1: full, sliding
+
+    def row(r):
+        return grid[2 + r * (side + 2): 2 + r * (side + 2) + side].astype(int)
+
+    # scale 0 never reads the cache, and sliding keeps one scale: rows differ, but the same draw starts each column
+    assert np.abs(row(0) - row(1)).mean() > 0 or np.abs(row(2) - row(3)).mean() > 0
+    printed = capsys.readouterr().out
+    assert "full cache:" in printed and "rows alternate: full cache, then" in printed
