@@ -110,13 +110,13 @@ def generate(
     (params are placed with `sharding.shard_params`; results equal the single-device run's). It is the ambient mesh
     (`jax.set_mesh`) while tracing, so every attention impl runs sharded: the Pallas kernels inside a shard_map.
     """
+    top_k = default_top_k(config) if top_k is None else top_k
+    validate(config, labels, top_k=top_k, top_p=top_p, dtype=dtype, impl=impl, kv_dtype=kv_dtype)
     if "vqvae" not in params:
         raise MissingVQVAEError(
             f"params hold {', '.join(map(repr, params))} but no 'vqvae': a checkpoint converted without --vae cannot "
             "generate images (convert it again with python -m convert.from_torch VAR.pth --vae vae_ch160v4096z32.pth)"
         )
-    top_k = default_top_k(config) if top_k is None else top_k
-    validate(config, labels, top_k=top_k, top_p=top_p, dtype=dtype, impl=impl, kv_dtype=kv_dtype)
     layout = layout if layout is not None else FullCache().layout(config.var)
     if len(layout.layers) != config.var.depth or layout.patch_nums != config.var.patch_nums:
         raise ValueError(
