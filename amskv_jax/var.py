@@ -40,6 +40,18 @@ def block_causal_mask(patch_nums: tuple[int, ...]) -> np.ndarray:
     return level[None, :] <= level[:, None]
 
 
+def layout_masks(layout: CacheLayout) -> list[np.ndarray]:
+    """bool [L, L] per layer: token t (scale s) may attend token u iff u's scale is s or in the layer's reads[s]."""
+    level = np.concatenate([np.full(pn * pn, si) for si, pn in enumerate(layout.patch_nums)])
+    out = []
+    for plan in layout.layers:
+        allowed = np.eye(len(layout.patch_nums), dtype=bool)
+        for si, reads in enumerate(plan.reads):
+            allowed[si, list(reads)] = True
+        out.append(allowed[level[:, None], level[None, :]])
+    return out
+
+
 class SelfAttention(nn.Module):
     config: VARConfig
     dtype: Any = jnp.float32
@@ -200,18 +212,21 @@ class VAR(nn.Module):
         return self.head(self.head_nm(x_BlC.astype(jnp.float32), cond_BD))
 
     # --- entry points -----------------------------------------------------------------------------------------
-    def __call__(self, label_B, x_BLCv_wo_first_l):
-        """Teacher forcing: logits [B, L, V] for all scales at once (labels are used as given: no dropout)."""
+    def __call__(self, label_B, x_BLCv_wo_first_l, layout: CacheLayout | None = None):
+        """Teacher forcing: logits [B, L, V] for all scales at once (labels are used as given: no dropout).
+
+        With a `layout`, at layer l a token of scale s attends to the scales `layout.layers[l].reads[s]` plus its
+        own: what cached generation under that layout attends to."""
         c = self.config
         cond_BD = self.condition(label_B)
         sos = cond_BD[:, None] + self.pos_start
         x = jnp.concatenate([sos, self.word_embed(x_BLCv_wo_first_l.astype(jnp.float32))], axis=1)
         level = np.concatenate([np.full(pn * pn, si) for si, pn in enumerate(c.patch_nums)])
         x = x + self.lvl_embed.embedding[level][None] + self.pos_1LC
-        mask = jnp.asarray(block_causal_mask(c.patch_nums))
+        masks = [block_causal_mask(c.patch_nums)] * c.depth if layout is None else layout_masks(layout)
         block_cond = self._block_cond(cond_BD)
-        for block in self.blocks:
-            x = block(x, block_cond, mask)
+        for block, mask in zip(self.blocks, masks, strict=True):
+            x = block(x, block_cond, jnp.asarray(mask))
         return self.logits(x, cond_BD)
 
     def step(self, x_BlC, cond_BD, cache: KVCache, si: int, layout: CacheLayout):

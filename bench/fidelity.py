@@ -2,6 +2,13 @@
 
     python -m bench.fidelity [--model emoji32] [--samples 64] [--policies full,amskv,...] [--sweep]
         [--calibration layers.json] [--kv-dtypes default,int8,float8_e4m3fn] [--out DIR]
+    python -m bench.fidelity --nll [--images DIR] [--model ...] [--policies ...] [--kv-dtypes ...] [--out DIR]
+
+`--nll` instead scores real images: each policy's teacher-forced NLL per token, unguided and guided, per scale, with
+ΔNLL against the full cache (`amskv_jax.nll`; deterministic). Images: `--images DIR` (one subfolder per class,
+resized with the reference's transform), by default the model's training data when it is one of ours (emoji32 saw
+all of its images in training, so that NLL is not held out, and the output says so). It writes `DIR/nll.md` and
+`DIR/nll.json`.
 
 For the same labels and PRNG keys, every policy generates independently of the full cache; per policy it reports
 the cache's size against the full cache, per-scale token agreement and logit KL (`amskv_jax.fidelity`), and PSNR
@@ -22,8 +29,11 @@ import numpy as np
 from amskv_jax.checkpoint import DEFAULT_MODEL, load_model
 from amskv_jax.fidelity import distinct, format_table, policy_fidelity, sweep_candidates
 from amskv_jax.generate import DTYPES, default_top_k, image_grid
-from amskv_jax.policies import POLICIES, policy_from_name, read_calibration
+from amskv_jax.nll import encode_images, format_nll_table, load_image_folder, policy_nll
+from amskv_jax.policies import POLICIES, FullCache, policy_from_name, read_calibration
 from amskv_jax.quant import KV_DTYPES
+from amskv_jax.train.configs import CONFIGS
+from amskv_jax.train.data import load_emoji_dataset
 
 
 def lpips_distance():
@@ -40,6 +50,47 @@ def lpips_distance():
         return np.asarray(apply(evaluator.params, a * 2 - 1, b * 2 - 1)).reshape(-1)
 
     return distance
+
+
+def nll_images(model, directory: Path | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images in [-1, 1], labels, a line saying what they are) for `--nll`: a folder, or the model's training
+    data when a training config here built it."""
+    c = model.config
+    if directory is not None:
+        images, labels = load_image_folder(directory, c.vqvae.image_size, c.var.num_classes, model.classes)
+        return images, labels, f"{len(images)} images from {directory}"
+    matches = [name for name, cfg in CONFIGS.items() if cfg.model == c]
+    if not matches:
+        raise ValueError("this model has no known training data here; pass --images DIR (one subfolder per class)")
+    cfg = CONFIGS[matches[0]]
+    images, labels, _ = load_emoji_dataset(size=cfg.image_size, max_per_group=cfg.max_per_group)
+    return images, labels, (f"the {len(images)} images of training config {matches[0]}: the model saw every one in "
+                            "training (there is no held-out split), so this NLL is not held out")
+
+
+def nll_report(args, model, policies, kv_dtypes, images, labels, source) -> int:
+    c = model.config.var
+    print(f"model {args.model}: {model.description}; {source}; cfg {args.cfg}, {args.dtype}", flush=True)
+    gt, x = encode_images(model, images)
+    layouts = {name: policy.layout(c) for name, policy in policies.items()}
+    if "full" not in layouts:
+        layouts = {"full": FullCache().layout(c), **layouts}
+    results = {}
+    for kv_dtype in kv_dtypes:
+        suffix = "" if kv_dtype is None else f"+{kv_dtype}"
+        measured = policy_nll(model, layouts, gt, x, labels, cfg=args.cfg, batch=args.batch, dtype=args.dtype,
+                              kv_dtype=kv_dtype)
+        results.update({name + suffix: r for name, r in measured.items()})
+    table = format_nll_table(results)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    header = (f"model `{args.model}` ({model.description}); {source}; guidance cfg {args.cfg} (ramped per scale), "
+              f"{args.dtype}, jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    (args.out / "nll.md").write_text(f"{header}\n\n{table}\n")
+    (args.out / "nll.json").write_text(json.dumps(
+        {"setting": header, "policies": {name: r.to_json() for name, r in results.items()}}, indent=1))
+    print(f"wrote {args.out}/nll.md, nll.json")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -63,6 +114,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-lpips", action="store_true", help="skip LPIPS (PSNR only)")
     parser.add_argument("--grid-columns", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--nll", action="store_true", help="teacher-forced NLL of real images per policy instead")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="--nll: image folder, one subfolder per class (default: the model's training data)")
     args = parser.parse_args(argv)
     try:
         if args.samples < 1 or args.batch < 1:
@@ -78,9 +132,13 @@ def main(argv=None) -> int:
         unknown = [k for k in kv_dtypes if k is not None and k not in KV_DTYPES]
         if unknown or not kv_dtypes:
             raise ValueError(f"--kv-dtypes: unknown {unknown}; allowed: default, {', '.join(KV_DTYPES)}")
-        distance = None if args.no_lpips else lpips_distance()
+        if args.nll:
+            images, labels, source = nll_images(model, args.images)
+        distance = None if args.nll or args.no_lpips else lpips_distance()
     except (ValueError, FileNotFoundError, ImportError) as err:
         parser.error(str(err))
+    if args.nll:
+        return nll_report(args, model, policies, kv_dtypes, images, labels, source)
     top_k = default_top_k(model.config) if args.top_k is None else args.top_k
     labels = np.arange(args.samples, dtype=np.int32) % c.num_classes
     print(f"model {args.model}: {model.description}; {args.samples} samples, seed {args.seed}, cfg {args.cfg}, "
