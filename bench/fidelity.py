@@ -63,9 +63,12 @@ def nll_images(model, directory: Path | None) -> tuple[np.ndarray, np.ndarray, s
     if not matches:
         raise ValueError("this model has no known training data here; pass --images DIR (one subfolder per class)")
     cfg = CONFIGS[matches[0]]
-    images, labels, _ = load_emoji_dataset(size=cfg.image_size, max_per_group=cfg.max_per_group)
-    return images, labels, (f"the {len(images)} images of training config {matches[0]}: the model saw every one in "
-                            "training (there is no held-out split), so this NLL is not held out")
+    images, labels, _ = load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, cfg.split)
+    if cfg.split == "train":
+        held, held_labels, _ = load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, "heldout")
+        return held, held_labels, f"the {len(held)} held-out images of training config {matches[0]} ({cfg.scheme})"
+    return images, labels, (f"the {len(images)} images of training config {matches[0]} ({cfg.scheme}, split "
+                            f"{cfg.split}): the model saw every one in training, so this NLL is not held out")
 
 
 def nll_report(args, model, policies, kv_dtypes, images, labels, source) -> int:

@@ -3,13 +3,14 @@
     python -m amskv_jax.train vqvae  --config emoji32 --out runs/vqvae
     python -m amskv_jax.train var    --config emoji32 --vqvae runs/vqvae --out runs/var
     python -m amskv_jax.train export --vqvae runs/vqvae --var runs/var --out amskv_jax/assets/emoji32
+    python -m amskv_jax.train classifier --config emoji32 --out runs/classifier
     python -m amskv_jax.train finetune --model emoji32 --policy amskv --steps 300 --out runs/emoji32-amskv
 
 Training resumes from the latest checkpoint in --out; --steps, --batch-size, --lr and --seed override the
-config's values for that stage. Each finished run holds config.json, params/ and loss_log.csv. `finetune` continues
-a finished model's VAR under a cache policy's teacher-forcing mask (`amskv_jax/train/finetune.py`) and writes a
-model directory `generate --model DIR` loads; its data is the model's training data (the emoji for a model of a
-training config here) or --images DIR (one subfolder per class).
+config's values for that stage. Each finished run holds config.json, params/, classes.json and loss_log.csv.
+`finetune` continues a finished model's VAR under a cache policy's teacher-forcing mask (`amskv_jax/train/
+finetune.py`) and writes a model directory `generate --model DIR` loads; its data is the model's training data (the
+emoji for a model of a training config here) or --images DIR (one subfolder per class).
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from amskv_jax.checkpoint import save_checkpoint
 from amskv_jax.policies import DEFAULT_POLICY, POLICIES, policy_from_name
 from amskv_jax.train import loop
 from amskv_jax.train.configs import CONFIGS, OptimConfig, TrainConfig, get_config
-from amskv_jax.train.data import GROUP_NAMES
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
@@ -39,11 +39,12 @@ def _optim(base: OptimConfig, args) -> OptimConfig:
 def _dataset(cfg: TrainConfig):
     from amskv_jax.train.data import load_emoji_dataset
 
-    images, labels, groups = load_emoji_dataset(size=cfg.image_size, max_per_group=cfg.max_per_group)
+    images, labels, groups = load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, cfg.split)
     if len(groups) != cfg.model.var.num_classes:
         raise ValueError(f"the data has {len(groups)} classes {groups}; the config expects {cfg.model.var.num_classes}")
-    print(f"data: {len(images)} emoji {images.shape[1:]}, {len(groups)} classes: {', '.join(groups)}")
-    return images, labels
+    print(f"data: {len(images)} emoji {images.shape[1:]} ({cfg.scheme}, {cfg.split}), {len(groups)} classes: "
+          f"{', '.join(groups)}")
+    return images, labels, groups
 
 
 def _summary(out: Path, columns: tuple[str, ...], last: int = 50) -> str:
@@ -55,8 +56,9 @@ def _summary(out: Path, columns: tuple[str, ...], last: int = 50) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m amskv_jax.train", description=__doc__.split("\n")[0])
     stages = parser.add_subparsers(dest="stage", required=True)
-    for stage in ("vqvae", "var"):
-        p = stages.add_parser(stage, help=f"train the {stage.upper()}")
+    helps = {"vqvae": "train the VQ-VAE", "var": "train the VAR", "classifier": "train the sample classifier"}
+    for stage, text in helps.items():
+        p = stages.add_parser(stage, help=text)
         p.add_argument("--config", default="emoji32", choices=sorted(CONFIGS))
         p.add_argument("--out", required=True, type=Path, help="run directory (resumed if it holds checkpoints)")
         if stage == "var":
@@ -91,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError, FileExistsError) as err:
             parser.error(str(err))
     cfg = get_config(args.config)
-    images, labels = _dataset(cfg)
+    if args.stage == "classifier":
+        return train_classifier(cfg, _optim(cfg.classifier_optim, args), args.out)
+    images, labels, classes = _dataset(cfg)
     if args.stage == "vqvae":
         from amskv_jax.train import vqvae_trainer
 
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         variables, _ = var_trainer.train(cfg.model, opt, args.vqvae, images, labels, args.out)
         columns = ("loss", "acc", "acc_last")
     loop.save_params(args.out, cfg.model, variables)
+    (args.out / "classes.json").write_text(json.dumps(list(classes)))
     print(_summary(args.out, columns))
     print(f"wrote {args.out}/params, config.json, loss_log.csv")
     return 0
@@ -131,7 +136,7 @@ def finetune_command(args) -> int:
         matches = [cfg for cfg in CONFIGS.values() if cfg.model == model.config]
         if not matches:
             raise ValueError(f"no training data is known for {args.model}; pass --images DIR (one subfolder per class)")
-        images, labels = _dataset(matches[0])
+        images, labels, _ = _dataset(matches[0])
     opt = _optim(FINETUNE_OPTIM, args)
     print(f"fine-tuning {args.model} ({model.description}) under {args.policy}: {policy.describe()}; "
           f"{len(images)} images, {opt.steps} steps, batch {opt.batch_size}, lr {opt.lr}")
@@ -141,6 +146,25 @@ def finetune_command(args) -> int:
     save_finetuned(args.out, model, params, provenance)
     print(_summary(args.out / "run", ("loss", "acc", "acc_last")))
     print(f"wrote {args.out} (config.json, params/, finetune.json; run state in {args.out}/run)")
+    return 0
+
+
+def train_classifier(cfg: TrainConfig, opt: OptimConfig, out: Path) -> int:
+    """Train the sample classifier on the config's scheme (train split), score it on the held-out split."""
+    from amskv_jax.classifier import ClassifierConfig
+    from amskv_jax.train import classifier_trainer
+    from amskv_jax.train.data import load_emoji_set
+
+    splits = [
+        load_emoji_set(cfg.image_size, cfg.scheme, split, cfg.max_per_group) for split in ("train", "heldout")
+    ]
+    print(f"data: {len(splits[0].labels)} train, {len(splits[1].labels)} held-out emoji ({cfg.scheme})")
+    config = ClassifierConfig(image_size=cfg.image_size, classes=splits[0].classes)
+    _, metrics = classifier_trainer.train(
+        config, opt, *[((s.images + 1.0) * 0.5, s.labels) for s in splits], out
+    )
+    print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    print(f"wrote {out}/params, config.json, metrics.json; ship it by copying those into <model>/classifier/")
     return 0
 
 
@@ -154,7 +178,7 @@ def export(vqvae_run: Path, var_run: Path, out: Path, dtype: str) -> int:
         raise FileExistsError(f"{out}/params exists; remove it first")
     params = loop.cast_floats({"var": var_vars, "vqvae": vqvae_vars}, DTYPES[dtype])
     save_checkpoint(out, model, params)
-    (out / "classes.json").write_text(json.dumps(list(GROUP_NAMES)))
+    (out / "classes.json").write_text((var_run / "classes.json").read_text())
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({size / 2**20:.2f} MiB, {dtype})")
     return 0

