@@ -8,8 +8,11 @@ every slot's content at every step is a compile-time fact:
 * `LayerLayout` says, per scale, which earlier scales its queries read (`reads`) and where its own tokens go
   (`writes`, contiguous segments of slots). Slots whose scale no later query reads are masked, never freed, and
   reused by the next write, so a layer's `capacity` is the most tokens it must hold at once, not the token count.
-* `LayerCache` is plain data: `k`, `v` buffers of that capacity and `slot_scale`, the scale each slot holds (-1 when
-  empty). A query's mask is `slot_scale ∈ reads[si]`, so a stale slot can never be read even though its bytes stay.
+* Layers with the same `LayerLayout` form a *kind* (`CacheLayout.kinds`, `kind_of`, `kind_index`). `KVCache` holds
+  one `KindCache` per kind: plain data, `k`, `v` buffers of the kind's capacity stacked over its layers, and
+  `slot_scale`, the scale each slot holds (-1 when empty). `KindCache.layer(i)` is one layer's `LayerCache`. A
+  query's mask is `slot_scale ∈ reads[si]`, so a stale slot can never be read even though its bytes stay. Kinds
+  keep the bytes exact (no layer is padded to another's capacity) while the model scans over its layers.
 * Quantised storage (`init_cache(..., kv_dtype="int8" | "float8_e4m3fn")`, see `quant.py`) adds float32 scales:
   `v_scale` per slot and head, `k_scale` per channel for each written scale ("group"). Groups are planned like
   slots (`LayerLayout.group(si)`, `group_capacity`, `slot_groups(si)`): a scale's group is reused once no later
@@ -118,9 +121,43 @@ class CacheLayout:
     def capacities(self) -> tuple[int, ...]:
         return tuple(layer.capacity for layer in self.layers)
 
+    @functools.cached_property
+    def kinds(self) -> tuple[LayerLayout, ...]:
+        """The distinct layer layouts, in order of first appearance: layers of one kind share a stacked cache."""
+        return tuple(dict.fromkeys(self.layers))
+
+    @functools.cached_property
+    def kind_of(self) -> tuple[int, ...]:
+        """Each layer's kind (an index into `kinds`)."""
+        return tuple(self.kinds.index(layer) for layer in self.layers)
+
+    @functools.cached_property
+    def kind_index(self) -> tuple[int, ...]:
+        """Each layer's index within its kind's stack (layers keep their order)."""
+        return tuple(self.kind_of[:i].count(kind) for i, kind in enumerate(self.kind_of))
+
+    @property
+    def kind_sizes(self) -> tuple[int, ...]:
+        """How many layers each kind has."""
+        return tuple(self.kind_of.count(j) for j in range(len(self.kinds)))
+
     @property
     def group_capacities(self) -> tuple[int, ...]:
         return tuple(layer.group_capacity for layer in self.layers)
+
+
+def teacher_mask(layout: CacheLayout) -> np.ndarray:
+    """bool [kinds, L, L], per kind of `layout.kinds`: token t may attend token u iff u's scale is t's own or one of
+    those t's scale reads at that kind (`reads[level[t]]`), what cached generation under the layout attends to.
+    The full cache's is the block-causal mask."""
+    level = np.concatenate([np.full(pn * pn, si) for si, pn in enumerate(layout.patch_nums)])
+    out = []
+    for plan in layout.kinds:
+        reads_SS = np.eye(len(layout.patch_nums), dtype=bool)
+        for si, scales in enumerate(plan.reads):
+            reads_SS[si, list(scales)] = True
+        out.append(reads_SS[level[:, None], level[None, :]])
+    return np.stack(out)
 
 
 def build_layout(
@@ -170,10 +207,29 @@ def _segments(slots: np.ndarray) -> tuple[Segment, ...]:
 
 @flax.struct.dataclass
 class LayerCache:
-    """One layer's buffers. k, v: [rows, capacity, H, Dh] (k L2-normalised, as the reference caches it);
-    slot_scale: int32 [capacity], the scale each slot holds, -1 when empty. Quantised storage only (else None):
-    k_scale float32 [rows, group_capacity, H, Dh], per channel per written scale; v_scale float32
-    [rows, capacity, H], per token."""
+    """One layer's buffers (a view of its kind's stack, `KindCache.layer`). k, v: [rows, capacity, H, Dh] (k
+    L2-normalised, as the reference caches it); slot_scale: int32 [capacity], the scale each slot holds, -1 when
+    empty. Quantised storage only (else None): k_scale float32 [rows, group_capacity, H, Dh], per channel per
+    written scale; v_scale float32 [rows, capacity, H], per token."""
+
+    k: jax.Array
+    v: jax.Array
+    slot_scale: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
+
+    def read_mask(self, reads: tuple[int, ...]) -> jax.Array:
+        """bool [capacity]: slots holding one of the scales in `reads`."""
+        if not reads:
+            return jnp.zeros(self.slot_scale.shape, bool)
+        return (self.slot_scale[:, None] == jnp.asarray(reads, jnp.int32)[None, :]).any(-1)
+
+
+@flax.struct.dataclass
+class KindCache:
+    """The stacked buffers of the n layers of one kind (one `LayerLayout`): `LayerCache`'s fields with a leading
+    layer axis. k, v: [n, rows, capacity, H, Dh]; slot_scale: int32 [n, capacity]; quantised only: k_scale float32
+    [n, rows, group_capacity, H, Dh], v_scale float32 [n, rows, capacity, H]."""
 
     k: jax.Array
     v: jax.Array
@@ -185,65 +241,78 @@ class LayerCache:
     def quantized(self) -> bool:
         return self.k_scale is not None
 
-    def read_mask(self, reads: tuple[int, ...]) -> jax.Array:
-        """bool [capacity]: slots holding one of the scales in `reads`."""
-        if not reads:
-            return jnp.zeros(self.slot_scale.shape, bool)
-        return (self.slot_scale[:, None] == jnp.asarray(reads, jnp.int32)[None, :]).any(-1)
+    def layer(self, index) -> LayerCache:
+        """Layer `index` (an int or a traced int32) of the stack."""
+        take = lambda x: None if x is None else jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False)  # noqa: E731
+        return LayerCache(*(take(x) for x in (self.k, self.v, self.slot_scale, self.k_scale, self.v_scale)))
 
     def write(
-        self, segments: tuple[Segment, ...], si: int, k_BlHD: jax.Array, v_BlHD: jax.Array, group: int | None = None
-    ) -> LayerCache:
-        """Store scale si's tokens into its planned segments (static offsets: in-place updates under jit).
+        self, index, segments: tuple[Segment, ...], si: int, k_BlHD: jax.Array, v_BlHD: jax.Array,
+        group: int | None = None,
+    ) -> KindCache:
+        """Store scale si's tokens into layer `index`'s planned segments: only those slots are updated
+        (`dynamic_update_slice` at static slot offsets; in place under jit).
 
         Quantised storage quantises here (K per channel over the scale's tokens, into K-scale group `group`, the
         layout's `LayerLayout.group(si)`; V per token); `group` is unused otherwise."""
         k, v, slot_scale, k_scale, v_scale = self.k, self.v, self.slot_scale, self.k_scale, self.v_scale
+        index = jnp.asarray(index, jnp.int32)
+
+        def put(buffer, update, slot: int):
+            """update [rows, length, ...] into buffer[index, :, slot:slot + length]."""
+            start = (index, 0, slot) + (0,) * (buffer.ndim - 3)
+            return jax.lax.dynamic_update_slice(buffer, update[None].astype(buffer.dtype), start)
+
         if self.quantized:
-            if group is None or not 0 <= group < k_scale.shape[1]:
-                raise ValueError(f"a quantised cache needs the scale's K-scale group in [0, {k_scale.shape[1]}), "
+            if group is None or not 0 <= group < k_scale.shape[2]:
+                raise ValueError(f"a quantised cache needs the scale's K-scale group in [0, {k_scale.shape[2]}), "
                                  f"got {group}")
             k_BlHD, k_scale_BHD = quant.quantize_k(k_BlHD, k.dtype)
             v_BlHD, v_scale_BlH = quant.quantize_v(v_BlHD, v.dtype)
-            k_scale = k_scale.at[:, group].set(k_scale_BHD)
+            k_scale = put(k_scale, k_scale_BHD[:, None], group)
         for seg in segments:
             src = slice(seg.token, seg.token + seg.length)
-            dst = slice(seg.slot, seg.slot + seg.length)
-            k = k.at[:, dst].set(k_BlHD[:, src].astype(k.dtype))
-            v = v.at[:, dst].set(v_BlHD[:, src].astype(v.dtype))
+            k = put(k, k_BlHD[:, src], seg.slot)
+            v = put(v, v_BlHD[:, src], seg.slot)
             if self.quantized:
-                v_scale = v_scale.at[:, dst].set(v_scale_BlH[:, src])
-            slot_scale = slot_scale.at[dst].set(si)
-        return LayerCache(k=k, v=v, slot_scale=slot_scale, k_scale=k_scale, v_scale=v_scale)
+                v_scale = put(v_scale, v_scale_BlH[:, src], seg.slot)
+            held = jnp.full((1, seg.length), si, jnp.int32)
+            slot_scale = jax.lax.dynamic_update_slice(slot_scale, held, (index, jnp.int32(seg.slot)))
+        return KindCache(k=k, v=v, slot_scale=slot_scale, k_scale=k_scale, v_scale=v_scale)
 
 
 @flax.struct.dataclass
 class KVCache:
-    """The whole cache: one LayerCache per block, each with its own capacity."""
+    """The whole cache: one KindCache per kind of `layout.kinds` (layer l is `kinds[layout.kind_of[l]]`, at
+    `layout.kind_index[l]`), each with its kind's own capacity (never padded to the largest)."""
 
-    layers: tuple[LayerCache, ...]
+    kinds: tuple[KindCache, ...]
+
+    def layer(self, layout: CacheLayout, l: int) -> LayerCache:
+        """Layer l's buffers."""
+        return self.kinds[layout.kind_of[l]].layer(layout.kind_index[l])
 
 
 def init_cache(
     layout: CacheLayout, rows: int, num_heads: int, head_dim: int, dtype=jnp.bfloat16, kv_dtype: str | None = None
 ) -> KVCache:
-    """Empty buffers for `rows` sequences (2·batch under classifier-free guidance).
+    """Empty buffers for `rows` sequences (2·batch under classifier-free guidance), one stack per layout kind.
 
     dtype: the model's compute dtype; kv_dtype: the storage dtype (`quant.KV_DTYPES`), None for `dtype`. int8 and
     float8_e4m3fn add the float32 scales."""
     store = quant.storage_dtype(kv_dtype, dtype)
     scaled = quant.is_quantized(store)
     return KVCache(
-        layers=tuple(
-            LayerCache(
-                k=jnp.zeros((rows, layer.capacity, num_heads, head_dim), store),
-                v=jnp.zeros((rows, layer.capacity, num_heads, head_dim), store),
-                slot_scale=jnp.full((layer.capacity,), -1, jnp.int32),
-                k_scale=jnp.zeros((rows, layer.group_capacity, num_heads, head_dim), quant.SCALE_DTYPE)
+        kinds=tuple(
+            KindCache(
+                k=jnp.zeros((n, rows, plan.capacity, num_heads, head_dim), store),
+                v=jnp.zeros((n, rows, plan.capacity, num_heads, head_dim), store),
+                slot_scale=jnp.full((n, plan.capacity), -1, jnp.int32),
+                k_scale=jnp.zeros((n, rows, plan.group_capacity, num_heads, head_dim), quant.SCALE_DTYPE)
                 if scaled else None,
-                v_scale=jnp.zeros((rows, layer.capacity, num_heads), quant.SCALE_DTYPE) if scaled else None,
+                v_scale=jnp.zeros((n, rows, plan.capacity, num_heads), quant.SCALE_DTYPE) if scaled else None,
             )
-            for layer in layout.layers
+            for plan, n in zip(layout.kinds, layout.kind_sizes, strict=True)
         )
     )
 

@@ -37,7 +37,7 @@ from amskv_jax.attention import prepare_qk
 from amskv_jax.config import ModelConfig, VARConfig
 from amskv_jax.policies import CALIBRATION_FORMAT, DEMANDING_FRACTION, select_layers
 from amskv_jax.resize import resize_bicubic
-from amskv_jax.var import VAR, SelfAttention, block_causal_mask
+from amskv_jax.var import VAR, block_causal_mask
 
 UPSAMPLES = ("nearest", "bicubic")
 MEASURES = ("kv", "k", "v")
@@ -102,18 +102,13 @@ def _layer_statistics(q, k, v, scale_mul_H, config: VARConfig, upsample: str):
 
 @functools.partial(jax.jit, static_argnames=("config", "upsample", "dtype"))
 def _statistics(var_params, labels_B, x_BLCv, *, config: VARConfig, upsample: str, dtype):
-    model = VAR(config, dtype=dtype)
-    _, state = model.apply(
-        var_params, labels_B, x_BLCv, mutable=["intermediates"],
-        capture_intermediates=lambda module, method: isinstance(module, SelfAttention) and method == "_qkv",
+    _, states = VAR(config, dtype=dtype).apply(var_params, labels_B, x_BLCv, method=VAR.teacher_states)
+    attn = var_params["params"]["blocks"]["attn"]
+    scale_mul_DH = attn["scale_mul_1H11"].reshape(config.depth, -1) if config.attn_l2_norm else None
+    # one layer at a time (lax.map): a compiled body per layer would grow with depth, vmap would hold D of them
+    return jax.lax.map(
+        lambda xs: _layer_statistics(*xs, config, upsample), (states["q"], states["k"], states["v"], scale_mul_DH)
     )
-    out = []
-    for layer in range(config.depth):
-        q, k, v = state["intermediates"][f"blocks_{layer}"]["attn"]["_qkv"][0]
-        attn_params = var_params["params"][f"blocks_{layer}"]["attn"]
-        scale_mul = attn_params["scale_mul_1H11"].reshape(-1) if config.attn_l2_norm else None
-        out.append(_layer_statistics(q, k, v, scale_mul, config, upsample))
-    return tuple(jnp.stack(parts) for parts in zip(*out))
 
 
 def layer_statistics(

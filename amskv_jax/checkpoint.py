@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from amskv_jax.config import PRESETS, ModelConfig, get_preset
-from amskv_jax.var import VAR
+from amskv_jax.var import VAR, stack_blocks
 from amskv_jax.vqvae import VQVAE
 
 
@@ -70,7 +70,17 @@ def load_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict]:
     config = ModelConfig.from_json(config_file.read_text())
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(directory / "params")
-    return config, params
+    return config, upgrade_params(params, config, str(directory))
+
+
+def upgrade_params(params: dict, config: ModelConfig, source: str, log=print) -> dict:
+    """Params written before the blocks were stacked (`blocks_0` … keys) re-stacked into this layout, with a
+    one-line notice (`stack_blocks`); params already in it are returned as they are."""
+    var = params["var"]["params"]
+    if "blocks_0" not in var:
+        return params
+    log(f"{source}: per-block params (blocks_0 …) re-stacked on load; re-save the model to skip this step")
+    return {**params, "var": {**params["var"], "params": stack_blocks(var, config.var.num_heads)}}
 
 
 def load_model(spec: str = DEFAULT_MODEL) -> Model:

@@ -7,13 +7,11 @@ collectives (the all-reduces of the model axis, the final gather of the images w
 * "data": the batch. Under classifier-free guidance the model runs 2·B rows; `generate` interleaves them
   (row 2i: image i's class, row 2i+1: the null class), so a contiguous block of rows holds whole images with both
   of their halves and guidance combines rows that sit on the same device. The KV cache's rows follow the batch.
-* "model": Megatron-style tensor parallelism inside every block. mat_qkv and fc1 are column-split, proj and fc2
-  row-split (partial sums that XLA all-reduces: two all-reduces per block and scale), q_bias / v_bias / scale_mul
-  and fc1's bias follow the heads / hidden units; attention and the KV cache are split by heads. Everything else
-  (embeddings, AdaLN, head, the VQ-VAE) is replicated. One caveat: mat_qkv's kernel is stored [C, 3C] as
-  (q | k | v) x heads, so a contiguous column split is not head-aligned (with model=2 one device holds q and half
-  of k); XLA all-gathers the qkv projection over "model" before taking each device's heads. Results are exact; a
-  head-aligned split would need the model to compute q/k/v from the kernel viewed as [C, 3, H, Dh].
+* "model": Megatron-style tensor parallelism inside every block. mat_qkv (kernel [C, 3, H, Dh]) is split along
+  its heads and fc1 column-split, proj and fc2 row-split (partial sums that XLA all-reduces: two all-reduces per
+  block and scale), q_bias / v_bias / scale_mul and fc1's bias follow the heads / hidden units; attention and the
+  KV cache are split by heads, so q, k and v never leave their device. Everything else (embeddings, AdaLN, head,
+  the VQ-VAE) is replicated. Block params are stacked on a leading depth axis (`blocks`), never split.
 
     mesh = make_mesh(data=4, model=2)                 # or make_mesh() = every device on "data"
     out = generate(params, labels, key, config=config, mesh=mesh)
@@ -37,18 +35,19 @@ from amskv_jax.config import ModelConfig, VARConfig
 AXES = ("data", "model")
 ROWS = P("data")  # anything whose leading axis is the batch (or the 2·B guidance rows)
 REPLICATED = P()
-CACHE_KV = P("data", None, "model", None)  # k, v: [rows, capacity, H, Dh]
+CACHE_KV = P(None, "data", None, "model", None)  # a kind's k, v (and k_scale): [n, rows, slots, H, Dh]
 
-# (module, parameter) -> spec, for the parameters of a transformer block's attention and MLP.
+# (module, parameter) -> spec, for the parameters of a transformer block's attention and MLP, each stacked on a
+# leading depth axis [D, ...] that stays whole (the layer scan slices it).
 BLOCK_SPECS = {
-    ("mat_qkv", "kernel"): P(None, "model"),  # [C, 3C] column-split
-    ("attn", "q_bias"): P("model"),  # [C] = [H·Dh]
-    ("attn", "v_bias"): P("model"),
-    ("attn", "scale_mul_1H11"): P(None, "model", None, None),  # [1, H, 1, 1]
-    ("proj", "kernel"): P("model", None),  # [C, C] row-split
-    ("fc1", "kernel"): P(None, "model"),  # [C, hidden] column-split
-    ("fc1", "bias"): P("model"),  # [hidden]
-    ("fc2", "kernel"): P("model", None),  # [hidden, C] row-split
+    ("mat_qkv", "kernel"): P(None, None, None, "model", None),  # [D, C, 3, H, Dh] split by heads
+    ("attn", "q_bias"): P(None, "model"),  # [D, C] = [D, H·Dh]
+    ("attn", "v_bias"): P(None, "model"),
+    ("attn", "scale_mul_1H11"): P(None, None, "model", None, None),  # [D, 1, H, 1, 1]
+    ("proj", "kernel"): P(None, "model", None),  # [D, C, C] row-split
+    ("fc1", "kernel"): P(None, None, "model"),  # [D, C, hidden] column-split
+    ("fc1", "bias"): P(None, "model"),  # [D, hidden]
+    ("fc2", "kernel"): P(None, "model", None),  # [D, hidden, C] row-split
 }
 
 
@@ -159,7 +158,7 @@ def _keys(path) -> tuple[str, ...]:
 
 def param_spec(path: tuple[str, ...], ndim: int) -> P:
     """The PartitionSpec of one parameter from its key path (block attention/MLP weights split, rest replicated)."""
-    if not any(k.startswith("blocks_") for k in path) or len(path) < 2:
+    if "blocks" not in path or len(path) < 2:
         return REPLICATED
     spec = BLOCK_SPECS.get(tuple(path[-2:]), REPLICATED)
     if spec is not REPLICATED and len(spec) != ndim:
@@ -190,9 +189,9 @@ def shard_params(params, mesh: Mesh, config: ModelConfig | VARConfig | None = No
 
 # --- KV cache and activations -----------------------------------------------------------------------------------
 def cache_spec(x) -> P:
-    """By rank: [rows, slots, H, Dh] buffers (k, v; quantised k_scale) and [rows, slots, H] (v_scale) split rows
-    over "data" and heads over "model"; slot_scale [capacity] replicated."""
-    return {4: CACHE_KV, 3: P("data", None, "model")}.get(np.ndim(x), REPLICATED)
+    """By rank, for a kind's stacked buffers: [n, rows, slots, H, Dh] (k, v; quantised k_scale) and [n, rows, slots,
+    H] (v_scale) split rows over "data" and heads over "model"; slot_scale [n, capacity] replicated."""
+    return {5: CACHE_KV, 4: P(None, "data", None, "model")}.get(np.ndim(x), REPLICATED)
 
 
 def cache_shardings(cache: KVCache, mesh: Mesh) -> KVCache:

@@ -1,13 +1,17 @@
 """The VAR transformer in Flax Linen (reference `models/var.py`, `models/basic_var.py`).
 
-Module and parameter names follow the reference's state-dict keys (see `convert/mapping.py`), so a converted
-checkpoint is the params tree. Two ways to run it:
+Module and parameter names follow the reference's state-dict keys (see `convert/mapping.py`), blocks stacked. Two ways to run it:
 
-* `__call__(label_B, x_BLCv)`: teacher forcing over all L tokens with the block-causal mask (training, parity).
+* `__call__(label_B, x_BLCv, layout=None)`: teacher forcing over all L tokens with the block-causal mask
+  (training, parity), or with the attention a cache layout leaves (`cache.teacher_mask`).
 * `step(x_BlC, cond_BD, cache, si, layout)`: one scale of generation; reads and writes the explicit `KVCache`
   (cache in, cache out; no module state), returning logits for that scale's tokens. The cache decides its own
   storage (`init_cache(..., kv_dtype=...)`, `quant.py`): a quantised one is dequantised by the attention and
   quantised on write, with the layout's static K-scale groups.
+
+The blocks' params are stacked on a leading depth axis (`blocks`, mat_qkv kernel [D, C, 3, H, Dh]) and both entry
+points run the layers as one `jax.lax.scan`, so trace and compile time do not grow with depth. `stack_blocks`
+turns the per-block layout (torch's `blocks.{i}`, this package's checkpoints before the scan) into this one.
 
 Embeddings, LayerNorms, softmax, the head and its AdaLN run in float32 as the reference does; the blocks' matmuls
 run in `dtype` (float32 or bfloat16). Shapes: B rows, l tokens of one scale, L all tokens, C width, V vocabulary.
@@ -22,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amskv_jax.attention import cached_attention, masked_attention, prepare_qk
-from amskv_jax.cache import CacheLayout, KVCache, LayerCache, LayerLayout
+from amskv_jax.cache import CacheLayout, KindCache, KVCache, LayerLayout, teacher_mask
 from amskv_jax.config import VARConfig
 
 
@@ -40,26 +44,16 @@ def block_causal_mask(patch_nums: tuple[int, ...]) -> np.ndarray:
     return level[None, :] <= level[:, None]
 
 
-def layout_masks(layout: CacheLayout) -> list[np.ndarray]:
-    """bool [L, L] per layer: token t (scale s) may attend token u iff u's scale is s or in the layer's reads[s]."""
-    level = np.concatenate([np.full(pn * pn, si) for si, pn in enumerate(layout.patch_nums)])
-    out = []
-    for plan in layout.layers:
-        allowed = np.eye(len(layout.patch_nums), dtype=bool)
-        for si, reads in enumerate(plan.reads):
-            allowed[si, list(reads)] = True
-        out.append(allowed[level[:, None], level[None, :]])
-    return out
-
-
 class SelfAttention(nn.Module):
+    """Multi-head attention; mat_qkv's kernel is [C, 3, H, Dh], so a "model" mesh axis splitting H is head-aligned."""
+
     config: VARConfig
     dtype: Any = jnp.float32
     impl: str = "xla"
 
     def setup(self):
         c = self.config
-        self.mat_qkv = nn.Dense(3 * c.embed_dim, use_bias=False, dtype=self.dtype)
+        self.mat_qkv = nn.DenseGeneral((3, c.num_heads, c.head_dim), use_bias=False, dtype=self.dtype)
         self.q_bias = self.param("q_bias", nn.initializers.zeros, (c.embed_dim,))
         self.v_bias = self.param("v_bias", nn.initializers.zeros, (c.embed_dim,))
         if c.attn_l2_norm:
@@ -68,11 +62,11 @@ class SelfAttention(nn.Module):
         self.proj = nn.Dense(c.embed_dim, dtype=self.dtype)
 
     def _qkv(self, x_BlC):
+        """Raw projections q, k, v: [B, l, H, Dh] each (k has no bias, as in the reference)."""
         c = self.config
-        bias = jnp.concatenate([self.q_bias, jnp.zeros_like(self.q_bias), self.v_bias])
-        qkv = self.mat_qkv(x_BlC) + bias.astype(self.dtype)
-        q, k, v = jnp.split(qkv.reshape(*x_BlC.shape[:2], 3, c.num_heads, c.head_dim), 3, axis=2)
-        return q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        bias_3HD = jnp.stack([self.q_bias, jnp.zeros_like(self.q_bias), self.v_bias]).reshape(3, c.num_heads, -1)
+        qkv = self.mat_qkv(x_BlC) + bias_3HD.astype(self.dtype)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
     def _scale_mul_H(self):
         return self.scale_mul_1H11.reshape(-1) if self.config.attn_l2_norm else None
@@ -81,24 +75,27 @@ class SelfAttention(nn.Module):
         return self.proj(o_BlHD.reshape(*o_BlHD.shape[:2], -1).astype(self.dtype))
 
     def __call__(self, x_BLC, mask_LL):
+        """(output [B, L, C], the raw (q, k, v)) under a bool [L, L] mask."""
         q, k, v = self._qkv(x_BLC)
-        q, k = prepare_qk(q, k, self._scale_mul_H())
-        return self._out(masked_attention(q, k, v, mask_LL))
+        q_n, k_n = prepare_qk(q, k, self._scale_mul_H())
+        return self._out(masked_attention(q_n, k_n, v, mask_LL)), (q, k, v)
 
-    def step(self, x_BlC, cache: LayerCache, plan: LayerLayout, si: int):
+    def step(self, x_BlC, cache: KindCache, index, plan: LayerLayout, si: int):
+        """Scale si's queries against layer `index` of its kind's stacked cache, then scale si's write to it."""
         q, k, v = self._qkv(x_BlC)
-        mask = cache.read_mask(plan.reads[si])
+        layer = cache.layer(index)
+        mask = layer.read_mask(plan.reads[si])
         # A quantised cache (its storage dtype is the cache's own; see quant.py) brings its scales.
         scales = (
-            dict(k_scale=cache.k_scale, v_scale=cache.v_scale, k_group=plan.slot_groups(si)) if cache.quantized else {}
+            dict(k_scale=layer.k_scale, v_scale=layer.v_scale, k_group=plan.slot_groups(si)) if cache.quantized else {}
         )
         o = cached_attention(
-            q, k, v, cache.k, cache.v, mask, self._scale_mul_H(), impl=self.impl, static_mask=plan.read_mask(si),
+            q, k, v, layer.k, layer.v, mask, self._scale_mul_H(), impl=self.impl, static_mask=plan.read_mask(si),
             **scales,
         )
         if plan.written(si):
             _, k_cached = prepare_qk(q, k, self._scale_mul_H())
-            cache = cache.write(plan.writes[si], si, k_cached, v, group=plan.group(si))
+            cache = cache.write(index, plan.writes[si], si, k_cached, v, group=plan.group(si))
         return self._out(o), cache
 
 
@@ -146,10 +143,12 @@ class AdaLNSelfAttn(nn.Module):
         return x, out
 
     def __call__(self, x, cond, mask_LL):
-        return self._mix(x, cond, lambda h: (self.attn(h, mask_LL), None))[0]
+        """(x [B, L, C], the attention's raw (q, k, v)): teacher forcing under a bool [L, L] mask."""
+        return self._mix(x, cond, lambda h: self.attn(h, mask_LL))
 
-    def step(self, x, cond, cache: LayerCache, plan: LayerLayout, si: int):
-        return self._mix(x, cond, lambda h: self.attn.step(h, cache, plan, si))
+    def step(self, x, cond, cache: KindCache, index, plan: LayerLayout, si: int):
+        """(x [B, l, C], cache): one scale through layer `index` of the kind whose stacked cache is `cache`."""
+        return self._mix(x, cond, lambda h: self.attn.step(h, cache, index, plan, si))
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -181,9 +180,21 @@ class VAR(nn.Module):
         self.lvl_embed = nn.Embed(c.num_scales, c.embed_dim, embedding_init=init)
         if c.shared_aln:
             self.shared_ada_lin_1 = nn.Dense(6 * c.embed_dim)
-        self.blocks = [AdaLNSelfAttn(c, self.dtype, self.impl) for _ in range(c.depth)]
+        self.blocks = self.param("blocks", self._init_blocks)
         self.head_nm = AdaLNBeforeHead(c)
         self.head = nn.Dense(c.vocab_size)
+
+    def _block(self) -> AdaLNSelfAttn:
+        """The block as an unbound module: the layer loops apply it to one layer's slice of `blocks`."""
+        return AdaLNSelfAttn(self.config, self.dtype, self.impl, parent=None)
+
+    def _init_blocks(self, key):
+        """Every block's params, stacked on a leading depth axis (the layer loops scan over it)."""
+        c = self.config
+        cond = jnp.zeros((1, 1, 6, c.embed_dim) if c.shared_aln else (1, c.embed_dim))
+        x, mask = jnp.zeros((1, 1, c.embed_dim)), jnp.ones((1, 1), bool)
+        init = lambda k: self._block().init(k, x, cond, mask)["params"]  # noqa: E731
+        return jax.vmap(init)(jax.random.split(key, c.depth))
 
     # --- embeddings -------------------------------------------------------------------------------------------
     def condition(self, label_B):
@@ -215,25 +226,86 @@ class VAR(nn.Module):
     def __call__(self, label_B, x_BLCv_wo_first_l, layout: CacheLayout | None = None):
         """Teacher forcing: logits [B, L, V] for all scales at once (labels are used as given: no dropout).
 
-        With a `layout`, at layer l a token of scale s attends to the scales `layout.layers[l].reads[s]` plus its
-        own: what cached generation under that layout attends to."""
+        layout None: the block-causal mask. With a cache layout, at layer l a token of scale s attends to the scales
+        `layout.layers[l].reads[s]` plus its own: exactly what cached generation under that layout attends to."""
+        return self.teacher_states(label_B, x_BLCv_wo_first_l, layout, keep=False)[0]
+
+    def teacher_states(self, label_B, x_BLCv_wo_first_l, layout: CacheLayout | None = None, keep: bool = True):
+        """(logits [B, L, V], per-layer states): with `keep`, {"out": every block's output [D, B, L, C], "q", "k",
+        "v": its raw projections [D, B, L, H, Dh]} (verification, calibration); else None."""
         c = self.config
         cond_BD = self.condition(label_B)
         sos = cond_BD[:, None] + self.pos_start
         x = jnp.concatenate([sos, self.word_embed(x_BLCv_wo_first_l.astype(jnp.float32))], axis=1)
         level = np.concatenate([np.full(pn * pn, si) for si, pn in enumerate(c.patch_nums)])
         x = x + self.lvl_embed.embedding[level][None] + self.pos_1LC
-        masks = [block_causal_mask(c.patch_nums)] * c.depth if layout is None else layout_masks(layout)
-        block_cond = self._block_cond(cond_BD)
-        for block, mask in zip(self.blocks, masks, strict=True):
-            x = block(x, block_cond, jnp.asarray(mask))
-        return self.logits(x, cond_BD)
+        if layout is None:
+            masks_KLL, kind_of = block_causal_mask(c.patch_nums)[None], np.zeros(c.depth, np.int32)
+        else:
+            masks_KLL, kind_of = teacher_mask(layout), np.asarray(layout.kind_of, np.int32)
+        masks_KLL = jnp.asarray(masks_KLL)
+        block, block_cond = self._block(), self._block_cond(cond_BD)
+
+        def layer(x, xs):
+            params, kind = xs
+            x, (q, k, v) = block.apply({"params": params}, x, block_cond, masks_KLL[kind])
+            return x, (dict(out=x, q=q, k=k, v=v) if keep else None)
+
+        x, states = jax.lax.scan(layer, x, (self.blocks, jnp.asarray(kind_of)))
+        return self.logits(x, cond_BD), states
 
     def step(self, x_BlC, cond_BD, cache: KVCache, si: int, layout: CacheLayout):
-        """One scale: every block on this scale's tokens against the cache. Returns (logits [B, l, V], cache)."""
-        block_cond = self._block_cond(cond_BD)
-        layers = []
-        for block, layer_cache, plan in zip(self.blocks, cache.layers, layout.layers, strict=True):
-            x_BlC, layer_cache = block.step(x_BlC, block_cond, layer_cache, plan, si)
-            layers.append(layer_cache)
-        return self.logits(x_BlC, cond_BD), KVCache(layers=tuple(layers))
+        """One scale: every block on this scale's tokens against the cache. Returns (logits [B, l, V], cache).
+
+        One scanned body for all layers. A layer reads and writes only its kind's stacked cache (`layout.kinds`),
+        picked with `lax.switch` on the layer's kind; each branch knows its kind's static plan for scale si."""
+        block, block_cond = self._block(), self._block_cond(cond_BD)
+
+        def run(j: int):
+            plan = layout.kinds[j]
+
+            def branch(x, kinds, params, index):
+                x, kind_cache = block.apply(
+                    {"params": params}, x, block_cond, kinds[j], index, plan, si, method=AdaLNSelfAttn.step
+                )
+                return x, kinds[:j] + (kind_cache,) + kinds[j + 1 :]
+
+            return branch
+
+        branches = [run(j) for j in range(len(layout.kinds))]
+
+        def layer(carry, xs):
+            params, kind, index = xs
+            if len(branches) == 1:
+                return branches[0](*carry, params, index), None
+            return jax.lax.switch(kind, branches, *carry, params, index), None
+
+        xs = (self.blocks, jnp.asarray(layout.kind_of, jnp.int32), jnp.asarray(layout.kind_index, jnp.int32))
+        (x_BlC, kinds), _ = jax.lax.scan(layer, (x_BlC, cache.kinds), xs)
+        return self.logits(x_BlC, cond_BD), KVCache(kinds=kinds)
+
+
+def stack_blocks(var_params: dict, num_heads: int) -> dict:
+    """A VAR params dict in the per-block layout (`blocks_0` … `blocks_{D-1}`, mat_qkv kernel [C, 3C], as torch
+    names them) -> this model's layout (`blocks`, every leaf stacked on a leading depth axis, mat_qkv kernel
+    [D, C, 3, H, Dh]). Numpy in, numpy out (jax arrays too); other entries are kept as they are."""
+    depth = len([k for k in var_params if k.startswith("blocks_")])
+    xp = np if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(var_params)) else jnp
+    blocks = jax.tree.map(lambda *xs: xp.stack(xs), *[var_params[f"blocks_{i}"] for i in range(depth)])
+    qkv = blocks["attn"]["mat_qkv"]
+    qkv["kernel"] = qkv["kernel"].reshape(*qkv["kernel"].shape[:2], 3, num_heads, -1)
+    rest = {k: v for k, v in var_params.items() if not k.startswith("blocks_")}
+    return {**rest, "blocks": blocks}
+
+
+def unstack_blocks(var_params: dict) -> dict:
+    """The inverse of `stack_blocks`: `blocks` -> `blocks_0` … `blocks_{D-1}`, mat_qkv kernel [C, 3C]."""
+    blocks = var_params["blocks"]
+    depth = jax.tree.leaves(blocks)[0].shape[0]
+    rest = {k: v for k, v in var_params.items() if k != "blocks"}
+    for i in range(depth):
+        block = jax.tree.map(lambda x: x[i], blocks)
+        kernel = block["attn"]["mat_qkv"]["kernel"]
+        block["attn"]["mat_qkv"]["kernel"] = kernel.reshape(kernel.shape[0], -1)
+        rest[f"blocks_{i}"] = block
+    return rest

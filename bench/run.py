@@ -501,10 +501,12 @@ def _attend(q, k, v, cache_k, cache_v, cache_mask, scale_mul_H, *, impl, static_
 
 def params_to_state_dict(params: dict, torch_shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """Our Flax params as a torch state dict with the given keys (the inverse of `convert.mapping`): every key of
-    `torch_shapes` that is not a recomputed buffer is looked up through `torch_key_to_path`, its layout undone."""
+    `torch_shapes` that is not a recomputed buffer is looked up through `torch_key_to_path`, its layout undone
+    (stacked VAR blocks are first split into the per-block layout, `unstack_blocks`)."""
+    from amskv_jax.var import unstack_blocks
     from convert.mapping import _flatten, is_buffer, torch_key_to_path
 
-    flat = _flatten(params)
+    flat = _flatten(unstack_blocks(params) if "blocks" in params else params)
     out, problems = {}, []
     for key, shape in torch_shapes.items():
         if is_buffer(key):

@@ -2,7 +2,9 @@
 
 Our Flax modules are named after the reference's module paths, with list indices joined to the preceding name:
 torch `encoder.down.0.block.1.conv1.weight` is Flax `encoder/down_0/block_1/conv1/kernel`, torch
-`blocks.3.ada_lin.1.weight` is `blocks_3/ada_lin_1/kernel`. Leaves change layout only:
+`blocks.3.ada_lin.1.weight` is `blocks_3/ada_lin_1/kernel` in the per-block layout. The VAR stacks its blocks
+(`blocks/ada_lin_1/kernel` [D, ...], mat_qkv's kernel [D, C, 3, H, Dh]): a target with stacked blocks is mapped in
+the per-block layout and stacked afterwards (`amskv_jax.var.stack_blocks`). Leaves change layout only:
 
 | torch leaf | Flax leaf | layout |
 |---|---|---|
@@ -20,7 +22,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+import jax
 import numpy as np
+
+from amskv_jax.var import stack_blocks, unstack_blocks
 
 # Buffers of the reference that are recomputed here (masks, level indices, zero biases, training statistics).
 BUFFER_PATTERNS = (
@@ -87,6 +92,10 @@ def state_dict_to_params(
     `prefix` selects the keys under one torch module (e.g. `"quantize."`) and is stripped. Returns a nested dict of
     numpy arrays in the state dict's dtype. Raises MappingError naming `source` and the key for every mismatch.
     """
+    if "blocks" in target:
+        heads = target["blocks"]["attn"]["mat_qkv"]["kernel"].shape[3]
+        per_block = jax.eval_shape(unstack_blocks, target)
+        return stack_blocks(state_dict_to_params(state_dict, per_block, prefix=prefix, source=source), heads)
     flat_target = _flatten(target)
     by_torch_path = {}
     for path in flat_target:

@@ -40,7 +40,7 @@ from amskv_jax.config import VARConfig, VQVAEConfig
 from amskv_jax.generate import generate
 from amskv_jax.policies import FullCache
 from amskv_jax.resize import resize_area, resize_bicubic
-from amskv_jax.var import VAR, AdaLNSelfAttn
+from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
 from convert.from_torch import ConversionError, convert
 from convert.mapping import MappingError
@@ -156,10 +156,6 @@ def _check_config(config, ref: dict, ref_dir: Path, has_vae: bool):
 
 # ---- compiled programs, one set per configuration (repeated verifications reuse them)
 
-def _is_block(module, method_name) -> bool:
-    return isinstance(module, AdaLNSelfAttn) and method_name == "__call__"
-
-
 @functools.lru_cache(maxsize=8)
 def _var_programs(c: VARConfig):
     var = VAR(c)
@@ -167,9 +163,9 @@ def _var_programs(c: VARConfig):
 
     @jax.jit
     def teacher(params, label_B, x_BLCv):
-        """Logits [B, L, V] and each block's output (captured intermediates)."""
-        logits, state = var.apply(params, label_B, x_BLCv, capture_intermediates=_is_block, mutable=["intermediates"])
-        return logits, [state["intermediates"][f"blocks_{i}"]["__call__"][0] for i in range(c.depth)]
+        """Logits [B, L, V] and each block's output [D, B, L, C]."""
+        logits, states = var.apply(params, label_B, x_BLCv, method=VAR.teacher_states)
+        return logits, states["out"]
 
     @jax.jit
     def cached_steps(params, label_B, x_BLCv):

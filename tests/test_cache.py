@@ -48,22 +48,22 @@ def test_capacity_equals_most_live_tokens_and_masks_read_exactly_the_kept_scales
 def test_write_then_read_mask_follows_the_layout():
     layout = build_layout(_condensed_plus_window(1, 1), 1, (1, 2, 3, 4), "c1w1")
     plan = layout.layers[0]
-    cache = init_cache(layout, rows=2, num_heads=1, head_dim=4, dtype=jnp.float32).layers[0]
+    cache = init_cache(layout, rows=2, num_heads=1, head_dim=4, dtype=jnp.float32).kinds[0]
     for si, pn in enumerate((1, 2, 3, 4)):
-        mask = np.asarray(cache.read_mask(plan.reads[si]))
+        mask = np.asarray(cache.layer(0).read_mask(plan.reads[si]))
         np.testing.assert_array_equal(mask, plan.read_mask(si))
         k = jnp.full((2, pn * pn, 1, 4), float(si + 1))
         if plan.written(si):
-            cache = cache.write(plan.writes[si], si, k, k)
-    np.testing.assert_array_equal(np.asarray(cache.slot_scale), plan.slot_scales(3))
+            cache = cache.write(0, plan.writes[si], si, k, k)
+    np.testing.assert_array_equal(np.asarray(cache.layer(0).slot_scale), plan.slot_scales(3))
     # slot contents match the scale recorded for them
     for slot, s in enumerate(plan.slot_scales(3)):
         if s >= 0:
-            assert float(cache.k[0, slot, 0, 0]) == s + 1
+            assert float(cache.layer(0).k[0, slot, 0, 0]) == s + 1
 
 
 def test_cache_bytes_matches_the_buffers():
     layout = FullCache().layout(get_preset("tiny").var)
     cache = init_cache(layout, rows=4, num_heads=2, head_dim=64, dtype=jnp.bfloat16)
-    actual = sum(x.size * x.dtype.itemsize for layer in cache.layers for x in (layer.k, layer.v, layer.slot_scale))
+    actual = sum(x.size * x.dtype.itemsize for kind in cache.kinds for x in (kind.k, kind.v, kind.slot_scale))
     assert cache_bytes(layout, rows=4, num_heads=2, head_dim=64, itemsize=2) == actual

@@ -33,7 +33,7 @@ def test_cache_bytes_are_exactly_the_cache_arguments_of_the_compiled_programs(kv
     for name in POLICIES:
         layout = policy_from_name(name, LADDER).layout(LADDER)
         cache = jax.eval_shape(lambda: make(layout))
-        assert (cache.layers[0].k_scale is not None) == (kv_dtype == "int8")
+        assert (cache.kinds[0].k_scale is not None) == (kv_dtype == "int8")
         reader = jax.jit(lambda c: jax.tree.map(lambda a: a.astype(jnp.float32).sum(), c)).lower(cache).compile()
         static, _ = layout_bytes(layout, LADDER, rows // 2, "bfloat16", kv_dtype)
         assert reader.memory_analysis().argument_size_in_bytes == static == _nbytes(cache), name

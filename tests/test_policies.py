@@ -69,16 +69,17 @@ def _cached_vs_gathered_error(layout, qkv, scale_mul):
     errors = []
     for plan in layout.layers:
         rows, _, heads, dim = qkv[0][0].shape
-        cache = init_cache(dataclasses.replace(layout, layers=(plan,)), rows, heads, dim, jnp.float32).layers[0]
+        cache = init_cache(dataclasses.replace(layout, layers=(plan,)), rows, heads, dim, jnp.float32).kinds[0]
         for si, (q, k, v) in enumerate(qkv):
-            out = cached_attention(q, k, v, cache.k, cache.v, cache.read_mask(plan.reads[si]), scale_mul)
+            layer = cache.layer(0)
+            out = cached_attention(q, k, v, layer.k, layer.v, layer.read_mask(plan.reads[si]), scale_mul)
             kept = list(plan.reads[si]) + [si]
             q_p, k_all = prepare_qk(q, jnp.concatenate([qkv[s][1] for s in kept], axis=1), scale_mul)
             v_all = jnp.concatenate([qkv[s][2] for s in kept], axis=1)
             want = masked_attention(q_p, k_all, v_all, jnp.ones((q.shape[1], k_all.shape[1]), bool))
             errors.append(jnp.abs(out - want).max())
             if plan.written(si):
-                cache = cache.write(plan.writes[si], si, prepare_qk(q, k, scale_mul)[1], v)
+                cache = cache.write(0, plan.writes[si], si, prepare_qk(q, k, scale_mul)[1], v)
     return jnp.stack(errors).max()
 
 

@@ -108,14 +108,14 @@ def test_real_kv_of_the_fixture_model_round_trip_within_the_bound_and_int8_logit
     layout = FullCache().layout(cfg)
     run = jax.jit(_stepped, static_argnums=(0, 4, 5))
     exact, cache = run(cfg, params, labels, x, layout, None)
-    for layer in cache.layers:
+    for layer in (cache.layer(layout, l) for l in range(cfg.depth)):
         for s, (begin, end) in enumerate(cfg.begin_ends[:-1]):  # the full cache holds scale s at its token offsets
             k, v = layer.k[:, begin:end], layer.v[:, begin:end]
             for dtype in KV:
                 _check_round_trip(k, *quant.quantize_k(k, dtype), 1, dtype)
                 _check_round_trip(v, *quant.quantize_v(v, dtype), 3, dtype)
     logits, cache_q = run(cfg, params, labels, x, layout, "int8")
-    assert cache_q.layers[0].k.dtype == jnp.int8
+    assert cache_q.kinds[0].k.dtype == jnp.int8
     assert _rel(logits, exact) < 2e-3
 
 
@@ -150,11 +150,11 @@ SI = 8
 def _write_scales(dtype, kv):
     """Caches (unquantised in `dtype`, int8, float8) holding the same K (unit) / V, written scale by scale."""
     plan = LAYOUT.layers[0]
-    caches = [init_cache(LAYOUT, 2, 2, 64, dtype, kv_dtype=kind).layers[0] for kind in (None, *KV)]
+    caches = [init_cache(LAYOUT, 2, 2, 64, dtype, kv_dtype=kind).kinds[0] for kind in (None, *KV)]
     for si, (k, v) in enumerate(kv):
         if plan.written(si):
-            caches = [c.write(plan.writes[si], si, k, v, group=plan.group(si)) for c in caches]
-    return caches
+            caches = [c.write(0, plan.writes[si], si, k, v, group=plan.group(si)) for c in caches]
+    return [c.layer(0) for c in caches]
 
 
 def _written_caches(seed: int, dtype):
@@ -174,8 +174,8 @@ def _written_caches(seed: int, dtype):
 def _attend(kernel, fresh, cache, scale_mul_H):
     plan = LAYOUT.layers[0]
     mask = cache.read_mask(plan.reads[SI])
-    scales = dict(k_scale=cache.k_scale, v_scale=cache.v_scale, k_group=plan.slot_groups(SI)) if cache.quantized \
-        else {}
+    scales = dict(k_scale=cache.k_scale, v_scale=cache.v_scale, k_group=plan.slot_groups(SI)) \
+        if cache.k_scale is not None else {}
     return kernel(*fresh, cache.k, cache.v, mask, scale_mul_H, **scales)
 
 
@@ -237,10 +237,10 @@ def test_bad_kv_dtype_and_missing_group_fail_with_a_message():
         init_cache(LAYOUT, 1, 1, 64, jnp.float32, kv_dtype="int4")
     with pytest.raises(ValueError, match="unknown kv_dtype 'float16'"):
         generate(None, [1], jax.random.key(0), config=get_preset("tiny"), kv_dtype="float16")
-    cache = init_cache(LAYOUT, 1, 1, 64, jnp.float32, kv_dtype="int8").layers[0]
+    cache = init_cache(LAYOUT, 1, 1, 64, jnp.float32, kv_dtype="int8").kinds[0]
     k = jnp.zeros((1, 1, 1, 64))
     with pytest.raises(ValueError, match="needs the scale's K-scale group"):
-        cache.write(LAYOUT.layers[0].writes[0], 0, k, k)
+        cache.write(0, LAYOUT.layers[0].writes[0], 0, k, k)
 
 
 # --- whole generations ----------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def _child(out_dir: Path) -> None:
     shapes = jax.eval_shape(lambda: checkpoint.init_params(config))
     params = jax.tree.map(lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape), s.dtype), shapes)
     layout = FullCache().layout(config.var)
-    report: dict = {"specs": {}, "errors": {}, "compiles": {}, "collectives": {}}
+    report: dict = {"specs": {}, "errors": {}, "compiles": {}, "collectives": {}, "all_gathers": {}}
     arrays: dict[str, np.ndarray] = {}
 
     def run(name, mesh, **kwargs):
@@ -77,9 +77,10 @@ def _child(out_dir: Path) -> None:
             return_logits=False, mesh=mesh,
         ).compile().as_text()
         report["collectives"][mesh_name] = sorted(set(re.findall(COLLECTIVE, hlo)))
+        report["all_gathers"][mesh_name] = len(re.findall(r"= \S+ all-gather(?:-start)?\(", hlo))
 
         placed = sharding.shard_params(params, mesh)
-        block = placed["var"]["params"]["blocks_1"]
+        block = placed["var"]["params"]["blocks"]  # every block, stacked on a leading depth axis
         for name, leaf in [
             ("mat_qkv", block["attn"]["mat_qkv"]["kernel"]), ("q_bias", block["attn"]["q_bias"]),
             ("scale_mul", block["attn"]["scale_mul_1H11"]), ("proj", block["attn"]["proj"]["kernel"]),
@@ -91,14 +92,15 @@ def _child(out_dir: Path) -> None:
         ]:
             specs[name] = list(leaf.sharding.spec)
             assert leaf.sharding.mesh == mesh
-        # local shard of the column-split qkv kernel: a 1/model slice of the columns
+        # local shard of the head-split qkv kernel [D, C, 3, H, Dh]: a 1/model slice of the heads
         specs["mat_qkv_shard_shape"] = list(block["attn"]["mat_qkv"]["kernel"].addressable_shards[0].data.shape)
         cache = sharding.init_sharded_cache(layout, len(LABELS), config, mesh, jnp.float32)
-        specs["cache_k"] = list(cache.layers[0].k.sharding.spec)
-        specs["cache_v"] = list(cache.layers[0].v.sharding.spec)
-        specs["cache_slot_scale"] = list(cache.layers[0].slot_scale.sharding.spec)
-        specs["cache_k_shard_shape"] = list(cache.layers[0].k.addressable_shards[0].data.shape)
-        specs["cache_k_shape"] = list(cache.layers[0].k.shape)
+        kind = cache.kinds[0]  # the full cache: one kind, every layer
+        specs["cache_k"] = list(kind.k.sharding.spec)
+        specs["cache_v"] = list(kind.v.sharding.spec)
+        specs["cache_slot_scale"] = list(kind.slot_scale.sharding.spec)
+        specs["cache_k_shard_shape"] = list(kind.k.addressable_shards[0].data.shape)
+        specs["cache_k_shape"] = list(kind.k.shape)
 
     report["meshes"] = {
         text: dict(sharding.mesh_from_text(text).shape) if text else dict(sharding.make_mesh().shape)
@@ -167,28 +169,31 @@ def test_params_cache_and_outputs_carry_the_intended_shardings(child, mesh):
     report, _, _ = child
     specs = report["specs"][mesh]
     model = MESHES[mesh][1]
-    assert specs["mat_qkv"] == specs["fc1"] == [None, "model"]  # column-split
-    assert specs["proj"] == specs["fc2"] == ["model", None]  # row-split
-    assert specs["q_bias"] == specs["fc1_bias"] == ["model"]
-    assert specs["scale_mul"] == [None, "model", None, None]
+    # block params carry a leading depth axis that is never split
+    assert specs["mat_qkv"] == [None, None, None, "model", None]  # [D, C, 3, H, Dh]: split by heads
+    assert specs["fc1"] == [None, None, "model"]  # column-split
+    assert specs["proj"] == specs["fc2"] == [None, "model", None]  # row-split
+    assert specs["q_bias"] == specs["fc1_bias"] == [None, "model"]
+    assert specs["scale_mul"] == [None, None, "model", None, None]
     for replicated in ("proj_bias", "class_emb", "head", "codebook"):
         assert specs[replicated] == [], replicated
-    assert specs["mat_qkv_shard_shape"] == [128, 384 // model]
-    assert specs["cache_k"] == specs["cache_v"] == ["data", None, "model", None]
+    assert specs["mat_qkv_shard_shape"] == [2, 128, 3, 2 // model, 64]
+    assert specs["cache_k"] == specs["cache_v"] == [None, "data", None, "model", None]
     assert specs["cache_slot_scale"] == []
-    rows, capacity, heads, head_dim = specs["cache_k_shape"]
-    assert rows == 2 * len(LABELS)
-    assert specs["cache_k_shard_shape"] == [rows // MESHES[mesh][0], capacity, heads // model, head_dim]
+    layers, rows, capacity, heads, head_dim = specs["cache_k_shape"]
+    assert layers == 2 and rows == 2 * len(LABELS)
+    assert specs["cache_k_shard_shape"] == [layers, rows // MESHES[mesh][0], capacity, heads // model, head_dim]
     assert specs["tokens"] == specs["images"] == ["data"]
 
 
-def test_data_parallel_program_has_no_communication_and_model_parallel_only_reductions_and_gathers(child):
+def test_data_parallel_program_has_no_communication_and_model_parallel_only_reductions(child):
     """Guidance rows sit next to their image's rows and sampling runs per shard: nothing crosses the data axis.
-    The model axis all-reduces proj/fc2's partial sums; it also all-gathers the qkv projection, whose columns
-    (q | k | v) x heads a contiguous split cannot divide by heads (see sharding.py)."""
+    The model axis only all-reduces proj/fc2's partial sums: mat_qkv is split by heads, as are attention and the
+    cache, so no q, k or v activation is all-gathered (there is no all-gather at all)."""
     report, _, _ = child
     assert report["collectives"]["data8"] == []
-    assert report["collectives"]["data4_model2"] == ["all-gather", "all-reduce"]
+    assert report["collectives"]["data4_model2"] == ["all-reduce"]
+    assert report["all_gathers"] == {mesh: 0 for mesh in MESHES}
 
 
 def test_generate_compiles_once_per_mesh_for_new_labels_and_keys(child):

@@ -1,14 +1,18 @@
-"""The VAR transformer: the cached per-scale path equals teacher forcing; shared AdaLN; config validation."""
+"""The VAR transformer: the cached per-scale path equals teacher forcing (under every policy's mask); shared AdaLN;
+stacked block params; config validation."""
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from amskv_jax.cache import init_cache
+from amskv_jax.cache import init_cache, teacher_mask
 from amskv_jax.config import VARConfig, get_preset
-from amskv_jax.policies import FullCache
-from amskv_jax.var import VAR, block_causal_mask
+from amskv_jax.policies import AMSKV, POLICIES, FullCache, policy_from_name
+from amskv_jax.var import VAR, block_causal_mask, stack_blocks, unstack_blocks
 
 
 def _random_var_params(cfg: VARConfig, seed: int = 0):
@@ -63,3 +67,54 @@ def test_bad_config_fails_with_allowed_values():
         VARConfig(depth=2, embed_dim=130, num_heads=4)
     with pytest.raises(ValueError, match="unknown preset 'd17'.*d16"):
         get_preset("d17")
+
+
+def _policy_layouts(cfg: VARConfig):
+    """Every named policy's layout, and AMS-KV with interleaved demanding layers (kinds alternate in depth)."""
+    layouts = {name: policy_from_name(name, cfg).layout(cfg) for name in POLICIES}
+    layouts["amskv-interleaved"] = AMSKV(2, 0, demanding_layers=(1, 3), demanding_window=2).layout(cfg)
+    return layouts
+
+
+def test_teacher_forcing_under_each_policy_equals_its_cached_steps():
+    """At every layer, the policy-masked teacher-forced logits equal the cached per-scale logits on the same tokens
+    (float32): the teacher mask is exactly what generation under that layout attends to."""
+    cfg = dataclasses.replace(get_preset("tiny").var, depth=5)  # 5 layers: AMS-KV has a demanding one
+    model = VAR(cfg)
+    params = _random_var_params(cfg)
+    labels = jnp.array([3, 7], jnp.int32)
+    x = jax.random.normal(jax.random.key(5), (2, cfg.seq_len - cfg.first_l, cfg.cvae))
+    teacher = jax.jit(lambda p, layout: model.apply(p, labels, x, layout), static_argnums=1)
+    stepped = jax.jit(cached_logits, static_argnums=(0, 4))
+    unmasked = teacher(params, None)
+    for name, layout in _policy_layouts(cfg).items():
+        masked = teacher(params, layout)
+        cached, _ = stepped(model, params, labels, x, layout)
+        rel = float(jnp.abs(cached - masked).max() / jnp.abs(masked).max())
+        assert rel < 1e-5, (name, rel)
+        if name != "full":  # the policy changes what is attended: the masks matter
+            assert float(jnp.abs(masked - unmasked).max()) > 1e-3, name
+
+
+def test_teacher_mask_of_the_full_cache_is_block_causal_and_kinds_follow_the_layers():
+    cfg = get_preset("tiny-ladder256").var
+    full = FullCache().layout(cfg)
+    np.testing.assert_array_equal(teacher_mask(full), block_causal_mask(cfg.patch_nums)[None])
+    layout = AMSKV(2, 0, demanding_layers=(1,), demanding_window=2).layout(dataclasses.replace(cfg, depth=4))
+    assert layout.kind_of == (0, 1, 0, 0) and layout.kind_index == (0, 0, 1, 2) and layout.kind_sizes == (3, 1)
+    masks = teacher_mask(layout)
+    level = np.concatenate([np.full(pn * pn, si) for si, pn in enumerate(cfg.patch_nums)])
+    last = level == 9
+    assert set(level[masks[0][last].any(0)]) == {0, 1, 9}
+    assert set(level[masks[1][last].any(0)]) == {0, 1, 7, 8, 9}
+
+
+def test_stacked_params_round_trip_through_the_per_block_layout():
+    cfg = get_preset("tiny").var
+    params = _random_var_params(cfg)["params"]
+    per_block = unstack_blocks(params)
+    assert "blocks" not in per_block and per_block["blocks_1"]["attn"]["mat_qkv"]["kernel"].shape == (128, 384)
+    back = stack_blocks(per_block, cfg.num_heads)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(a, b)

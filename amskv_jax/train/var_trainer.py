@@ -46,13 +46,12 @@ def init_var(config: VARConfig, seed: int) -> dict:
     params["head"]["kernel"] = params["head"]["kernel"] * 0.02
     params["head_nm"]["ada_lin_1"]["kernel"] = params["head_nm"]["ada_lin_1"]["kernel"] * 0.5
     residual = 1 / np.sqrt(2 * c.depth)
-    for i in range(c.depth):
-        block = params[f"blocks_{i}"]
-        block["attn"]["proj"]["kernel"] = block["attn"]["proj"]["kernel"] * residual
-        block["ffn"]["fc2"]["kernel"] = block["ffn"]["fc2"]["kernel"] * residual
-        ada = block["ada_lin_1"]["kernel"]  # columns: gamma1, gamma2, scale1, scale2, shift1, shift2
-        gammas = 2 * c.embed_dim
-        block["ada_lin_1"]["kernel"] = jnp.concatenate([ada[:, :gammas] * 1e-5, ada[:, gammas:] * 0.5], axis=1)
+    block = params["blocks"]  # every leaf stacked [D, ...]
+    block["attn"]["proj"]["kernel"] = block["attn"]["proj"]["kernel"] * residual
+    block["ffn"]["fc2"]["kernel"] = block["ffn"]["fc2"]["kernel"] * residual
+    ada = block["ada_lin_1"]["kernel"]  # [D, C, 6C]; columns: gamma1, gamma2, scale1, scale2, shift1, shift2
+    gammas = 2 * c.embed_dim
+    block["ada_lin_1"]["kernel"] = jnp.concatenate([ada[..., :gammas] * 1e-5, ada[..., gammas:] * 0.5], axis=-1)
     return {"params": params}
 
 

@@ -1,0 +1,94 @@
+"""Trace and compile time of `generate` per model depth and cache policy, on abstract params (no weights).
+
+    python -m bench.compile_time --models d16,d20,d24,d30 --policies full,amskv --batch 8 --dtype bfloat16
+
+For every (model, policy) it builds `jax.jit` of `generate` on `jax.eval_shape` of the params (nothing is
+initialised or run), times `.trace(...)` (Python tracing and jaxpr building, plus lowering to StableHLO) and
+`.compile()` separately, and prints one plain record per line, then a markdown table. The persistent compilation
+cache is turned off for the measurement, so every figure is a cold compile. Compile time is what depth must not
+drive: the layer loop is one scanned body (`amskv_jax/var.py`), so the compiler sees one block per scale.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amskv_jax.checkpoint import init_params
+from amskv_jax.config import PRESETS, get_preset
+from amskv_jax.generate import DTYPES, generate
+from amskv_jax.policies import POLICIES, policy_from_name
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    model: str
+    policy: str
+    batch: int
+    dtype: str
+    trace_s: float
+    compile_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.trace_s + self.compile_s
+
+
+def measure(model: str, policy: str, batch: int, dtype: str) -> Record:
+    """Trace (and lower) then compile `generate` for one model and policy; params are abstract."""
+    config = get_preset(model)
+    params = jax.eval_shape(lambda: init_params(config))
+    layout = policy_from_name(policy, config.var).layout(config.var)
+    fn = jax.jit(functools.partial(generate, config=config, layout=layout, dtype=dtype))
+    labels = jnp.asarray(np.arange(batch) % config.var.num_classes, jnp.int32)
+    start = time.perf_counter()
+    lowered = fn.trace(params, labels, jax.random.key(0)).lower()
+    traced = time.perf_counter()
+    lowered.compile()
+    return Record(model, policy, batch, dtype, traced - start, time.perf_counter() - traced)
+
+
+def markdown(records: list[Record]) -> str:
+    lines = ["| model | policy | trace + lower s | compile s | total s |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r.model} | {r.policy} | {r.trace_s:.1f} | {r.compile_s:.1f} | {r.total_s:.1f} |" for r in records]
+    return "\n".join(lines)
+
+
+def _names(text: str, known, what: str) -> list[str]:
+    names = [x for x in text.split(",") if x]
+    bad = [x for x in names if x not in known]
+    if bad or not names:
+        raise SystemExit(f"unknown {what} {bad or text!r}; allowed: {', '.join(known)}")
+    return names
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compile_time", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="d16,d20,d24,d30")
+    parser.add_argument("--policies", default="full,amskv")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
+    args = parser.parse_args(argv)
+    models = _names(args.models, PRESETS, "models")
+    policies = _names(args.policies, POLICIES, "policies")
+    if args.batch < 1:
+        raise SystemExit(f"--batch must be >= 1, got {args.batch}")
+    jax.config.update("jax_enable_compilation_cache", False)
+    records = []
+    for model in models:
+        for policy in policies:
+            record = measure(model, policy, args.batch, args.dtype)
+            print(json.dumps(dataclasses.asdict(record)), flush=True)
+            records.append(record)
+    print(markdown(records))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
