@@ -4,7 +4,7 @@
     python -m amskv_jax.train var    --config emoji32 --vqvae runs/vqvae --out runs/var
     python -m amskv_jax.train export --vqvae runs/vqvae --var runs/var --out amskv_jax/assets/emoji32
     python -m amskv_jax.train classifier --config emoji32 --out runs/classifier
-    python -m amskv_jax.train finetune --model emoji32 --policy amskv --steps 300 --out runs/emoji32-amskv
+    python -m amskv_jax.train finetune --model emoji32 --policy amskv --steps 100 --out runs/emoji32-amskv
 
 Training resumes from the latest checkpoint in --out; --steps, --batch-size, --lr and --seed override the
 config's values for that stage. Each finished run holds config.json, params/, classes.json and loss_log.csv.
@@ -29,6 +29,10 @@ from amskv_jax.train import loop
 from amskv_jax.train.configs import CONFIGS, OptimConfig, TrainConfig, get_config
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+# Fine-tuning continues a converged model: a fifth of the emoji32 VAR's learning rate, a short warmup; 100 steps
+# (4 epochs of emoji32) is what bench/results_issue14.md measured.
+FINETUNE_OPTIM = OptimConfig(steps=100, batch_size=32, lr=2e-4, warmup_steps=20)
 
 
 def _optim(base: OptimConfig, args) -> OptimConfig:
@@ -113,10 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     print(_summary(args.out, columns))
     print(f"wrote {args.out}/params, config.json, loss_log.csv")
     return 0
-
-
-# Fine-tuning continues a converged model: a tenth of the emoji32 VAR's learning rate, a short warmup.
-FINETUNE_OPTIM = OptimConfig(steps=300, batch_size=32, lr=1e-4, warmup_steps=20)
 
 
 def finetune_command(args) -> int:
