@@ -209,8 +209,8 @@ def policy_nll(
 
 def format_nll_table(results: Mapping[str, NLL], reference: str = "full") -> str:
     """Markdown: per policy the cache against the full cache, mean unguided and guided NLL with ΔNLL against
-    `reference` (nats and % of its NLL; n/a without it), and the per-scale NLLs."""
-    ref = results.get(reference)
+    `reference` (nats and % of its NLL; n/a without it), and the per-scale NLLs. A row named "<model>/<policy>"
+    (e.g. a fine-tuned copy's, `bench.fidelity --finetuned`) is compared with "<model>/<reference>"."""
 
     def delta(value: float, base: float | None) -> str:
         return "n/a | n/a" if base is None else f"{value - base:+.4f} | {100 * (value - base) / base:+.2f}%"
@@ -221,6 +221,7 @@ def format_nll_table(results: Mapping[str, NLL], reference: str = "full") -> str
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
+        ref = results.get(name[: name.rfind("/") + 1] + reference)
         unguided = delta(r.mean_unguided, ref and ref.mean_unguided)
         guided = delta(r.mean_guided, ref and ref.mean_guided)
         lines.append(
@@ -228,5 +229,5 @@ def format_nll_table(results: Mapping[str, NLL], reference: str = "full") -> str
             f"{guided} | {' '.join(f'{v:.3f}' for v in r.unguided)} | {' '.join(f'{v:.3f}' for v in r.guided)} |"
         )
     lines.append(f"\n(nats per token; per-scale columns run from the coarsest to the finest scale; Δ against "
-                 f"`{reference}`.)")
+                 f"`{reference}` of the same model.)")
     return "\n".join(lines)
