@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amskv_jax import sampling, sharding
+from amskv_jax import cli, compile_cache, sampling, sharding
 from amskv_jax.attention import prepare_qk
 from amskv_jax.config import ModelConfig, VARConfig
 from amskv_jax.policies import CALIBRATION_FORMAT, DEMANDING_FRACTION, select_layers
@@ -285,6 +285,7 @@ def plot(data: dict, prefix: str | Path) -> list[Path]:
     return paths
 
 
+@cli.command("python -m amskv_jax.calibrate")
 def main(argv=None) -> int:
     from amskv_jax.checkpoint import load_model
     from amskv_jax.generate import DTYPES
@@ -308,14 +309,20 @@ def main(argv=None) -> int:
     choice.add_argument("--threshold", type=float, default=None, help="demanding = layers with similarity below")
     parser.add_argument("--plot", action="store_true", help="also write OUT_similarity.png and OUT_density.png")
     parser.add_argument("--mesh", default=None, help="shard over the devices, e.g. data=8 or data=4,model=2")
+    cli.add_verify_flag(parser)
+    compile_cache.add_flag(parser)
     args = parser.parse_args(argv)
+    compile_cache.enable(args.no_compile_cache)
 
     try:
         if args.samples < 1 or args.batch < 1:
             raise ValueError(f"--samples and --batch must be >= 1, got {args.samples} and {args.batch}")
         if args.fraction is not None and not 0 <= args.fraction <= 1:
             raise ValueError(f"--fraction must be in [0, 1], got {args.fraction}")
-        model = load_model(args.model)
+    except ValueError as err:
+        parser.error(str(err))
+    model = load_model(args.model, verify=args.verify)
+    try:
         if not 1 <= args.finer_from < model.config.var.num_scales:
             raise ValueError(f"--finer-from must be in [1, {model.config.var.num_scales - 1}], got {args.finer_from}")
         mesh = None

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
+from amskv_jax import integrity
 from amskv_jax.config import PRESETS, ModelConfig, get_preset
+from amskv_jax.lazy import save_arrays
 from amskv_jax.var import VAR, stack_blocks
 from amskv_jax.vqvae import VQVAE
 
@@ -52,25 +55,48 @@ def init_params(config: ModelConfig, seed: int = 0) -> dict:
     return {"var": var_params, "vqvae": vae_params}
 
 
+class MissingVQVAEError(ValueError):
+    """A checkpoint directory without a VQ-VAE (converted without one), asked for by code that decodes images."""
+
+
 def save_checkpoint(directory: str | Path, config: ModelConfig, params: dict) -> Path:
-    """Write config.json and an orbax checkpoint of params under `directory` (created; must not hold params/)."""
+    """Write config.json, an orbax checkpoint of params and, last, the checksum manifest under `directory` (created;
+    must not hold params/). Every checkpoint directory this package writes goes through here. Leaves may be
+    `amskv_jax.lazy.LazyArray`s: they are read one at a time while writing (and once more for the manifest)."""
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory / "params", jax.tree.map(np.asarray, params))
+    (directory / integrity.MANIFEST).unlink(missing_ok=True)
+    save_arrays(directory / "params", params)
     (directory / "config.json").write_text(config.to_json())
+    integrity.write_manifest(directory, params)
     return directory
 
 
-def load_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict]:
+def load_checkpoint(directory: str | Path, verify: bool | None = None) -> tuple[ModelConfig, dict]:
+    """(config, params) of a directory written by `save_checkpoint`, checked against its manifest: file sizes
+    always (before orbax reads), array checksums unless `verify` is False (None: unless AMSKV_SKIP_VERIFY is set).
+    A directory without a manifest loads with a one-line notice on stderr."""
     directory = Path(directory).absolute()
     config_file = directory / "config.json"
     if not config_file.is_file() or not (directory / "params").is_dir():
         raise FileNotFoundError(f"{directory}: not a checkpoint directory (needs config.json and params/)")
     config = ModelConfig.from_json(config_file.read_text())
-    with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(directory / "params")
+    manifest = integrity.read_manifest(directory)
+    if manifest is None:
+        print(f"notice: {directory} has no {integrity.MANIFEST} (written before checksums existed, or incompletely); "
+              f"loading it unverified. Add one: python -m amskv_jax.integrity write {directory}", file=sys.stderr)
+    else:
+        integrity.check_files(directory, manifest)
+    params = restore_params(directory)
+    if manifest is not None and (integrity.verify_by_default() if verify is None else verify):
+        integrity.check_arrays(directory, manifest, params)
     return config, upgrade_params(params, config, str(directory))
+
+
+def restore_params(directory: str | Path) -> dict:
+    """The params tree of a checkpoint directory exactly as stored: no manifest check, no layout upgrade."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(Path(directory).absolute() / "params")
 
 
 def upgrade_params(params: dict, config: ModelConfig, source: str, log=print) -> dict:
@@ -83,17 +109,34 @@ def upgrade_params(params: dict, config: ModelConfig, source: str, log=print) ->
     return {**params, "var": {**params["var"], "params": stack_blocks(var, config.var.num_heads)}}
 
 
-def load_model(spec: str = DEFAULT_MODEL) -> Model:
-    """An embedded trained model's name, a preset name (random weights) or a checkpoint directory."""
+def has_vqvae(directory: str | Path) -> bool:
+    """Whether the checkpoint directory holds a VQ-VAE (read from orbax's metadata, not the params)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        return "vqvae" in checkpointer.metadata(Path(directory).absolute() / "params").item_metadata
+
+
+def load_model(spec: str = DEFAULT_MODEL, verify: bool | None = None, *, need_vqvae: bool = True) -> Model:
+    """An embedded trained model's name, a preset name (random weights) or a checkpoint directory (`verify`: as
+    `load_checkpoint`).
+
+    A directory without a VQ-VAE (converted without `--vae`) raises MissingVQVAEError, naming it and the command that
+    adds one, before its params are read; `need_vqvae=False` loads it anyway (for code that never decodes images)."""
     if spec in EMBEDDED:
         if not (EMBEDDED[spec] / "config.json").is_file():
             raise FileNotFoundError(f"the embedded model {spec!r} is missing from {EMBEDDED[spec]}; reinstall")
-        config, params = load_checkpoint(EMBEDDED[spec])
+        config, params = load_checkpoint(EMBEDDED[spec], verify)
         return Model(config, params, f"embedded model {spec} (trained on OpenMoji emoji)", *_extras(EMBEDDED[spec]))
     if spec in PRESETS:
         return Model(get_preset(spec), init_params(get_preset(spec)), f"preset {spec}, random weights (seed 0)")
     if Path(spec).is_dir():
-        config, params = load_checkpoint(spec)
+        if need_vqvae and (Path(spec) / "params").is_dir() and not has_vqvae(spec):
+            raise MissingVQVAEError(
+                f"{spec} holds a VAR without a VQ-VAE (converted without --vae), so it cannot generate images; convert "
+                f"it again with the VQ-VAE: rm -r {shlex.quote(spec)} && python -m convert.from_torch VAR.pth --vae "
+                f"vae_ch160v4096z32.pth --out {shlex.quote(spec)} (the reference publishes vae_ch160v4096z32.pth "
+                "beside its VAR checkpoints)"
+            )
+        config, params = load_checkpoint(spec, verify)
         return Model(config, params, f"checkpoint {spec}", *_extras(Path(spec)))
     raise ValueError(
         f"--model {spec!r} is neither an embedded model ({', '.join(EMBEDDED)}), a preset ({', '.join(PRESETS)}) "

@@ -29,7 +29,7 @@ import numpy as np
 from amskv_jax import sampling
 from amskv_jax.config import ModelConfig, VARConfig
 from amskv_jax.fid import fid
-from amskv_jax.generate import DTYPES, generate
+from amskv_jax.generate import DTYPES, first_nonfinite_scale, generate
 from amskv_jax.policies import AMSKV, FullCache, Policy, choose_demanding_layers, select_layers
 from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
@@ -40,7 +40,9 @@ class Fidelity:
     """Per-scale agreement, top-1 agreement and KL(full ‖ policy) (means over tokens and samples), image PSNR (dB, of
     the mean squared error over all images; inf when all are identical) and LPIPS (None when not measured) against the
     full cache, and the cache's slots; against real data the samples' class accuracy and FID (None when not
-    measured). `samples`: float32 [n, H, W, 3] of the first images (for grids; not saved)."""
+    measured). `nonfinite_scale`: None, or the first scale (1-based) where the policy's or the full cache's logits
+    were not all finite in some batch: every figure of the row is then meaningless (NaN-derived), and `format_table`
+    shows the mark instead. `samples`: float32 [n, H, W, 3] of the first images (for grids; not saved)."""
 
     agreement: tuple[float, ...]
     top1: tuple[float, ...]
@@ -52,6 +54,7 @@ class Fidelity:
     lpips: float | None
     accuracy: float | None = None
     fid: float | None = None
+    nonfinite_scale: int | None = None
     samples: np.ndarray = dataclasses.field(repr=False, compare=False, default=None)
 
     def to_json(self) -> dict:
@@ -134,6 +137,7 @@ def policy_fidelity(
     distances = {name: [] for name in policies}
     hits = {name: [] for name in policies}
     features = {name: [] for name in policies}
+    nonfinite = {name: None for name in policies}
     samples = {}
     for start in range(0, len(labels), batch):
         chunk = labels[start : start + batch]
@@ -150,6 +154,9 @@ def policy_fidelity(
                 config=config, dtype=dtype,
             )
             sums[name] += np.stack([np.asarray(agreement), np.asarray(top1), np.asarray(kl)])
+            bad = first_nonfinite_scale(np.asarray(out.finite) & np.asarray(full.finite))
+            if bad is not None:
+                nonfinite[name] = min(bad + 1, nonfinite[name] or bad + 1)
             images, full_images = np.asarray(out.images), np.asarray(full.images)
             errors[name].extend(mse(images, full_images).tolist())
             if image_distance is not None:
@@ -169,7 +176,7 @@ def policy_fidelity(
             accuracy=float(np.mean(hits[name])) if hits[name] else None,
             fid=fid(np.concatenate(features[name]), real_features) if features[name] and real_features is not None
             else None,
-            samples=samples[name],
+            nonfinite_scale=nonfinite[name], samples=samples[name],
         )
         for name, total in sums.items()
     }
@@ -228,6 +235,11 @@ def format_table(results: Mapping[str, Fidelity], policies: Mapping[str, Policy]
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
+        if r.nonfinite_scale is not None:
+            mark = f"non-finite logits from scale {r.nonfinite_scale}"
+            lines.append(f"| {name} | {policies[name].describe()} | {100 * r.memory_fraction:.1f}% | "
+                         + " | ".join([mark] * 10) + " |")
+            continue
         per_scale = " ".join(f"{a:.2f}" for a in r.agreement)
         top1 = " ".join(f"{a:.2f}" for a in r.top1)
         kl = " ".join(f"{k:.3f}" for k in r.kl)
@@ -239,5 +251,5 @@ def format_table(results: Mapping[str, Fidelity], policies: Mapping[str, Policy]
             f"{r.token_agreement:.3f} | "
             f"{r.top1_agreement:.3f} | {r.mean_kl:.4f} | {r.psnr:.1f} | {lpips} | {per_scale} | {top1} | {kl} |"
         )
-    lines.append(f"\n({scales} scales; per-scale columns run from the coarsest to the finest scale.)")
+    lines.append(f"\n({scales} scales, counted from 1; per-scale columns run from the coarsest to the finest scale.)")
     return "\n".join(lines)

@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amskv_jax import sampling, sharding
+from amskv_jax import cli, compile_cache, sampling, sharding
 from amskv_jax.attention import check_impl
 from amskv_jax.cache import CacheLayout, init_cache
+from amskv_jax.checkpoint import MissingVQVAEError
 from amskv_jax.quant import KV_DTYPES, check_kv_dtype
 from amskv_jax.config import ModelConfig
 from amskv_jax.policies import FullCache
@@ -32,15 +33,24 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    """tokens: one int32 [B, pn²] array per scale; images: float32 [B, H, W, 3] in [0, 1]; logits: the guided
-    float32 logits [B, pn², V] the sampler received at each scale (only with `return_logits=True`, else empty)."""
+    """tokens: one int32 [B, pn²] array per scale; images: float32 [B, H, W, 3] in [0, 1]; finite: bool [S], whether
+    every guided logit of scale s was finite (computed in the program: a NaN or inf anywhere in the batch makes that
+    scale's flag False, and what follows it is garbage); logits: the guided float32 logits [B, pn², V] the sampler
+    received at each scale (only with `return_logits=True`, else empty)."""
 
     tokens: tuple[jax.Array, ...]
     images: jax.Array
+    finite: jax.Array
     logits: tuple[jax.Array, ...] = ()
 
 
-jax.tree_util.register_dataclass(Generation, data_fields=["tokens", "images", "logits"], meta_fields=[])
+jax.tree_util.register_dataclass(Generation, data_fields=["tokens", "images", "finite", "logits"], meta_fields=[])
+
+
+def first_nonfinite_scale(finite_S) -> int | None:
+    """The 0-based index of the first scale whose logits were not all finite, or None when every one was."""
+    bad = np.flatnonzero(~np.asarray(finite_S))
+    return int(bad[0]) if bad.size else None
 
 
 def default_top_k(config: ModelConfig) -> int:
@@ -90,13 +100,19 @@ def generate(
 
     `top_k=None` is the reference's 900 capped at the vocabulary; 0 turns top-k off, as top_p=0 turns top-p off.
     Guidance ramps from 0 at the first scale to `cfg` at the last (the reference's `t = cfg·si/(S-1)`).
-    `progress` prints a line from the device as each scale's tokens are drawn (a host callback per scale);
+    `progress` prints a line from the device as each scale's tokens are drawn (a host callback per scale, which
+    keeps the program out of the persistent compilation cache: `compile_cache`);
     `return_logits` also returns each scale's guided logits (memory: B·L·V floats).
     `kv_dtype` is how the cache stores K/V (`quant.py`): None follows `dtype`; "bfloat16", "int8" (K per channel,
     V per token, float32 scales), "float8_e4m3fn"; the model still computes in `dtype`.
     `mesh` (`sharding.make_mesh`): run SPMD over its devices, batch over "data", heads and MLP over "model"
     (params are placed with `sharding.shard_params`; results equal the single-device run's).
     """
+    if "vqvae" not in params:
+        raise MissingVQVAEError(
+            f"params hold {', '.join(map(repr, params))} but no 'vqvae': a checkpoint converted without --vae cannot "
+            "generate images (convert it again with python -m convert.from_torch VAR.pth --vae vae_ch160v4096z32.pth)"
+        )
     top_k = default_top_k(config) if top_k is None else top_k
     validate(config, labels, top_k=top_k, top_p=top_p, dtype=dtype, impl=impl, kv_dtype=kv_dtype)
     layout = layout if layout is not None else FullCache().layout(config.var)
@@ -143,12 +159,13 @@ def _generate(
     codebook = params["vqvae"]["params"]["quantize"]["embedding"]["embedding"]
     pn_last = c.patch_nums[-1]
     f_hat = jnp.zeros((batch, pn_last, pn_last, c.cvae), jnp.float32)
-    tokens, guided = [], []
+    tokens, guided, finite = [], [], []
     for si, pn in enumerate(c.patch_nums):
         logits, cache = var.apply(params["var"], x, cond_BD, cache, si, layout, method=VAR.step)
         logits, cache = sharding.constrain(logits, mesh), sharding.constrain_cache(cache, mesh)
         ratio = sampling.guidance_ratio(si, c.num_scales)
         logits = sampling.apply_guidance(logits, cfg, ratio)
+        finite.append(jnp.isfinite(logits).all())
         if return_logits:
             guided.append(logits)
         key, draw_key, smooth_key = jax.random.split(key, 3)
@@ -175,7 +192,8 @@ def _generate(
             x = var.apply(params["var"], si + 1, next_BlCv, method=VAR.next_input)
             x = sharding.constrain(jnp.repeat(x, 2, axis=0), mesh)
     images = sharding.constrain(vqvae.apply(params["vqvae"], f_hat, method=VQVAE.decode), mesh)
-    return Generation(tokens=tuple(tokens), images=(images.astype(jnp.float32) + 1) * 0.5, logits=tuple(guided))
+    return Generation(tokens=tuple(tokens), images=(images.astype(jnp.float32) + 1) * 0.5, finite=jnp.stack(finite),
+                      logits=tuple(guided))
 
 
 def image_grid(images_BHWC: np.ndarray, columns: int) -> np.ndarray:
@@ -190,6 +208,7 @@ def image_grid(images_BHWC: np.ndarray, columns: int) -> np.ndarray:
     return grid
 
 
+@cli.command("python -m amskv_jax.generate")
 def main(argv=None) -> int:
     from PIL import Image
 
@@ -217,12 +236,18 @@ def main(argv=None) -> int:
     parser.add_argument("--kv-dtype", default=None, choices=KV_DTYPES,
                         help="how the KV cache stores K/V (default: the compute dtype --dtype)")
     parser.add_argument("--out", default="grid.png")
+    parser.add_argument("--compare", action="store_true",
+                        help="also run the full cache on the same labels and seeds and write one grid with both: for "
+                        "every label, the full cache's row above the chosen policy's")
     parser.add_argument("--mesh", default=None, help="shard over the devices, e.g. data=4,model=2 (batch over data, "
                         "heads and MLP over model; default: one device)")
+    cli.add_verify_flag(parser)
+    compile_cache.add_flag(parser)
     args = parser.parse_args(argv)
+    cache_dir = compile_cache.enable(args.no_compile_cache)
 
+    model = load_model(args.model, verify=args.verify)
     try:
-        model = load_model(args.model)
         labels = _labels(args.labels, args.batch, model.config.var.num_classes)
         top_k = default_top_k(model.config) if args.top_k is None else args.top_k
         validate(model.config, labels, top_k=top_k, top_p=args.top_p, dtype=args.dtype, kv_dtype=args.kv_dtype)
@@ -234,25 +259,60 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     layout = policy.layout(model.config.var)
+    full_layout = FullCache().layout(model.config.var)
     rows = [int(x) for x in dict.fromkeys(labels.tolist())]
     names = [f"{x} {model.classes[x]}" if model.classes else str(x) for x in rows]
-    print(f"model {args.model}: {model.description}; {len(labels)} images, one row per label: {', '.join(names)}; "
-          f"cache: {policy.describe()} ({sum(layout.capacities)} slots)", flush=True)
+    print(f"model {args.model}: {model.description}; {len(labels)} images, one row per label: {', '.join(names)}",
+          flush=True)
+    print(describe_cache(policy.describe(), layout, full_layout, model.config, len(labels), args.dtype, args.kv_dtype),
+          flush=True)
 
     if mesh is not None:
         print(f"mesh: {sharding.describe(mesh)}", flush=True)
-    start = time.perf_counter()
-    out = generate(
-        model.params, labels, jax.random.key(args.seed), config=model.config, layout=layout, cfg=args.cfg, top_k=top_k,
-        top_p=args.top_p, more_smooth=args.more_smooth, dtype=args.dtype, kv_dtype=args.kv_dtype,
-        progress=True, mesh=mesh,
-    )
-    images = np.asarray(jax.block_until_ready(out.images))
-    seconds = time.perf_counter() - start
+    runs = [(policy.describe(), layout)] + ([("full cache", full_layout)] if args.compare else [])
+    grids = []
+    for name, run_layout in runs:
+        start = time.perf_counter()
+        # Returns once the program is compiled (or loaded from the persistent cache) and dispatched; it runs meanwhile.
+        # No per-scale progress lines: a program with host callbacks cannot be written to the persistent cache.
+        out = generate(
+            model.params, labels, jax.random.key(args.seed), config=model.config, layout=run_layout, cfg=args.cfg,
+            top_k=top_k, top_p=args.top_p, more_smooth=args.more_smooth, dtype=args.dtype, kv_dtype=args.kv_dtype,
+            mesh=mesh,
+        )
+        dispatched = time.perf_counter()
+        print(f"{name}: compiled in {dispatched - start:.2f} s ({compile_cache.describe(cache_dir)}); generating "
+              f"{model.config.var.num_scales} scales ...", flush=True)
+        images = np.asarray(jax.block_until_ready(out.images))
+        seconds = time.perf_counter() - dispatched
+        bad = first_nonfinite_scale(out.finite)
+        if bad is not None:
+            raise FloatingPointError(
+                f"{args.model}: the logits of scale {bad + 1}/{model.config.var.num_scales} (1-based)"
+                f" are not finite, so no image was written to {args.out}; the weights are probably untrained or "
+                "damaged"
+            )
+        print(f"{name}: {len(labels)} images in {seconds:.2f} s ({len(labels) / seconds:.2f} images/s, compilation "
+              "excluded)", flush=True)
+        grids.append(images.reshape(len(rows), -1, *images.shape[1:]))
+    # --compare: each label's full-cache row directly above the policy's row (same seeds, so same column = same draw)
+    images = np.stack(grids[::-1], axis=1).reshape(-1, *grids[0].shape[2:])
     Image.fromarray(image_grid(images, columns=len(labels) // len(rows))).save(args.out)
-    print(f"wrote {args.out}: {len(labels)} images in {seconds:.2f} s ({len(labels) / seconds:.2f} images/s, "
-          "compilation included)")
+    layout_text = "rows alternate: full cache, then " + policy.describe() if args.compare else "one row per label"
+    print(f"wrote {args.out} ({layout_text})")
     return 0
+
+
+def describe_cache(name: str, layout: CacheLayout, full_layout: CacheLayout, config: ModelConfig, batch: int,
+                   dtype: str, kv_dtype: str | None) -> str:
+    """One line: the cache this run allocates beside the full cache's (slots, bytes, the share saved)."""
+    from amskv_jax.memory import layout_bytes
+
+    used, _ = layout_bytes(layout, config.var, batch, dtype, kv_dtype)
+    full, _ = layout_bytes(full_layout, config.var, batch, dtype)
+    slots, full_slots = sum(layout.capacities), sum(full_layout.capacities)
+    return (f"cache: {name}: {slots} slots, {used / 2**20:.2f} MiB for {batch} images; full cache ({dtype}): "
+            f"{full_slots} slots, {full / 2**20:.2f} MiB; saved {100 * (1 - used / full):.1f}%")
 
 
 def _labels(text: str | None, batch: int | None, num_classes: int) -> np.ndarray:

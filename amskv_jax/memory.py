@@ -26,7 +26,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from amskv_jax import quant
+from amskv_jax import cli, quant
 from amskv_jax.cache import CacheLayout, cache_bytes
 from amskv_jax.config import PRESETS, ModelConfig, VARConfig, get_preset
 from amskv_jax.policies import DEFAULT_POLICY, POLICIES, policy_from_name, read_calibration
@@ -171,6 +171,7 @@ def load_config(spec: str) -> ModelConfig:
     raise ValueError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
 
 
+@cli.command("python -m amskv_jax.memory")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m amskv_jax.memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="d30", help="a preset name or a checkpoint directory")

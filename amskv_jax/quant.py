@@ -2,8 +2,8 @@
 
 `kv_dtype` is how the cache *stores* K and V; the model still computes in its own dtype. None (the default) keeps
 the cache in the compute dtype, as before. "bfloat16" stores bf16 without scales. "int8" and "float8_e4m3fn" store
-the quantised values with float32 scales beside them in the `LayerCache` (their bytes are counted by
-`cache.cache_bytes`); K/V are quantised when written (`LayerCache.write`) and dequantised inside the attention, on
+the quantised values with float32 scales beside them in the cache (`KindCache`) (their bytes are counted by
+`cache.cache_bytes`); K/V are quantised when written (`KindCache.write`) and dequantised inside the attention, on
 every path (`attention/`), with the same layout and the same masks. Every cache policy composes with it: the policy
 fixes the slots, the storage dtype only what a slot holds.
 

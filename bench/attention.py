@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amskv_jax import cli, compile_cache
 from amskv_jax.attention import cached_attention, pallas_gpu, resolve_impl
 from amskv_jax.cache import CacheLayout
 from amskv_jax.config import VARConfig, get_preset
@@ -122,16 +123,22 @@ def run(models: list[str], batches: list[int], dtype, reps: int, sweep: bool) ->
                                   f"{seconds * 1e3:9.3f} {tflops:8.3f} {pct[0]}{gbps:8.1f} {pct[1]}", flush=True)
 
 
+@cli.command("python -m bench.attention")
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="d16,d30", help="comma-separated presets")
     parser.add_argument("--batches", default="1,32,128", help="comma-separated batch sizes (rows = 2·batch)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="also time the kernel at every block_q × block_k (GPU)")
+    compile_cache.add_flag(parser)
     args = parser.parse_args(argv)
-    run(args.models.split(","), [int(b) for b in args.batches.split(",")], jnp.dtype(args.dtype), args.reps,
-        args.sweep)
+    compile_cache.enable(args.no_compile_cache)
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    run(args.models.split(","), batches, jnp.dtype(args.dtype), args.reps, args.sweep)
     return 0
 
 

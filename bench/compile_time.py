@@ -4,7 +4,8 @@
 
 For every (model, policy) it builds `jax.jit` of `generate` on `jax.eval_shape` of the params (nothing is
 initialised or run), times `.trace(...)` (Python tracing and jaxpr building, plus lowering to StableHLO) and
-`.compile()` separately, and prints one plain record per line, then a markdown table. The persistent compilation
+`.compile()` separately, wall-clock and this process's CPU seconds (all its threads; on a shared machine CPU time
+is the steadier figure), and prints one plain record per line, then a markdown table. The persistent compilation
 cache is turned off for the measurement, so every figure is a cold compile. Compile time is what depth must not
 drive: the layer loop is one scanned body (`amskv_jax/var.py`), so the compiler sees one block per scale.
 """
@@ -34,6 +35,8 @@ class Record:
     dtype: str
     trace_s: float
     compile_s: float
+    trace_cpu_s: float
+    compile_cpu_s: float
 
     @property
     def total_s(self) -> float:
@@ -47,16 +50,19 @@ def measure(model: str, policy: str, batch: int, dtype: str) -> Record:
     layout = policy_from_name(policy, config.var).layout(config.var)
     fn = jax.jit(functools.partial(generate, config=config, layout=layout, dtype=dtype))
     labels = jnp.asarray(np.arange(batch) % config.var.num_classes, jnp.int32)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     lowered = fn.trace(params, labels, jax.random.key(0)).lower()
-    traced = time.perf_counter()
+    traced, traced_cpu = time.perf_counter(), time.process_time()
     lowered.compile()
-    return Record(model, policy, batch, dtype, traced - start, time.perf_counter() - traced)
+    return Record(model, policy, batch, dtype, traced - start, time.perf_counter() - traced,
+                  traced_cpu - start_cpu, time.process_time() - traced_cpu)
 
 
 def markdown(records: list[Record]) -> str:
-    lines = ["| model | policy | trace + lower s | compile s | total s |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {r.model} | {r.policy} | {r.trace_s:.1f} | {r.compile_s:.1f} | {r.total_s:.1f} |" for r in records]
+    lines = ["| model | policy | trace + lower s | compile s | total s | CPU s (trace + compile) |",
+             "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r.model} | {r.policy} | {r.trace_s:.1f} | {r.compile_s:.1f} | {r.total_s:.1f} "
+              f"| {r.trace_cpu_s + r.compile_cpu_s:.1f} |" for r in records]
     return "\n".join(lines)
 
 
@@ -79,13 +85,17 @@ def main(argv=None) -> int:
     policies = _names(args.policies, POLICIES, "policies")
     if args.batch < 1:
         raise SystemExit(f"--batch must be >= 1, got {args.batch}")
+    enabled = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     records = []
-    for model in models:
-        for policy in policies:
-            record = measure(model, policy, args.batch, args.dtype)
-            print(json.dumps(dataclasses.asdict(record)), flush=True)
-            records.append(record)
+    try:
+        for model in models:
+            for policy in policies:
+                record = measure(model, policy, args.batch, args.dtype)
+                print(json.dumps(dataclasses.asdict(record)), flush=True)
+                records.append(record)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
     print(markdown(records))
     return 0
 

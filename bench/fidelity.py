@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from amskv_jax import cli, compile_cache
 from amskv_jax.checkpoint import DEFAULT_MODEL, EMBEDDED, load_model
 from amskv_jax.classifier import load_classifier
 from amskv_jax.fid import fid
@@ -175,6 +176,7 @@ def nll_report(args, model, policies, kv_dtypes, images, labels, source) -> int:
     return 0
 
 
+@cli.command("python -m bench.fidelity")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fidelity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded model, preset (random weights) or dir")
@@ -204,11 +206,14 @@ def main(argv=None) -> int:
     parser.add_argument("--nll", action="store_true", help="teacher-forced NLL of real images per policy instead")
     parser.add_argument("--images", type=Path, default=None,
                         help="--nll: image folder, one subfolder per class (default: the model's training data)")
+    cli.add_verify_flag(parser)
+    compile_cache.add_flag(parser)
     args = parser.parse_args(argv)
+    compile_cache.enable(args.no_compile_cache)
+    if args.samples < 1 or args.batch < 1:
+        parser.error(f"--samples and --batch must be >= 1, got {args.samples} and {args.batch}")
+    model = load_model(args.model, verify=args.verify)
     try:
-        if args.samples < 1 or args.batch < 1:
-            raise ValueError(f"--samples and --batch must be >= 1, got {args.samples} and {args.batch}")
-        model = load_model(args.model)
         c = model.config.var
         calibration = read_calibration(args.calibration) if args.calibration else model.calibration
         names = [n for n in args.policies.split(",") if n]

@@ -43,10 +43,10 @@ from tqdm import tqdm
 
 from amskv_jax.attention import IMPLS, cached_attention, resolve_impl
 from amskv_jax.cache import CacheLayout
-from amskv_jax import checkpoint
+from amskv_jax import checkpoint, cli, compile_cache
 from amskv_jax.checkpoint import init_params, load_model
 from amskv_jax.config import PRESETS, ModelConfig, VARConfig, get_preset
-from amskv_jax.generate import default_top_k, generate
+from amskv_jax.generate import default_top_k, first_nonfinite_scale, generate
 from amskv_jax.memory import layout_bytes, reference_bytes
 from amskv_jax.policies import POLICIES, policy_from_name
 from bench.attention import PEAKS, _inputs
@@ -103,11 +103,11 @@ def random_params(config: ModelConfig, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def load(spec: str, seed: int) -> Model:
+def load(spec: str, seed: int, verify: bool | None = None) -> Model:
     if spec in PRESETS:
         config = get_preset(spec)
         return Model(spec, config, random_params(config, seed), f"random (numpy, seed {seed}, fan-in scaled)")
-    model = load_model(spec)
+    model = load_model(spec, verify)
     return Model(spec if spec in getattr(checkpoint, "EMBEDDED", {}) else Path(spec).name, model.config,
                  model.params, model.description)
 
@@ -228,6 +228,8 @@ class Options:
     max_batch: bool
     seed: int = 0
     plots: bool = True
+    verify: bool | None = None  # the checkpoints' array checksums (None: unless AMSKV_SKIP_VERIFY is set)
+    compile_cache: bool = True  # JAX's persistent compilation cache (amskv_jax.compile_cache)
 
 
 class Bench:
@@ -321,7 +323,9 @@ class Bench:
                 self.results["memory"][-1]["compiled"] = _memory_figures(exe)
                 row["xla_flops"] = _xla_flops(exe)
                 self._tick(f"{model.name} b{batch} warm-up {p}")
-                _seconds(lambda exe=exe: exe(params, labels, keys[0]).images)  # first run: allocation, warm-up
+                warm = jax.block_until_ready(exe(params, labels, keys[0]))  # first run: allocation, warm-up
+                bad = first_nonfinite_scale(warm.finite)
+                row["nonfinite_scale"] = None if bad is None else bad + 1  # 1-based; the images are garbage
                 compiled[p] = exe
             except Exception as err:  # noqa: BLE001 - out of memory is a result, anything else is not
                 if not is_oom(err):
@@ -622,6 +626,12 @@ def _num(x, fmt: str) -> str:
     return format(x, fmt) if isinstance(x, (int, float)) else str(x)
 
 
+def _finite(row: dict) -> str:
+    if row["status"] != "ok":
+        return "–"
+    return "yes" if row.get("nonfinite_scale") is None else f"NO, from scale {row['nonfinite_scale']}"
+
+
 def format_report(results: dict) -> str:
     meta = results["meta"]
     peak = meta["peak_flops"]
@@ -633,6 +643,9 @@ def format_report(results: dict) -> str:
         f"repetitions after a warm-up, policies interleaved; peak "
         f"{_num(peak / 1e12, '.0f') + ' TFLOP/s bf16' if isinstance(peak, float) else peak}; "
         f"wall {meta.get('wall_s', 0):.1f} s.",
+        "",
+        f"Compile times: {meta.get('compile_cache', 'persistent compilation cache off')} (a program loaded from the "
+        "cache times its loading, not its compilation; `--no-compile-cache` measures compilation).",
         "",
         "Weights: " + "; ".join(f"{k}: {v}" for k, v in meta["weights"].items()) + ".",
         "",
@@ -673,7 +686,9 @@ def format_report(results: dict) -> str:
             f"`generate` (cfg {meta['cfg']}, top-p {meta['top_p']}, top-k 900 capped at the vocabulary, VQ-VAE "
             "decode included); s, median [min–max]; compile time separate. speed ÷ full is images/s ÷ the full "
             "cache's (above 1 is faster). MFU: model FLOPs (2·params·L per row, 2 rows for guidance, plus "
-            "attention) per second ÷ the device's bf16 peak.", ""]
+            "attention) per second ÷ the device's bf16 peak. finite: whether every scale's logits were finite in the "
+            "warm-up run; otherwise the first scale that was not (1-based): the weights are untrained or damaged, "
+            "the images garbage and only the times mean anything.", ""]
     rows = []
     for r in results["generate"]:
         t = f"{r['median_s']:.4f} [{r['min_s']:.4f}–{r['max_s']:.4f}]" if r["status"] == "ok" else r["status"]
@@ -683,9 +698,9 @@ def format_report(results: dict) -> str:
         mfu = r["mfu"]
         rows.append([r["model"], r["batch"], r["policy"], _num(r.get("compile_s", "–"), ".2f"), t,
                      _num(r.get("images_per_s", "–"), ".2f"), _ratio(r["speedup_vs_full"]),
-                     f"{100 * mfu:.2f}%" if isinstance(mfu, float) else mfu, ref])
+                     f"{100 * mfu:.2f}%" if isinstance(mfu, float) else mfu, ref, _finite(r)])
     out += [_table(["model", "batch", "policy", "compile s", "s / batch", "images/s", "speed ÷ full", "MFU",
-                    "torch reference s"], rows), ""]
+                    "torch reference s", "finite"], rows), ""]
 
     out += ["## 4. Largest batch that fits", "",
             "Real allocations: the program is compiled and run at doubling batch sizes until out-of-memory, then "
@@ -775,6 +790,8 @@ def parse_args(argv=None) -> Options:
                         help="a checkout of FoundationVision/VAR to time its autoregressive_infer_cfg (needs torch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plots", action="store_true")
+    cli.add_verify_flag(parser)
+    compile_cache.add_flag(parser)
     args = parser.parse_args(argv)
     suite = SUITES[args.suite]
     try:
@@ -816,7 +833,7 @@ def parse_args(argv=None) -> Options:
         suite=args.suite, models=models, policies=policies, batches=batches, reps=reps,
         dtype=args.dtype or suite["dtype"], impl=args.impl, out=Path(args.out), torch_reference=torch_ref,
         max_batch=suite["max_batch"] if args.max_batch is None else args.max_batch, seed=args.seed,
-        plots=not args.no_plots,
+        plots=not args.no_plots, verify=args.verify, compile_cache=not args.no_compile_cache,
     )
 
 
@@ -829,6 +846,7 @@ def check_backend(opts: Options) -> None:
 
 def run(opts: Options, log=print) -> dict:
     """Run the benchmark, print the tables and write DIR/results.{md,json} and the plots. Returns the results."""
+    cache_dir = compile_cache.enable(disable=not opts.compile_cache)
     if opts.suite == "gpu" or opts.max_batch:
         # Let XLA use most of the GPU (default 75%) so the max-batch search measures the device, not the pool.
         # Only effective before JAX first touches the device (the command line guarantees that).
@@ -836,12 +854,13 @@ def run(opts: Options, log=print) -> dict:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", os.environ["XLA_CLIENT_MEM_FRACTION"])
     if opts.torch_reference is None:  # with it, the device must stay untouched until the reference has run
         check_backend(opts)
-    models = [load(spec, opts.seed) for spec in opts.models]
+    models = [load(spec, opts.seed, opts.verify) for spec in opts.models]
     torch_times = None
     if opts.torch_reference is not None:
         torch_times = torch_reference_times(opts.torch_reference, models, opts.batches, opts.dtype, opts.reps,
                                             opts.seed)
     results = Bench(opts).run(models, torch_times)
+    results["meta"]["compile_cache"] = compile_cache.describe(cache_dir)
     report = format_report(results)
     opts.out.mkdir(parents=True, exist_ok=True)
     results["meta"]["plots"] = write_plots(results, opts.out) if opts.plots else []
@@ -853,13 +872,9 @@ def run(opts: Options, log=print) -> dict:
     return results
 
 
+@cli.command("python -m bench.run")
 def main(argv=None) -> int:
-    opts = parse_args(argv)
-    try:
-        run(opts)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    run(parse_args(argv))
     return 0
 
 

@@ -1,17 +1,23 @@
 """Convert PyTorch VAR / VQ-VAE checkpoints into an amskv_jax checkpoint directory (no torch needed).
 
-    python -m convert.from_torch var_d30.pth --vae vae_ch160v4096z32.pth --out var_d30_flax
+    python -m convert.from_torch var_d30.pth [--vae vae_ch160v4096z32.pth] [--out var_d30_flax]
 
 The configuration is inferred from tensor shapes (VAR_SPEC.md, "Checkpoint keys"): depth = number of blocks,
 C and Cvae from `word_embed.weight`, V from `head.weight`, the ladder from `pos_1LC`'s length, shared AdaLN from
 `ada_gss`, L2-normalised attention and the head count from `scale_mul_1H11`. Every key is mapped onto the Flax
 params tree; leftovers, missing keys and wrong shapes are errors naming the file and the key.
+
+Without `--vae` the VQ-VAE is looked for beside the VAR file (VAE_NAMES: the reference publishes
+`vae_ch160v4096z32.pth` with every VAR); without one the VAR alone is converted, with a warning that the result cannot
+generate images. Conversion streams: the files are memory-mapped and each array is read, laid out, cast and written
+on its own (`amskv_jax.lazy`), so memory stays near the input file's size plus its largest array.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -21,15 +27,19 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from amskv_jax import cli
 from amskv_jax.checkpoint import save_checkpoint
 from amskv_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, PRESETS, ModelConfig, VARConfig, VQVAEConfig
 from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
-from convert.mapping import MappingError, state_dict_to_params
-from convert.torch_pickle import CheckpointError, load_state_dict
+from convert.mapping import lazy_params
+from convert.torch_pickle import open_state_dict
 
 KNOWN_LADDERS = (PATCH_NUMS_256, PATCH_NUMS_512, (1, 2, 3, 4))
 OUT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+# VQ-VAE files looked for beside the VAR checkpoint when --vae is not given, in this order: the one the reference
+# publishes with every VAR (https://huggingface.co/FoundationVision/var), then the names of a reference dump.
+VAE_NAMES = ("vae_ch160v4096z32.pth", "vae.pth", "vae.safetensors", "vae_f16.safetensors")
 
 
 class ConversionError(ValueError):
@@ -102,25 +112,32 @@ def var_params(sd, config: VARConfig, source: str) -> dict:
             jax.random.key(0), jnp.zeros((1,), jnp.int32), jnp.zeros((1, config.seq_len - config.first_l, config.cvae))
         )
     )
-    return {"params": state_dict_to_params(sd, target["params"], source=source)}
+    return {"params": lazy_params(sd, target["params"], source=source)}
 
 
 def vqvae_params(sd, config: VQVAEConfig, source: str) -> dict:
     img = jnp.zeros((1, config.image_size, config.image_size, 3))
     target = jax.eval_shape(lambda: VQVAE(config).init(jax.random.key(0), img))
-    return {"params": state_dict_to_params(sd, target["params"], source=source)}
+    return {"params": lazy_params(sd, target["params"], source=source)}
 
 
 def convert(var_path, vae_path=None, *, heads=None, patch_nums=None, log=print):
     """Read and map the checkpoints. Returns (ModelConfig, params) with params in the files' dtypes."""
-    var_sd = load_state_dict(var_path, log=log, which="var")
+    config, params = open_checkpoints(var_path, vae_path, heads=heads, patch_nums=patch_nums, log=log)
+    return config, jax.tree.map(np.asarray, params)
+
+
+def open_checkpoints(var_path, vae_path=None, *, heads=None, patch_nums=None, log=print):
+    """Open and map the checkpoints without reading their values: (ModelConfig, params) whose leaves are LazyArrays
+    over the memory-mapped files, in the files' dtypes (`amskv_jax.lazy`)."""
+    var_sd = open_state_dict(var_path, log=log, which="var")
     var_config = infer_var_config(var_sd, str(var_path), heads=heads, patch_nums=patch_nums)
     params = {"var": var_params(var_sd, var_config, str(var_path))}
     if vae_path is None:
         vae_config = VQVAEConfig(vocab_size=var_config.vocab_size, z_channels=var_config.cvae,
                                  patch_nums=var_config.patch_nums)
     else:
-        vae_sd = load_state_dict(vae_path, log=log, which="vae")
+        vae_sd = open_state_dict(vae_path, log=log, which="vae")
         vae_config = infer_vqvae_config(vae_sd, str(vae_path), var_config.patch_nums)
         params["vqvae"] = vqvae_params(vae_sd, vae_config, str(vae_path))
     try:
@@ -130,8 +147,13 @@ def convert(var_path, vae_path=None, *, heads=None, patch_nums=None, log=print):
     return config, params
 
 
+def find_vae(directory: str | Path) -> Path | None:
+    """The VQ-VAE checkpoint in `directory` under one of VAE_NAMES (the first that exists), else None."""
+    return next((Path(directory) / name for name in VAE_NAMES if (Path(directory) / name).is_file()), None)
+
+
 def cast_params(params, dtype) -> dict:
-    """Floating leaves to `dtype` (numpy / ml_dtypes); integer leaves untouched."""
+    """Floating leaves to `dtype` (numpy / ml_dtypes); integer leaves untouched. LazyArrays stay lazy."""
     def cast(x):
         floating = np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16
         return x.astype(dtype) if floating else x
@@ -152,35 +174,43 @@ def matching_preset(config: ModelConfig, *, with_vqvae: bool = True) -> str | No
     return next((name for name, preset in PRESETS.items() if arch(preset) == arch(config)), None)
 
 
+@cli.command("python -m convert.from_torch")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.from_torch", description=__doc__.split("\n\n")[0])
     parser.add_argument("var", help="VAR checkpoint (.pth zip or legacy, training checkpoint, or .safetensors)")
-    parser.add_argument("--vae", help="VQ-VAE checkpoint (needed to generate images)")
+    parser.add_argument("--vae", help="VQ-VAE checkpoint, needed to generate images (default: the first of "
+                        f"{', '.join(VAE_NAMES)} beside VAR)")
     parser.add_argument("--out", help="output directory (default: next to the input, <name>_flax)")
     parser.add_argument("--dtype", choices=sorted(OUT_DTYPES), default="float32")
     parser.add_argument("--heads", type=int, help="attention heads (default: from scale_mul_1H11, else C/64)")
     parser.add_argument("--patch-nums", help="comma-separated token ladder, when it is not a published one")
     args = parser.parse_args(argv)
 
-    out = Path(args.out) if args.out else Path(args.var).with_name(Path(args.var).stem + "_flax")
+    var_path = Path(args.var)
+    out = Path(args.out) if args.out else var_path.with_name(var_path.stem + "_flax")
     if (out / "params").exists():
         parser.error(f"{out} already holds a checkpoint; choose another --out")
     patch_nums = tuple(int(x) for x in args.patch_nums.split(",")) if args.patch_nums else None
+    vae_path = Path(args.vae) if args.vae else find_vae(var_path.parent)
+    if vae_path is not None:
+        print(f"VQ-VAE: {vae_path}" + ("" if args.vae else f" (found beside {var_path.name}; --vae chooses another)"))
     start = time.perf_counter()
-    try:
-        config, params = convert(args.var, args.vae, heads=args.heads, patch_nums=patch_nums)
-    except (CheckpointError, ConversionError, MappingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    params = cast_params(params, OUT_DTYPES[args.dtype])
-    save_checkpoint(out, config, params)
+    config, params = open_checkpoints(var_path, vae_path, heads=args.heads, patch_nums=patch_nums)
+    save_checkpoint(out, config, cast_params(params, OUT_DTYPES[args.dtype]))
     v = config.var
-    preset = matching_preset(config, with_vqvae="vqvae" in params) or "none (custom architecture)"
+    preset = matching_preset(config, with_vqvae=vae_path is not None) or "none (custom architecture)"
     print(f"preset: {preset}; depth {v.depth}, width {v.embed_dim}, {v.num_heads} heads, ladder {v.patch_nums}, "
           f"{config.vqvae.image_size}px, shared AdaLN {v.shared_aln}")
     print(f"parameters: VAR {count_params(params['var']):,}"
-          + (f", VQ-VAE {count_params(params['vqvae']):,}" if "vqvae" in params else ", no VQ-VAE (pass --vae)"))
+          + (f", VQ-VAE {count_params(params['vqvae']):,}" if "vqvae" in params else ", no VQ-VAE"))
     print(f"dtype {args.dtype}; wrote {out} in {time.perf_counter() - start:.1f} s")
+    if vae_path is None:
+        again = shlex.join(["python", "-m", "convert.from_torch", str(var_path), "--vae", VAE_NAMES[0], "--out",
+                            str(out)])
+        print(f"warning: no VQ-VAE: --vae was not given and {var_path.parent} holds none of {', '.join(VAE_NAMES)}. "
+              f"{out} holds the VAR only and cannot generate images until a VQ-VAE is added; convert again with "
+              f"one (the reference publishes {VAE_NAMES[0]} beside its VAR checkpoints): rm -r {shlex.quote(str(out))} "
+              f"&& {again}", file=sys.stderr)
     return 0
 
 

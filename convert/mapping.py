@@ -25,7 +25,8 @@ from collections.abc import Iterable, Mapping
 import jax
 import numpy as np
 
-from amskv_jax.var import stack_blocks, unstack_blocks
+from amskv_jax.lazy import LazyArray
+from amskv_jax.var import unstack_blocks
 
 # Buffers of the reference that are recomputed here (masks, level indices, zero biases, training statistics).
 BUFFER_PATTERNS = (
@@ -56,12 +57,13 @@ def torch_key_to_path(key: str) -> tuple[str, ...]:
     return tuple(path)
 
 
-def _to_flax_leaf(value: np.ndarray, flax_leaf: str) -> np.ndarray:
-    if flax_leaf == "kernel" and value.ndim == 2:
-        return value.T
-    if flax_leaf == "kernel" and value.ndim == 4:
-        return value.transpose(2, 3, 1, 0)
-    return value
+def _flax_axes(ndim: int, flax_leaf: str) -> tuple[int, ...]:
+    """The transpose that takes a torch leaf to the Flax leaf `flax_leaf` (see the module docstring's table)."""
+    if flax_leaf == "kernel" and ndim == 2:
+        return (1, 0)
+    if flax_leaf == "kernel" and ndim == 4:
+        return (2, 3, 1, 0)
+    return tuple(range(ndim))
 
 
 def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
@@ -87,15 +89,24 @@ def _unflatten(flat: Mapping[tuple[str, ...], object]) -> dict:
 def state_dict_to_params(
     state_dict: Mapping[str, np.ndarray], target: Mapping, *, prefix: str = "", source: str = "state dict"
 ) -> dict:
-    """Map `state_dict` (torch keys, numpy arrays) onto the structure and shapes of `target` (a Flax params tree).
+    """`lazy_params`, materialised: a nested dict of numpy arrays in the state dict's dtype."""
+    return jax.tree.map(np.asarray, lazy_params(state_dict, target, prefix=prefix, source=source))
+
+
+def lazy_params(
+    state_dict: Mapping[str, np.ndarray | LazyArray], target: Mapping, *, prefix: str = "", source: str = "state dict"
+) -> dict:
+    """Map `state_dict` (torch keys, numpy arrays or LazyArrays) onto the structure and shapes of `target` (a Flax
+    params tree) without reading any values.
 
     `prefix` selects the keys under one torch module (e.g. `"quantize."`) and is stripped. Returns a nested dict of
-    numpy arrays in the state dict's dtype. Raises MappingError naming `source` and the key for every mismatch.
+    LazyArrays in the state dict's dtype, each laid out for Flax when materialised (conversion streams them into
+    the checkpoint one at a time). Raises MappingError naming `source` and the key for every mismatch.
     """
     if "blocks" in target:
         heads = target["blocks"]["attn"]["mat_qkv"]["kernel"].shape[3]
         per_block = jax.eval_shape(unstack_blocks, target)
-        return stack_blocks(state_dict_to_params(state_dict, per_block, prefix=prefix, source=source), heads)
+        return _stack_lazy(lazy_params(state_dict, per_block, prefix=prefix, source=source), heads)
     flat_target = _flatten(target)
     by_torch_path = {}
     for path in flat_target:
@@ -114,19 +125,34 @@ def state_dict_to_params(
         if flax_path is None:
             problems.append(f"unexpected key {key!r} {tuple(value.shape)}: the model has no such parameter")
             continue
-        array = _to_flax_leaf(np.asarray(value), flax_path[-1])
+        lazy = value if isinstance(value, LazyArray) else LazyArray.of(value)
+        axes = _flax_axes(lazy.ndim, flax_path[-1])
+        shape = tuple(lazy.shape[i] for i in axes)
         want = tuple(flat_target[flax_path].shape)
-        if array.shape != want:
-            problems.append(
-                f"key {key!r}: shape {tuple(value.shape)} maps to {array.shape}, the model expects {want}"
-            )
+        if shape != want:
+            problems.append(f"key {key!r}: shape {lazy.shape} maps to {shape}, the model expects {want}")
             continue
-        params[flax_path] = array
+        params[flax_path] = lazy.map(lambda x, axes=axes: x.transpose(axes), shape)
     missing = [prefix + ".".join(_torch_name(p)) for p in flat_target if p not in params]
     problems += [f"missing key {k!r}" for k in missing]
     if problems:
         raise MappingError(f"{source}: " + "; ".join(problems[:20]) + (" ..." if len(problems) > 20 else ""))
     return _unflatten(params)
+
+
+def _stack_lazy(var_params: dict, num_heads: int) -> dict:
+    """`var.stack_blocks` over LazyArrays: a stacked leaf [D, ...] reads its D per-block sources only when it is
+    materialised, so conversion holds one stack at a time."""
+    depth = len([k for k in var_params if k.startswith("blocks_")])
+
+    def stack(*leaves: LazyArray) -> LazyArray:
+        return LazyArray((depth, *leaves[0].shape), leaves[0].dtype, lambda: np.stack([x.source() for x in leaves]))
+
+    blocks = jax.tree.map(stack, *[var_params[f"blocks_{i}"] for i in range(depth)])
+    kernel = blocks["attn"]["mat_qkv"]["kernel"]  # [D, C, 3C] -> [D, C, 3, H, Dh], as stack_blocks lays it out
+    shape = (*kernel.shape[:2], 3, num_heads, kernel.shape[2] // (3 * num_heads))
+    blocks["attn"]["mat_qkv"]["kernel"] = kernel.map(lambda x: x.reshape(shape), shape)
+    return {**{k: v for k, v in var_params.items() if not k.startswith("blocks_")}, "blocks": blocks}
 
 
 def _torch_name(path: Iterable[str]) -> list[str]:

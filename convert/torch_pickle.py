@@ -17,7 +17,9 @@ Formats:
   storage keys), then per storage key an 8-byte element count and the raw elements.
 - safetensors: the JSON header is parsed here, since `safetensors.numpy` cannot return bfloat16.
 
-Every array is copied out of the file, so the results own their memory. bfloat16 is `ml_dtypes.bfloat16`.
+`open_state_dict` checks every tensor against its storage and returns `amskv_jax.lazy.LazyArray`s that read the memory
+map only when materialised (streaming conversion); `load_state_dict` materialises them, so its arrays are copies that
+own their memory. bfloat16 is `ml_dtypes.bfloat16`.
 Training checkpoints nest state dicts (`trainer.var_wo_ddp`, `model`, `state_dict`, `ema`, ...): the entry is
 chosen by its keys (`which="var"`: has `word_embed.weight`; `which="vae"`: has `quantize.embedding.weight`) and
 named through `log`. A common `module.` / `_orig_mod.` prefix (DDP, torch.compile) is removed.
@@ -39,6 +41,8 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 from tqdm import tqdm
+
+from amskv_jax.lazy import LazyArray
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -135,10 +139,6 @@ class _Tensor(_Opaque):
 
     def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
         self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.size) * self.storage.dtype.itemsize
 
 
 class _OrderedDict(collections.OrderedDict):
@@ -255,14 +255,14 @@ def _not_a_checkpoint(source: str) -> CheckpointError:
 
 
 def _map(path: Path) -> mmap.mmap:
-    """A read-only map of the whole file; closed when no longer referenced (the arrays returned are copies)."""
+    """A read-only map of the whole file; closed when no LazyArray over it is referenced any more."""
     with open(path, "rb") as f:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 # ---- zip format
 
-def _load_zip(path: Path, source: str, which: str | None, log) -> dict[str, np.ndarray]:
+def _open_zip_state_dict(path: Path, source: str, which: str | None, log) -> dict[str, LazyArray]:
     with _open_zip(path, source) as zf:
         infos = {info.filename: info for info in zf.infolist()}
         prefix = _zip_prefix(infos, source)
@@ -277,11 +277,11 @@ def _load_zip(path: Path, source: str, which: str | None, log) -> dict[str, np.n
             if name not in infos:
                 raise CheckpointError(f"{source}: storage {key!r} has no record {name}")
             info = infos[name]
-            if info.compress_type != zipfile.ZIP_STORED:
+            if info.compress_type != zipfile.ZIP_STORED:  # torch.save never compresses; read such entries now
                 return _read_entry(zf, infos, name, source), 0, info.file_size
             return mm, _entry_data_offset(mm, info, source), info.file_size
 
-        return _materialise(sd, locate, byteorder, source)
+        return _lazy_arrays(sd, locate, byteorder, source)
 
 
 def _open_zip(path: Path, source: str) -> zipfile.ZipFile:
@@ -331,7 +331,7 @@ def _entry_data_offset(mm, info: zipfile.ZipInfo, source: str) -> int:
 
 # ---- legacy format
 
-def _load_legacy(path: Path, source: str, which: str | None, log) -> dict[str, np.ndarray]:
+def _open_legacy_state_dict(path: Path, source: str, which: str | None, log) -> dict[str, LazyArray]:
     """The pickles are read from the memory map, whose reads stop at the end of the file: a crafted length makes
     a file object allocate that much first."""
     storages: dict[str, _Storage] = {}
@@ -351,7 +351,7 @@ def _load_legacy(path: Path, source: str, which: str | None, log) -> dict[str, n
     def locate(key: str) -> tuple:
         return mm, *offsets[key]
 
-    return _materialise(sd, locate, byteorder, source)
+    return _lazy_arrays(sd, locate, byteorder, source)
 
 
 def _legacy_storage_offsets(mm, pos: int, keys, storages: dict, byteorder: str, source: str) -> dict:
@@ -449,16 +449,12 @@ def _check_kind(sd: dict, which: str | None, source: str) -> None:
         raise CheckpointError(f"{source}: holds a {KIND_NAMES[kind]} state dict, not a {KIND_NAMES[which]} one")
 
 
-# ---- materialising
+# ---- lazy arrays
 
-def _materialise(sd: dict[str, _Tensor], locate, byteorder: str, source: str) -> dict[str, np.ndarray]:
-    """Copy every tensor out of the file; `locate(storage key)` gives (buffer, byte offset, nbytes)."""
-    out = {}
-    with _progress(sum(t.nbytes for t in sd.values()), source) as bar:
-        for key, tensor in sd.items():
-            out[key] = _native(_array(key, tensor, locate, source), byteorder)
-            bar.update(tensor.nbytes)
-    return out
+def _lazy_arrays(sd: dict[str, _Tensor], locate, byteorder: str, source: str) -> dict[str, LazyArray]:
+    """Every tensor, checked against its storage now and read later; `locate(storage key)` gives (buffer, byte
+    offset, nbytes)."""
+    return {key: _lazy_array(key, tensor, locate, byteorder, source) for key, tensor in sd.items()}
 
 
 def _progress(total: int, source: str) -> tqdm:
@@ -467,11 +463,12 @@ def _progress(total: int, source: str) -> tqdm:
     return tqdm(total=total, unit="B", unit_scale=True, desc=Path(source).name, disable=quiet)
 
 
-def _array(key: str, t: _Tensor, locate, source: str) -> np.ndarray:
-    """A copy of tensor `key`, after checking that its storage holds every element it addresses."""
+def _lazy_array(key: str, t: _Tensor, locate, byteorder: str, source: str) -> LazyArray:
+    """Tensor `key` as a strided view of its storage, after checking that the storage holds every element it
+    addresses."""
     dtype = t.storage.dtype
     if 0 in t.size:
-        return np.empty(t.size, dtype)
+        return LazyArray(t.size, dtype, lambda: np.empty(t.size, dtype))
     buf, start, nbytes = locate(t.storage.key)
     available = min(nbytes // dtype.itemsize, t.storage.offset + t.storage.numel)
     extent = t.storage.offset + t.offset + 1 + sum((n - 1) * s for n, s in zip(t.size, t.stride))
@@ -481,10 +478,14 @@ def _array(key: str, t: _Tensor, locate, source: str) -> np.ndarray:
     if math.prod(t.size) > t.storage.numel:
         raise CheckpointError(f"{source}: tensor {key!r} has more elements ({math.prod(t.size)}) than its "
                               f"storage ({t.storage.numel}); expanded (stride-0) tensors are not supported")
-    flat = np.frombuffer(buf, dtype, count=extent, offset=start)
     strides = [s * dtype.itemsize if n > 1 else 0 for n, s in zip(t.size, t.stride)]
-    view = np.lib.stride_tricks.as_strided(flat[t.storage.offset + t.offset:], t.size, strides, writeable=False)
-    return np.array(view)
+
+    def view() -> np.ndarray:
+        flat = np.frombuffer(buf, dtype, count=extent, offset=start)
+        strided = np.lib.stride_tricks.as_strided(flat[t.storage.offset + t.offset:], t.size, strides, writeable=False)
+        return _native(strided, byteorder)
+
+    return LazyArray(t.size, dtype, view)
 
 
 def _native(arr: np.ndarray, byteorder: str) -> np.ndarray:
@@ -506,16 +507,11 @@ def _is_safetensors(path: Path, head: bytes) -> bool:
     return struct.unpack_from("<Q", head)[0] + 8 <= path.stat().st_size
 
 
-def _load_safetensors(path: Path, source: str) -> dict[str, np.ndarray]:
+def _open_safetensors(path: Path, source: str) -> dict[str, LazyArray]:
     mm = _map(path)
     header, data_start = _safetensors_header(mm, source)
-    entries = {key: entry for key, entry in header.items() if key != "__metadata__"}
-    out = {}
-    with _progress(path.stat().st_size, source) as bar:
-        for key, entry in entries.items():
-            out[key] = _safetensors_array(mm, data_start, key, entry, source)
-            bar.update(out[key].nbytes)
-    return out
+    return {key: _safetensors_array(mm, data_start, key, entry, source)
+            for key, entry in header.items() if key != "__metadata__"}
 
 
 def _safetensors_header(mm, source: str) -> tuple[dict, int]:
@@ -533,7 +529,7 @@ def _safetensors_header(mm, source: str) -> tuple[dict, int]:
     return header, 8 + length
 
 
-def _safetensors_array(mm, data_start: int, key: str, entry, source: str) -> np.ndarray:
+def _safetensors_array(mm, data_start: int, key: str, entry, source: str) -> LazyArray:
     try:
         dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
         shape = _shape(entry["shape"], "shape")
@@ -546,13 +542,28 @@ def _safetensors_array(mm, data_start: int, key: str, entry, source: str) -> np.
             and data_start + end <= len(mm)):
         raise CheckpointError(f"{source}: safetensors entry {key!r}: data offsets {begin}..{end} do not hold "
                               f"{shape} {dtype} inside the file")
-    return np.frombuffer(mm, dtype, count=count, offset=data_start + begin).reshape(shape).copy()
+    return LazyArray(shape, dtype, lambda: np.frombuffer(mm, dtype, count=count, offset=data_start + begin)
+                     .reshape(shape))
 
 
 # ---- entry point
 
 def load_state_dict(path, *, which: str | None = None, log=print) -> dict[str, np.ndarray]:
-    """The state dict in `path` (torch.save zip or legacy format, or safetensors) as numpy arrays.
+    """The state dict in `path` (torch.save zip or legacy format, or safetensors) as numpy arrays that own their
+    memory: `open_state_dict`'s, every one read. Raises CheckpointError."""
+    sd = open_state_dict(path, which=which, log=log)
+    out = {}
+    with _progress(sum(x.nbytes for x in sd.values()), str(path)) as bar:
+        for key, lazy in sd.items():
+            out[key] = lazy.materialise()
+            bar.update(lazy.nbytes)
+    return out
+
+
+def open_state_dict(path, *, which: str | None = None, log=print) -> dict[str, LazyArray]:
+    """The state dict in `path` (torch.save zip or legacy format, or safetensors) as LazyArrays over a memory map of
+    the file: the pickle, the storage records and every tensor's extent are checked now, the values read only when
+    an array is materialised.
 
     `which` ("var", "vae" or None) picks the state dict of a training checkpoint that nests several; with None the
     VAR one is preferred. `log` receives one line when a nested entry is used. Raises CheckpointError.
@@ -563,12 +574,12 @@ def load_state_dict(path, *, which: str | None = None, log=print) -> dict[str, n
     source = str(path)
     head = _head(path, source)
     if _is_safetensors(path, head):
-        sd = _load_safetensors(path, source)
+        sd = _open_safetensors(path, source)
         _check_kind(sd, which, source)
         return sd
     if head.startswith(b"PK"):
-        return _load_zip(path, source, which, log)
-    return _load_legacy(path, source, which, log)
+        return _open_zip_state_dict(path, source, which, log)
+    return _open_legacy_state_dict(path, source, which, log)
 
 
 def _head(path: Path, source: str) -> bytes:

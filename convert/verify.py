@@ -3,7 +3,7 @@
     python -m convert.verify REF_DIR [--vae VAE] [--parts teacher,steps,generation,vqvae]
 
 REF_DIR holds what the reference saved (the layout of the project's `tests/fixtures/tiny/`): `var.pth`, the VQ-VAE
-(`vae.pth`, `vae.safetensors` or `vae_f16.safetensors` there, or any file given with `--vae`), `config.json` and
+(one of `convert.from_torch.VAE_NAMES` there, or any file given with `--vae`), `config.json` and
 `io.npz`. The checkpoints are converted, then every array of `io.npz` that we know how to produce is recomputed in
 float32: teacher-forced logits and block outputs; the same teacher-forced input run scale by scale through the
 cached generation step (`VAR.step`, full cache), which must give the same logits; greedy generation with and
@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from amskv_jax import cli
 from amskv_jax.cache import init_cache
 from amskv_jax.config import VARConfig, VQVAEConfig
 from amskv_jax.generate import generate
@@ -42,9 +43,7 @@ from amskv_jax.policies import FullCache
 from amskv_jax.resize import resize_area, resize_bicubic
 from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
-from convert.from_torch import ConversionError, convert
-from convert.mapping import MappingError
-from convert.torch_pickle import CheckpointError
+from convert.from_torch import VAE_NAMES, convert, find_vae
 
 # Bounds for float32 weights: logits relative 1e-4, f_hat relative 1e-4, images 1e-3 absolute on [0, 1];
 # "tie": tokens must be identical (no near-tie allowance).
@@ -65,7 +64,6 @@ LOW_PRECISION = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 # What can be checked: teacher forcing (logits, block outputs), the cached step on the teacher-forced input, greedy
 # generation, the VQ-VAE on its own. Generation compiles the longest (a big model on CPU: minutes).
 PARTS = ("teacher", "steps", "generation", "vqvae")
-VAE_NAMES = ("vae.pth", "vae.safetensors", "vae_f16.safetensors")
 
 
 @dataclasses.dataclass
@@ -118,13 +116,6 @@ def compare_tokens_near_ties(name: str, distances, ref_idx, tolerance: float) ->
 
 def _nhwc(x):
     return np.transpose(np.asarray(x), (0, 2, 3, 1))
-
-
-def find_vae(ref_dir: Path) -> Path:
-    for name in VAE_NAMES:
-        if (ref_dir / name).exists():
-            return ref_dir / name
-    raise FileNotFoundError(f"{ref_dir}: no VQ-VAE checkpoint ({', '.join(VAE_NAMES)}); pass --vae PATH")
 
 
 def is_low_precision(params) -> bool:
@@ -218,6 +209,8 @@ def verify(ref_dir: str | Path, *, vae: str | Path | None = None, parts=PARTS, l
     ref_dir = Path(ref_dir)
     needs_vae = bool({"generation", "vqvae"} & set(parts))
     vae_path = Path(vae) if vae is not None else find_vae(ref_dir) if needs_vae else None
+    if needs_vae and vae_path is None:
+        raise FileNotFoundError(f"{ref_dir}: no VQ-VAE checkpoint ({', '.join(VAE_NAMES)}); pass --vae PATH")
     ref_config = _reference_config(ref_dir)
     io = np.load(ref_dir / "io.npz")
     config, params = convert(ref_dir / "var.pth", vae_path, heads=ref_config.get("num_heads"),
@@ -312,6 +305,7 @@ def print_table(rows: list[Row], tolerances=TOLERANCES) -> bool:
     return ok
 
 
+@cli.command("python -m convert.verify")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("ref_dir", help="directory with var.pth, the VQ-VAE, config.json, io.npz")
@@ -321,9 +315,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = verify(args.ref_dir, vae=args.vae, parts=[p.strip() for p in args.parts.split(",") if p.strip()])
-    except (CheckpointError, ConversionError, MappingError, OSError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except KeyError as err:
+        raise ValueError(f"{args.ref_dir}: the reference dump lacks {err}") from None
     ok = print_table(rows)
     print("all figures within tolerance" if ok else "some figures are OUT OF TOLERANCE")
     return 0 if ok else 1

@@ -36,6 +36,8 @@ def test_cpu_suite_files_and_keys(cpu_run):
     md = (out / "results.md").read_text()
     for heading in ("KV-cache bytes", "Attention time per scale", "End-to-end generation", "Largest batch"):
         assert heading in md and heading in printed
+    assert all(r["nonfinite_scale"] is None for r in data["generate"]) and "| finite |" in md
+    assert bench._finite({"status": "ok", "nonfinite_scale": 2}) == "NO, from scale 2"
 
 
 def test_cpu_suite_figures_consistent(cpu_run):
@@ -115,3 +117,16 @@ def test_state_dict_export_round_trips():
         assert len(flat_a) == len(flat_b)
         for a, b in zip(flat_a, flat_b, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_compile_time_prints_one_record_per_model_and_policy_and_rejects_unknown_names(capsys):
+    from bench import compile_time
+
+    assert compile_time.main(["--models", "tiny", "--policies", "full,amskv", "--batch", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert [(r["model"], r["policy"]) for r in records] == [("tiny", "full"), ("tiny", "amskv")]
+    assert all(r["compile_s"] > 0 and r["trace_cpu_s"] > 0 for r in records)
+    assert sum(line.startswith("| tiny |") for line in lines) == 2
+    with pytest.raises(SystemExit, match="unknown policies.*allowed: full"):
+        compile_time.main(["--models", "tiny", "--policies", "fastest"])

@@ -63,7 +63,7 @@ def test_demanding_layers_are_the_lowest_similarity_by_fraction_or_threshold():
 def calibration(tmp_path_factory):
     out = tmp_path_factory.mktemp("calibration") / "layers.json"
     with pytest.MonkeyPatch.context() as patch:  # fast random weights instead of running the initialisers
-        patch.setattr(checkpoint, "load_model", random_model)
+        patch.setattr(checkpoint, "load_model", lambda spec, verify=None: random_model(spec))
         argv = ["--model", "tiny", "--samples", "2", "--batch", "2", "--top-k", "20", "--fraction", "0.5",
                 "--out", str(out), "--plot"]
         assert main(argv) == 0

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from amskv_jax.checkpoint import load_checkpoint, load_model
+from amskv_jax.checkpoint import MissingVQVAEError, has_vqvae, load_checkpoint, load_model
 from amskv_jax.generate import generate
 from convert import from_torch, verify
 from convert.from_torch import ConversionError, convert, count_params
@@ -211,7 +211,7 @@ def cli_output(tmp_path_factory):
 def test_cli_writes_checkpoint_and_prints_summary(cli_output, tiny_var):
     proc, out = cli_output
     assert proc.returncode == 0, proc.stderr
-    assert (out / "config.json").is_file() and (out / "params").is_dir()
+    assert (out / "config.json").is_file() and (out / "params").is_dir() and (out / "checksums.json").is_file()
     text = proc.stdout
     assert "preset: tiny;" in text and "depth 2, width 128, 2 heads, ladder (1, 2, 3, 4)" in text
     assert f"VAR {_expected_var_param_count():,}" in text and f"VAR {count_params(tiny_var[1]):,}" in text
@@ -253,6 +253,58 @@ def test_cli_refuses_an_existing_checkpoint(cli_output, capsys):
     assert "already holds a checkpoint" in capsys.readouterr().err
 
 
+def test_cli_finds_the_vqvae_beside_the_var_checkpoint(tmp_path, capsys):
+    shutil.copy(TINY / "var.pth", tmp_path / "var_d30.pth")
+    shutil.copy(VAE, tmp_path / "vae_ch160v4096z32.pth")  # the published name (safetensors is told by its content)
+    assert from_torch.main([str(tmp_path / "var_d30.pth")]) == 0
+    captured = capsys.readouterr()
+    assert f"VQ-VAE: {tmp_path / 'vae_ch160v4096z32.pth'} (found beside var_d30.pth" in captured.out
+    assert "VQ-VAE 4,378,587" in captured.out and "warning" not in captured.err
+    out = tmp_path / "var_d30_flax"
+    assert has_vqvae(out) and load_model(str(out)).config.vqvae.vocab_size == 512
+
+
+def test_find_vae_prefers_the_published_name(tmp_path):
+    assert from_torch.find_vae(tmp_path) is None
+    for name in ("vae_f16.safetensors", "vae_ch160v4096z32.pth"):
+        (tmp_path / name).write_bytes(b"")
+    assert from_torch.find_vae(tmp_path) == tmp_path / "vae_ch160v4096z32.pth"
+
+
+@pytest.fixture(scope="module")
+def var_only(tmp_path_factory):
+    """A checkpoint converted from a VAR file with no VQ-VAE beside it: (directory, captured stdout, stderr)."""
+    src = tmp_path_factory.mktemp("var_only")
+    shutil.copy(TINY / "var.pth", src / "var.pth")
+    out = src / "var_flax"
+    proc = subprocess.run([sys.executable, "-m", "convert.from_torch", str(src / "var.pth")], capture_output=True,
+                          text=True, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout, proc.stderr
+
+
+def test_conversion_without_a_vqvae_says_the_result_cannot_generate(var_only):
+    out, stdout, stderr = var_only
+    assert not has_vqvae(out) and "no VQ-VAE" in stdout
+    assert stderr.startswith("warning: no VQ-VAE") and "cannot generate images until a VQ-VAE is added" in stderr
+    assert f"--vae vae_ch160v4096z32.pth --out {out}" in stderr
+
+
+def test_generate_refuses_a_checkpoint_without_a_vqvae_before_tracing(var_only):
+    out, _, _ = var_only
+    proc = subprocess.run([sys.executable, "-m", "amskv_jax.generate", "--model", str(out)], capture_output=True,
+                          text=True, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    message = proc.stderr.splitlines()[-1]
+    assert f"{out} holds a VAR without a VQ-VAE" in message and "python -m convert.from_torch" in message
+    assert "--vae vae_ch160v4096z32.pth" in message and "compiled" not in proc.stdout
+    with pytest.raises(MissingVQVAEError, match="holds a VAR without a VQ-VAE"):
+        load_model(str(out))
+    model = load_model(str(out), need_vqvae=False)
+    with pytest.raises(MissingVQVAEError, match="no 'vqvae'"):
+        generate(model.params, [1], jax.random.key(0), config=model.config)
+
+
 @pytest.fixture(scope="module")
 def var_sd():
     return load_state_dict(TINY / "var.pth")
@@ -276,13 +328,13 @@ def test_cli_heads_override(tmp_path, var_sd, capsys):
     assert config.var.num_heads == 128 // 64
 
     # A head count that does not divide the width.
-    assert from_torch.main([str(no_l2), "--out", str(tmp_path / "heads3"), "--heads", "3"]) == 1
+    assert from_torch.main([str(no_l2), "--out", str(tmp_path / "heads3"), "--heads", "3"]) == 2
     err = capsys.readouterr().err
     assert str(no_l2) in err and "embed_dim 128 is not divisible by num_heads 3" in err
     assert not (tmp_path / "heads3").exists()
 
     # With L2-normalised attention the checkpoint fixes the count; a different --heads is refused, naming the key.
-    assert from_torch.main([str(TINY / "var.pth"), "--out", str(tmp_path / "h4"), "--heads", "4"]) == 1
+    assert from_torch.main([str(TINY / "var.pth"), "--out", str(tmp_path / "h4"), "--heads", "4"]) == 2
     err = capsys.readouterr().err
     assert "var.pth" in err and "scale_mul_1H11" in err and "2 heads" in err and "--heads 4" in err
     config, _ = convert(TINY / "var.pth", heads=2, log=_quiet)
@@ -333,9 +385,9 @@ def test_not_a_var_state_dict(tmp_path):
 
 def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     path = _save(tmp_path / "other.safetensors", {"encoder.weight": np.ones((4, 4), np.float32)})
-    assert from_torch.main([str(path), "--out", str(tmp_path / "out")]) == 1
+    assert from_torch.main([str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and str(path) in err and "Traceback" not in err
+    assert err.startswith("python -m convert.from_torch: error: ") and err.count("\n") == 1 and str(path) in err and "Traceback" not in err
 
 
 # ---- python -m convert.verify: exit status ----------------------------------------------------------------------
@@ -369,7 +421,7 @@ def test_verify_cli_reports_unreadable_input_without_traceback(tmp_path, capsys)
         shutil.copy(TINY / name, tmp_path / name)
     assert verify.main([str(tmp_path)]) == 2  # no VQ-VAE
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "--vae" in err
+    assert err.startswith("python -m convert.verify: error: ") and "--vae" in err and err.count("\n") == 1
     (tmp_path / "config.json").write_text(json.dumps({"num_heads": 4}))
     assert verify.main([str(tmp_path), "--vae", str(VAE)]) == 2
     assert "scale_mul_1H11" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Fidelity against the full cache: exact for the full cache itself, bounded and non-trivial for a lossy policy."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -55,3 +56,7 @@ def test_full_cache_scores_itself_perfectly_and_a_lossy_policy_does_not():
     assert f"| {full.fid:.3f} | 0.250 |" in table
     assert "\n| full | " in table and "\n| condensed | " in table and "top-1 agreement" in table
     assert set(lossy.to_json()) >= {"agreement", "top1", "kl", "psnr", "lpips", "token_agreement", "top1_agreement"}
+    assert full.nonfinite_scale is None and lossy.nonfinite_scale is None
+    marked = format_table({"condensed": dataclasses.replace(lossy, nonfinite_scale=2)}, policies)
+    row = next(line for line in marked.splitlines() if line.startswith("| condensed |"))
+    assert row.count("non-finite logits from scale 2") == 8 and f"{lossy.mean_kl:.4f}" not in row

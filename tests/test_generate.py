@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from amskv_jax import generate as gen_module
-from amskv_jax.checkpoint import init_params
+from amskv_jax.checkpoint import MissingVQVAEError, init_params
 from amskv_jax.config import get_preset
 from amskv_jax.generate import generate, image_grid
 
@@ -59,6 +59,13 @@ def test_invalid_inputs_fail_before_compiling(params, kwargs, message):
     assert gen_module._generate._cache_size() == 0
 
 
+def test_params_without_a_vqvae_fail_before_tracing(params):
+    gen_module._generate.clear_cache()
+    with pytest.raises(MissingVQVAEError, match="no 'vqvae': a checkpoint converted without --vae"):
+        generate({"var": params["var"]}, [1], jax.random.key(0), config=CONFIG)
+    assert gen_module._generate._cache_size() == 0
+
+
 def test_image_grid_tiles_with_gutters():
     images = np.zeros((5, 4, 4, 3))
     grid = image_grid(images, columns=3)
@@ -81,4 +88,25 @@ def test_main_job_writes_one_grid_row_per_class_with_the_embedded_model(tmp_path
     assert Image.open(out).size == (2 * (side + 2) + 2, rows * (side + 2) + 2)
     printed = capsys.readouterr().out
     assert "embedded model emoji32" in printed and "images/s" in printed and "0 faces" in printed
-    assert f"scale {len(model.config.var.patch_nums)}/{len(model.config.var.patch_nums)}" in printed
+    assert f"generating {len(model.config.var.patch_nums)} scales" in printed
+    assert "persistent compilation cache off" in printed  # tests/conftest.py keeps the user's cache out of tests
+    assert "saved" in printed and "full cache" in printed  # the cache used beside the full cache's
+
+
+def test_compare_writes_the_full_cache_row_above_the_policy_row_for_the_same_seeds(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "compare.png"
+    assert gen_module.main(["--labels", "0,1", "--batch", "2", "--policy", "sliding", "--compare",
+                            "--out", str(out)]) == 0
+    grid = np.asarray(Image.open(out))
+    side = (grid.shape[1] - 2) // 2 - 2
+    assert grid.shape[:2] == (4 * (side + 2) + 2, 2 * (side + 2) + 2)  # label 0: full, sliding; label 1: full, sliding
+
+    def row(r):
+        return grid[2 + r * (side + 2): 2 + r * (side + 2) + side].astype(int)
+
+    # scale 0 never reads the cache, and sliding keeps one scale: rows differ, but the same draw starts each column
+    assert np.abs(row(0) - row(1)).mean() > 0 or np.abs(row(2) - row(3)).mean() > 0
+    printed = capsys.readouterr().out
+    assert "full cache:" in printed and "rows alternate: full cache, then" in printed

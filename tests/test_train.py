@@ -1,7 +1,6 @@
 """Training: both stages' losses fall on a handful of rendered emoji, runs resume, and the committed model generates."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import jax
@@ -56,20 +55,21 @@ def test_export_writes_a_loadable_bf16_checkpoint(runs):
     assert main(["export", "--vqvae", str(runs / "vqvae"), "--var", str(runs / "var"), "--out", str(runs / "m")]) == 0
     model = load_model(str(runs / "m"))
     assert model.config == CFG.model
+    for directory in (runs / "m", runs / "vqvae", runs / "var"):  # every writer goes through save_checkpoint
+        assert (directory / "checksums.json").is_file()
     kernel = model.params["var"]["params"]["head"]["kernel"]
     assert kernel.dtype == jax.numpy.bfloat16
 
 
-def test_committed_model_generates_a_batch_on_cpu_in_seconds():
+def test_committed_model_generates_a_batch_on_cpu():
     from amskv_jax.checkpoint import load_model
     from amskv_jax.generate import generate
 
     model = load_model(str(ASSET))
     labels = np.arange(4) % model.config.var.num_classes
-    start = time.perf_counter()
     out = generate(model.params, labels, jax.random.key(0), config=model.config, top_k=100, top_p=0.95)
     images = np.asarray(out.images)
-    assert time.perf_counter() - start < 60
     side = model.config.vqvae.image_size
     assert images.shape == (4, side, side, 3) and np.isfinite(images).all()
+    assert out.finite.shape == (model.config.var.num_scales,) and bool(out.finite.all())  # every scale's logits
     assert images.std() > 0.05  # not a flat colour

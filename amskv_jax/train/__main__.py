@@ -23,6 +23,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from amskv_jax import cli
 from amskv_jax.checkpoint import save_checkpoint
 from amskv_jax.policies import DEFAULT_POLICY, POLICIES, policy_from_name
 from amskv_jax.train import loop
@@ -57,6 +58,7 @@ def _summary(out: Path, columns: tuple[str, ...], last: int = 50) -> str:
     return f"final (mean of the last {len(rows)} steps): " + ", ".join(f"{c} {v:.4f}" for c, v in means.items())
 
 
+@cli.command("python -m amskv_jax.train")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m amskv_jax.train", description=__doc__.split("\n")[0])
     stages = parser.add_subparsers(dest="stage", required=True)
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--var", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="storage dtype of float params")
+    cli.add_verify_flag(p)
     p = stages.add_parser("finetune", help="continue a model's VAR under a cache policy's teacher-forcing mask")
     p.add_argument("--model", default="emoji32", help="embedded model, preset or checkpoint directory")
     p.add_argument("--policy", default=DEFAULT_POLICY, choices=list(POLICIES))
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.stage == "export":
-        return export(args.vqvae, args.var, args.out, args.dtype)
+        return export(args.vqvae, args.var, args.out, args.dtype, args.verify)
     if args.stage == "finetune":
         try:
             return finetune_command(args)
@@ -168,10 +171,10 @@ def train_classifier(cfg: TrainConfig, opt: OptimConfig, out: Path) -> int:
     return 0
 
 
-def export(vqvae_run: Path, var_run: Path, out: Path, dtype: str) -> int:
+def export(vqvae_run: Path, var_run: Path, out: Path, dtype: str, verify: bool | None = None) -> int:
     """Combine a VQ-VAE run and the VAR run trained on it into one checkpoint, floats stored as `dtype`."""
-    vqvae_model, vqvae_vars = loop.load_params(vqvae_run)
-    model, var_vars = loop.load_params(var_run)
+    vqvae_model, vqvae_vars = loop.load_params(vqvae_run, verify)
+    model, var_vars = loop.load_params(var_run, verify)
     if vqvae_model.vqvae != model.vqvae:
         raise ValueError(f"{var_run} was trained on a VQ-VAE {model.vqvae}, {vqvae_run} holds {vqvae_model.vqvae}")
     if (out / "params").exists():

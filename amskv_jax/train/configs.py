@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from amskv_jax.config import ModelConfig, VARConfig, VQVAEConfig, _check
-from amskv_jax.train.data import SCHEMES, SPLITS
+from amskv_jax.train.data import SCHEMES, SPLITS, class_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +86,8 @@ def _model(
 
 
 # The class counts of the two labelling schemes (amskv_jax.train.data: GROUPS and UNICODE_CLASSES).
-EMOJI_CLASSES = 10
-UNICODE_EMOJI_CLASSES = 12
+EMOJI_CLASSES = len(class_names("ranges"))
+UNICODE_EMOJI_CLASSES = len(class_names("unicode"))
 
 CONFIGS: dict[str, TrainConfig] = {
     # The embedded model (amskv_jax/assets/emoji32): 32×32 emoji, 8×8 latent, 7 scales (L = 155). 64 channels at

@@ -23,6 +23,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+from amskv_jax.checkpoint import load_checkpoint, save_checkpoint
 from amskv_jax.config import ModelConfig
 from amskv_jax.train.configs import OptimConfig
 
@@ -141,20 +142,17 @@ def cast_floats(tree, dtype) -> dict:
 
 
 def save_params(out: str | Path, model: ModelConfig, variables: dict) -> None:
-    """A finished run: out/config.json (the whole ModelConfig) and out/params/ (this stage's Flax variables)."""
+    """A finished run: out/config.json (the whole ModelConfig), out/params/ (this stage's Flax variables) and their
+    checksums, through `checkpoint.save_checkpoint` (a previous params/ is replaced)."""
     out = Path(out).absolute()
     if (out / "params").exists():
         shutil.rmtree(out / "params")
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(out / "params", jax.tree.map(np.asarray, variables))
-    (out / "config.json").write_text(model.to_json())
+    save_checkpoint(out, model, variables)
 
 
-def load_params(run: str | Path) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, variables) of a finished run written by `save_params`."""
+def load_params(run: str | Path, verify: bool | None = None) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, variables) of a finished run written by `save_params` (`verify`: as `load_checkpoint`)."""
     run = Path(run).absolute()
     if not (run / "config.json").is_file() or not (run / "params").is_dir():
         raise FileNotFoundError(f"{run}: not a finished training run (needs config.json and params/)")
-    with ocp.StandardCheckpointer() as checkpointer:
-        variables = checkpointer.restore(run / "params")
-    return ModelConfig.from_json((run / "config.json").read_text()), variables
+    return load_checkpoint(run, verify)

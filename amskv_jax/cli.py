@@ -1,0 +1,42 @@
+"""What every command line does with a failure: one line naming the file and the problem, exit status 2.
+
+Failures a user can cause and fix (a missing or damaged file, a value out of range, a generation that went
+non-finite) are `ValueError`, `OSError` or `ArithmeticError` raised at the boundary with a message that says what
+and where; `command` turns them into `PROG: error: MESSAGE` on stderr (argparse's format, on one line) and status 2.
+Anything else is a bug and keeps its traceback. Argument errors stay argparse's own (usage, then one line, status 2).
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+USER_ERRORS = (ValueError, OSError, ArithmeticError)
+
+
+def command(prog: str):
+    """Decorate a `main(argv) -> int`: a user error becomes one line on stderr and the return value 2."""
+
+    def wrap(main):
+        @functools.wraps(main)
+        def run(argv=None) -> int:
+            try:
+                return main(argv)
+            except USER_ERRORS as err:
+                print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
+                return 2
+
+        return run
+
+    return wrap
+
+
+def add_verify_flag(parser) -> None:
+    """`--no-verify` (args.verify False; default None: verify unless AMSKV_SKIP_VERIFY is set)."""
+    parser.add_argument("--no-verify", dest="verify", action="store_false", default=None,
+                        help="skip the checkpoint's array checksums (also: AMSKV_SKIP_VERIFY=1; file sizes are still "
+                        "checked)")
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message with its line breaks and runs of spaces folded into single spaces."""
+    return " ".join(str(err).split()) or type(err).__name__
