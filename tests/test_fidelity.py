@@ -59,4 +59,4 @@ def test_full_cache_scores_itself_perfectly_and_a_lossy_policy_does_not():
     assert full.nonfinite_scale is None and lossy.nonfinite_scale is None
     marked = format_table({"condensed": dataclasses.replace(lossy, nonfinite_scale=2)}, policies)
     row = next(line for line in marked.splitlines() if line.startswith("| condensed |"))
-    assert row.count("non-finite logits from scale 2") == 8 and f"{lossy.mean_kl:.4f}" not in row
+    assert row.count("non-finite logits from scale 2") == 10 and f"{lossy.mean_kl:.4f}" not in row
