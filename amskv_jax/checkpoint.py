@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from amskv_jax import integrity
@@ -43,16 +45,52 @@ class Model:
     calibration: dict | None = None
 
 
-def init_params(config: ModelConfig, seed: int = 0) -> dict:
-    """Random params with the reference's shapes: {"var": variables, "vqvae": variables}."""
-    var_key, vae_key = jax.random.split(jax.random.key(seed))
+def param_shapes(config: ModelConfig) -> dict:
+    """{"var": variables, "vqvae": variables} as `jax.ShapeDtypeStruct`s: the Flax modules' init, traced, not run."""
     c = config.var
     labels = jnp.zeros((1,), jnp.int32)
     x = jnp.zeros((1, c.seq_len - c.first_l, c.cvae), jnp.float32)
-    var_params = VAR(c).init(var_key, labels, x)
-    img = jnp.zeros((1, config.vqvae.image_size, config.vqvae.image_size, 3), jnp.float32)
-    vae_params = VQVAE(config.vqvae).init(vae_key, img)
-    return {"var": var_params, "vqvae": vae_params}
+    side = 2 ** (len(config.vqvae.ch_mult) - 1)  # the smallest image (a 1x1 latent): the shapes do not depend on it
+    img = jnp.zeros((1, side, side, 3), jnp.float32)
+    key = jax.random.key(0)
+    return {"var": jax.eval_shape(VAR(c).init, key, labels, x), "vqvae": jax.eval_shape(VQVAE(config.vqvae).init, key, img)}
+
+
+def init_params(config: ModelConfig, seed: int = 0) -> dict:
+    """Random params with the reference's tree and shapes, as host numpy arrays (`jax.device_put` them to keep them
+    on a device): kernels and embeddings uniform with std 1/sqrt(fan-in) (embeddings 0.02), biases 0, norm scales 1,
+    the attention logit scale log 4.
+
+    Drawn in numpy from `param_shapes`, in seconds: Flax's own initialisers, eager or jitted, take minutes for d16
+    on 2 CPU cores (one threefry program per parameter shape to compile, then slow draws). Random-weight presets
+    serve timing, memory and shape checks, which need only the shapes; trained weights come from a checkpoint."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf) -> np.ndarray:
+        name = getattr(path[-1], "key", str(path[-1]))
+        shape = tuple(leaf.shape)
+        if name in ("bias", "q_bias", "v_bias"):
+            return np.zeros(shape, np.float32)
+        if name == "scale":
+            return np.ones(shape, np.float32)
+        if name == "scale_mul_1H11":
+            return np.full(shape, np.log(4.0), np.float32)
+        std = 1.0 / math.sqrt(max(1, _fan_in(path, shape))) if name == "kernel" else 0.02
+        uniform = rng.random(shape, dtype=np.float32)  # uniform on ±√3·std has that std; far faster than normals
+        uniform -= np.float32(0.5)
+        uniform *= np.float32(2 * math.sqrt(3) * std)
+        return uniform
+
+    return jax.tree_util.tree_map_with_path(fill, param_shapes(config))
+
+
+def _fan_in(path, shape: tuple[int, ...]) -> int:
+    """Input features of a kernel: stacked blocks carry a leading depth axis, and mat_qkv's kernel [C, 3, H, Dh]
+    (DenseGeneral) has C inputs; Dense [in, out] and conv [kh, kw, in, out] kernels read every axis but the last."""
+    names = [getattr(p, "key", str(p)) for p in path]
+    if "blocks" in names:
+        shape = shape[1:]
+    return shape[0] if "mat_qkv" in names else math.prod(shape[:-1])
 
 
 class MissingVQVAEError(ValueError):

@@ -9,6 +9,7 @@ labels, PRNG key, guidance and top-p are arrays, so one compiled program serves 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -106,7 +107,8 @@ def generate(
     `kv_dtype` is how the cache stores K/V (`quant.py`): None follows `dtype`; "bfloat16", "int8" (K per channel,
     V per token, float32 scales), "float8_e4m3fn"; the model still computes in `dtype`.
     `mesh` (`sharding.make_mesh`): run SPMD over its devices, batch over "data", heads and MLP over "model"
-    (params are placed with `sharding.shard_params`; results equal the single-device run's).
+    (params are placed with `sharding.shard_params`; results equal the single-device run's). It is the ambient mesh
+    (`jax.set_mesh`) while tracing, so every attention impl runs sharded: the Pallas kernels inside a shard_map.
     """
     if "vqvae" not in params:
         raise MissingVQVAEError(
@@ -123,14 +125,14 @@ def generate(
         )
     if mesh is not None:
         sharding.check_mesh(config, np.shape(labels)[0], mesh)
-        sharding.check_impl(impl)
         params = sharding.shard_params(params, mesh)
         labels, key = sharding.place_rows(jnp.asarray(labels, jnp.int32), mesh), sharding.replicate(key, mesh)
-    return _generate(
-        params, jnp.asarray(labels, jnp.int32), key, jnp.float32(cfg), jnp.float32(top_p),
-        config=config, layout=layout, top_k=top_k, more_smooth=more_smooth, dtype=dtype, impl=impl,
-        kv_dtype=kv_dtype, progress=progress, return_logits=return_logits, mesh=mesh,
-    )
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):  # the Pallas kernels shard over it
+        return _generate(
+            params, jnp.asarray(labels, jnp.int32), key, jnp.float32(cfg), jnp.float32(top_p),
+            config=config, layout=layout, top_k=top_k, more_smooth=more_smooth, dtype=dtype, impl=impl,
+            kv_dtype=kv_dtype, progress=progress, return_logits=return_logits, mesh=mesh,
+        )
 
 
 def _report_scale(si: int, num_scales: int, pn: int, _tokens) -> None:

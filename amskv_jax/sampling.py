@@ -4,7 +4,8 @@
   the rows of each image side by side, `[l0, null, l1, null, ...]` (`guidance_rows`), so that splitting rows over
   devices keeps both rows of an image together (the reference stacks the halves instead; the math is the same).
 * top-k keeps the logits ≥ the k-th largest (ties at the boundary kept); top-p sorts ascending and removes the
-  tokens whose cumulative softmax is ≤ 1 − top_p, always keeping the largest. Removed logits become −inf.
+  tokens whose cumulative softmax is ≤ 1 − top_p, always keeping the largest (ties at its boundary kept too). Both
+  are thresholds on one sort of the values. Removed logits become −inf.
 * `more_smooth` replaces the hard code vector by a Gumbel-softmax mixture of code vectors, with temperature
   `max(0.27·(1 − 0.95·ratio), 0.005)` on `logits·(1 + ratio)`.
 
@@ -36,18 +37,25 @@ def apply_guidance(logits_2BlV: jax.Array, cfg, ratio: float) -> jax.Array:
 
 
 def top_k_top_p_filter(logits_BlV: jax.Array, top_k: int, top_p) -> jax.Array:
-    """Set the logits outside the top-k and top-p support to −inf (float32 in, float32 out)."""
+    """Set the logits outside the top-k and top-p support to −inf (float32 in, float32 out).
+
+    One sort of the values, no indices: both filters remove a prefix of the ascending order, so each becomes a
+    threshold (the k-th largest value; the smallest value top-p keeps) and the vocabulary is compared against it.
+    The reference's three sorts (top-k, argsort, and the inverse permutation) give the same support except at exact
+    ties straddling the top-p boundary, where this keeps every tied token (as top-k does) and the reference keeps
+    those its sort order puts last.
+    """
     logits = logits_BlV.astype(jnp.float32)
+    sorted_logits = jnp.sort(logits, axis=-1)  # ascending, as the reference sorts
     if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        kth = sorted_logits[..., -top_k:][..., :1]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
+        sorted_logits = jnp.where(sorted_logits < kth, -jnp.inf, sorted_logits)
     top_p = jnp.asarray(top_p, jnp.float32)
-    order = jnp.argsort(logits, axis=-1)  # ascending, as the reference sorts
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    remove_sorted = (cumulative <= 1 - top_p).at[..., -1].set(False)
-    remove = jnp.take_along_axis(remove_sorted, jnp.argsort(order, axis=-1), axis=-1)  # back to vocabulary order
-    return jnp.where((top_p > 0) & remove, -jnp.inf, logits)
+    removed = jnp.sum((cumulative <= 1 - top_p).at[..., -1].set(False), axis=-1, keepdims=True)  # a prefix
+    smallest_kept = jnp.take_along_axis(sorted_logits, removed, axis=-1)
+    return jnp.where((top_p > 0) & (logits < smallest_kept), -jnp.inf, logits)
 
 
 def sample_tokens(key: jax.Array, logits_BlV: jax.Array) -> jax.Array:

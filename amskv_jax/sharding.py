@@ -138,19 +138,6 @@ def check_mesh(config: ModelConfig | VARConfig, batch: int | None, mesh: Mesh) -
             )
 
 
-def check_impl(impl: str) -> None:
-    """Raise unless attention `impl` can run inside a sharded program: the Pallas kernels (what "auto" picks on GPU
-    and TPU) are opaque custom calls that XLA's partitioner cannot split, so they would need a shard_map."""
-    from amskv_jax.attention import resolve_impl
-
-    resolved = resolve_impl(impl)
-    if resolved == "pallas" and jax.default_backend() != "cpu":
-        raise ValueError(
-            f"attention impl {impl!r} runs the Pallas kernel on {jax.default_backend()}, which XLA cannot partition "
-            "over a mesh; use impl='xla' (or 'cudnn' on NVIDIA GPUs) with a mesh"
-        )
-
-
 # --- parameters -------------------------------------------------------------------------------------------------
 def _keys(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)

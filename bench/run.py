@@ -28,7 +28,6 @@ import functools
 import gc
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
@@ -77,36 +76,10 @@ class Model:
     weights: str
 
 
-def random_params(config: ModelConfig, seed: int = 0) -> dict:
-    """Random weights with `init_params`' tree and shapes, drawn in numpy (fast, and without touching the device):
-    kernels and embeddings normal with std 1/sqrt(fan-in) (embeddings 0.02), biases 0, norm scales 1, the attention
-    logit scale log 4. Timing does not depend on the values, only on shapes; the torch reference gets the same
-    numbers. (Flax's own init runs the VQ-VAE eagerly and takes ~30 s even for the tiny preset on 2 CPU cores.)"""
-    shapes = jax.eval_shape(lambda: init_params(config))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf) -> np.ndarray:
-        name = getattr(path[-1], "key", str(path[-1]))
-        shape = tuple(leaf.shape)
-        if name == "bias" or name in ("q_bias", "v_bias"):
-            return np.zeros(shape, np.float32)
-        if name == "scale":
-            return np.ones(shape, np.float32)
-        if name == "scale_mul_1H11":
-            return np.full(shape, np.log(4.0), np.float32)
-        if name == "kernel":
-            std = 1.0 / math.sqrt(max(1, int(np.prod(shape[:-1]))))
-        else:
-            std = 0.02
-        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 def load(spec: str, seed: int, verify: bool | None = None) -> Model:
     if spec in PRESETS:
         config = get_preset(spec)
-        return Model(spec, config, random_params(config, seed), f"random (numpy, seed {seed}, fan-in scaled)")
+        return Model(spec, config, init_params(config, seed), f"random (seed {seed}, fan-in scaled)")
     model = load_model(spec, verify)
     return Model(spec if spec in getattr(checkpoint, "EMBEDDED", {}) else Path(spec).name, model.config,
                  model.params, model.description)
@@ -674,13 +647,14 @@ def format_report(results: dict) -> str:
 
     out += ["## 2. Attention time per scale", "",
             "`cached_attention` over each layer's cache with its read mask, summed over the layers; ms, median "
-            "[min–max] of the repetitions. read: cache slots the scale's queries read, over all layers.", ""]
+            "[min–max] of the repetitions. read: cache slots the scale's queries read, over all layers; cache: the "
+            "slots allocated. Every path reads only the live slots, so the time follows read, not cache.", ""]
     rows = []
     for r in results["attention"]:
         t = (f"{r['median_ms']:.3f} [{r['min_ms']:.3f}–{r['max_ms']:.3f}]" if r["status"] == "ok" else r["status"])
         rows.append([r["model"], r["batch"], f"{r['scale']} ({r['pn']}×{r['pn']})", r["policy"],
-                     f"{r['read_slots']:,}", t, _ratio(r["ratio_vs_full"])])
-    out += [_table(["model", "batch", "scale", "policy", "read slots", "ms", "÷ full"], rows), ""]
+                     f"{r['read_slots']:,}", f"{r['capacity_slots']:,}", t, _ratio(r["ratio_vs_full"])])
+    out += [_table(["model", "batch", "scale", "policy", "read slots", "cache slots", "ms", "÷ full"], rows), ""]
 
     out += ["## 3. End-to-end generation", "",
             f"`generate` (cfg {meta['cfg']}, top-p {meta['top_p']}, top-k 900 capped at the vocabulary, VQ-VAE "

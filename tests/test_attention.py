@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from amskv_jax import attention
-from amskv_jax.attention import pallas_gpu, tpu
+from amskv_jax.attention import pallas_gpu, tpu, xla
 from amskv_jax.attention.reference import cached_attention_reference as _reference
 from amskv_jax.cache import build_layout
 from amskv_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, get_preset
@@ -64,6 +64,7 @@ def _relative_error(out, ref) -> float:
 
 reference = jax.jit(_reference)
 KERNELS = {
+    "xla": xla.cached_attention,
     "gpu": functools.partial(pallas_gpu.cached_attention, interpret=True),
     "tpu": functools.partial(tpu.cached_attention, interpret=True),
 }
@@ -81,24 +82,37 @@ def _check_against_reference(kernel, l, capacity, mask, dtype, rows=1, seed=0, s
     assert err < TOLERANCE[dtype], err
 
 
+def test_xla_path_reads_only_live_runs_and_cuts_them_at_group_changes():
+    mask = np.zeros(12, bool)
+    mask[[0, 1, 2, 5, 9, 10, 11]] = True
+    assert xla.live_runs(mask) == ((0, 3), (5, 6), (9, 12))
+    groups = np.array([0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3])
+    assert xla.live_runs(mask, groups) == ((0, 2), (2, 3), (5, 6), (9, 10), (10, 12))
+    assert xla.live_runs(np.zeros(4, bool)) == ()
+
+
+@pytest.mark.parametrize("kernel", ["xla", "gpu"])
 @pytest.mark.parametrize("l", SCALE_SIZES)
-def test_gpu_kernel_matches_reference_at_every_scale_size(l):
+def test_xla_path_and_gpu_kernel_match_reference_at_every_scale_size(kernel, l):
     capacity = 72 if l >= 256 else 136  # two or three key blocks, the last partial
-    _check_against_reference("gpu", l, capacity, _masks(300)["random"][:capacity], jnp.float32, rows=1 + (l < 256))
+    _check_against_reference(kernel, l, capacity, _masks(300)["random"][:capacity], jnp.float32, rows=1 + (l < 256))
 
 
+@pytest.mark.parametrize("kernel", ["xla", "gpu"])
 @pytest.mark.parametrize("mask_name", list(_masks(300)))
-def test_gpu_kernel_matches_reference_for_structured_masks(mask_name):
-    _check_against_reference("gpu", 25, 300, _masks(300)[mask_name], jnp.float32, rows=2)
+def test_xla_path_and_gpu_kernel_match_reference_for_structured_masks(kernel, mask_name):
+    _check_against_reference(kernel, 25, 300, _masks(300)[mask_name], jnp.float32, rows=2)
 
 
+@pytest.mark.parametrize("kernel", ["xla", "gpu"])
 @pytest.mark.parametrize("l", [1, 100, 256])
-def test_gpu_kernel_in_bfloat16_stays_within_2e_2(l):
-    _check_against_reference("gpu", l, 300, _masks(300)["condensed_local"], jnp.bfloat16, rows=2, seed=l)
+def test_xla_path_and_gpu_kernel_in_bfloat16_stay_within_2e_2(kernel, l):
+    _check_against_reference(kernel, l, 300, _masks(300)["condensed_local"], jnp.bfloat16, rows=2, seed=l)
 
 
-def test_gpu_kernel_without_l2_norm_uses_the_fixed_scale():
-    _check_against_reference("gpu", 9, 100, _masks(100)["random"], jnp.float32, scale_mul=False)
+@pytest.mark.parametrize("kernel", ["xla", "gpu"])
+def test_xla_path_and_gpu_kernel_without_l2_norm_use_the_fixed_scale(kernel):
+    _check_against_reference(kernel, 9, 100, _masks(100)["random"], jnp.float32, scale_mul=False)
 
 
 @pytest.mark.parametrize(
@@ -109,7 +123,7 @@ def test_tpu_splash_path_matches_reference(l, mask_name, dtype):
     _check_against_reference("tpu", l, 300, _masks(300)[mask_name], dtype, rows=2)
 
 
-@pytest.mark.parametrize("kernel, block", [("gpu", 64), ("tpu", 128)])
+@pytest.mark.parametrize("kernel, block", [("xla", 1), ("gpu", 64), ("tpu", 128)])
 def test_blocks_the_layout_leaves_empty_are_never_read(kernel, block):
     """NaN in every slot of the dead blocks: masking after computing would give NaN (0 · NaN), skipping does not."""
     mask = _masks(300)["condensed_local"]
@@ -248,3 +262,52 @@ def test_tiny_generation_with_pallas_gives_the_tokens_of_xla(var_params):
     expected, got = run(impl="xla"), run(impl="pallas")
     for x, y in zip(expected.tokens, got.tokens, strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+# --- the Pallas kernels under a mesh ------------------------------------------------------------------------------
+MESH_CHILD = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+sys.path.insert(0, sys.argv[1])
+from amskv_jax import attention, sharding
+from amskv_jax.attention.reference import cached_attention_reference
+from test_attention import _inputs, _masks, _relative_error
+assert jax.device_count() == 8, jax.devices()
+mask = _masks(100)["random"]
+q, k, v, cache_k, cache_v, scale_mul_H = _inputs(0, 8, 25, 100, jnp.float32, heads=4)
+ref = cached_attention_reference(q, k, v, cache_k, cache_v, jnp.asarray(mask), scale_mul_H)
+fn = jax.jit(lambda *a: attention.cached_attention(*a, impl="pallas", static_mask=mask))
+errors = {}
+for data, model in ((8, 1), (4, 2), (2, 4)):
+    mesh = sharding.make_mesh(data=data, model=model)
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+    heads = P("data", None, "model", None)
+    args = [put(x, heads) for x in (q, k, v, cache_k, cache_v)] + [put(jnp.asarray(mask), P()), put(scale_mul_H, P("model"))]
+    with jax.set_mesh(mesh):
+        out = fn(*args)
+    errors[f"data{data}_model{model}"] = [_relative_error(out, ref), list(out.sharding.spec)]
+print(json.dumps(errors))
+"""
+
+
+def test_pallas_kernel_runs_per_shard_under_a_mesh_with_the_unsharded_result():
+    """8 host devices (a child process: the device count is fixed when jax starts), the GPU kernel interpreted: under
+    `jax.set_mesh`, the dispatch runs it in a shard_map over rows and heads; each mesh gives the unsharded result."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", MESH_CHILD, str(tests)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(errors) == {"data8_model1", "data4_model2", "data2_model4"}
+    for name, (err, spec) in errors.items():
+        assert err < 1e-5, (name, err)
+        assert spec[0] == "data" and spec[2] in ("model", None), (name, spec)

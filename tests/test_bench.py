@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from amskv_jax.checkpoint import init_params
 from bench import run as bench
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -108,7 +109,7 @@ def test_state_dict_export_round_trips():
     from convert.mapping import state_dict_to_params
 
     keys = json.loads((FIXTURES / "tiny" / "keys.json").read_text())
-    params = bench.random_params(get_preset("tiny"), seed=1)
+    params = init_params(get_preset("tiny"), seed=1)
     for ours, theirs in (("var", "var"), ("vqvae", "vae")):
         shapes = {key: tuple(shape) for key, shape, _ in keys[theirs]}
         sd = bench.params_to_state_dict(params[ours]["params"], shapes)

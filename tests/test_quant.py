@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from amskv_jax import quant, sampling
-from amskv_jax.attention import pallas_gpu
+from amskv_jax.attention import pallas_gpu, xla
 from amskv_jax.attention.reference import MAX_SCALE_MUL, cached_attention_reference, prepare_qk
 from amskv_jax.cache import build_layout, init_cache
 from amskv_jax.config import PATCH_NUMS_256, get_preset
@@ -197,19 +197,23 @@ def test_scores_over_an_int8_cache_obey_the_exact_bound():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_attention_over_quantised_caches_reference_and_kernel(dtype):
-    """Reference over int8 / float8 caches vs over the `dtype` cache; the kernel (interpreted) vs the reference on
-    the same quantised cache."""
+def test_attention_over_quantised_caches_reference_xla_path_and_kernel(dtype):
+    """Reference over int8 / float8 caches vs over the `dtype` cache; the XLA path and the kernel (interpreted) vs
+    the reference on the same quantised cache."""
     caches, fresh, scale_mul_H = _written_caches(1, dtype)
     reference = jax.jit(functools.partial(_attend, cached_attention_reference))
     static_mask = LAYOUT.layers[0].read_mask(SI)
     kernel = functools.partial(pallas_gpu.cached_attention, static_mask=static_mask, interpret=True)
+    live = jax.jit(functools.partial(_attend, functools.partial(xla.cached_attention, static_mask=static_mask)))
     base = reference(fresh, caches[None], scale_mul_H)
     for kv, (tol_mild, tol_sharp) in [("int8", (0.01, 0.03)), ("float8_e4m3fn", (0.03, 0.1))]:
         ref = reference(fresh, caches[kv], scale_mul_H)
         assert ref.dtype == dtype
         errors = _rms(ref[:, :, 0], base[:, :, 0]), _rms(ref[:, :, 1], base[:, :, 1])
         assert errors[0] < tol_mild and errors[1] < tol_sharp, (kv, errors)
+        out = live(fresh, caches[kv], scale_mul_H)
+        assert out.dtype == dtype
+        assert _rel(out, ref) < (1e-5 if dtype == jnp.float32 else 2e-2), kv
         if kv == "int8" or dtype == jnp.float32:  # the kernel is dtype-agnostic in its storage: one float8 case
             out = jax.jit(functools.partial(_attend, kernel))(fresh, caches[kv], scale_mul_H)
             assert out.dtype == dtype

@@ -90,3 +90,22 @@ def test_gumbel_smoothing_mixes_code_vectors_and_sharpens_with_the_scale():
     assert float(late.max(-1).mean()) > 0.99 > float(early.max(-1).mean())
     # the mixture weights favour the larger logits
     assert float(early[..., 0].mean()) > float(early[..., 1].mean()) > float(early[..., 2].mean())
+
+
+def _filter_by_sorting(logits, top_k: int, top_p: float):
+    """The reference's filter step by step (top-k, argsort, inverse permutation): the slow truth."""
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    order = jnp.argsort(logits, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1), axis=-1)
+    remove_sorted = (cumulative <= 1 - top_p).at[..., -1].set(False)
+    remove = jnp.take_along_axis(remove_sorted, jnp.argsort(order, axis=-1), axis=-1)
+    return jnp.where((top_p > 0) & remove, -jnp.inf, logits)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.96), (900, 0.96), (900, 0.0), (50, 0.5), (4096, 0.99)])
+def test_threshold_filter_equals_the_reference_sorting_filter(top_k, top_p):
+    logits = 3 * jax.random.normal(jax.random.key(top_k), (2, 37, 4096))  # distinct values: no ties
+    np.testing.assert_array_equal(sampling.top_k_top_p_filter(logits, top_k, top_p),
+                                  _filter_by_sorting(logits, top_k, top_p))

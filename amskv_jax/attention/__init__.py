@@ -2,7 +2,9 @@
 
 `impl` is static; the model never branches on the backend anywhere else.
 
-* "xla": the pure-JAX reference (`reference.py`), the truth the others are tested against; any platform.
+* "xla": pure JAX over the static live slices of the cache plus the fresh K/V, softmax statistics combined
+  (`xla.py`): no copy of the cache, and a layer's cost follows its live slots; any platform, any mesh. The
+  concatenating `reference.py` is the truth it and the kernels are tested against.
 * "pallas": the Pallas kernel of the platform: on GPU the Triton kernel (`pallas_gpu.py`), on TPU splash attention
   with the layout's mask (`tpu.py`), on CPU the GPU kernel in interpret mode (slow; for tests).
 * "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` over [cache | fresh] with the dynamic mask (no
@@ -13,8 +15,8 @@
 
 The platform is `jax.default_backend()` at trace time.
 
-Quantised caches (`quant.py`) pass `k_scale`, `v_scale` and the static `k_group`: the reference and the GPU kernel
-dequantise as they read, the TPU path and cuDNN dequantise first (see each module).
+Quantised caches (`quant.py`) pass `k_scale`, `v_scale` and the static `k_group`: the XLA path, the reference and
+the GPU kernel dequantise as they read, the TPU path and cuDNN dequantise first (see each module).
 """
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from amskv_jax.attention import pallas_gpu, tpu
+from amskv_jax.attention import pallas_gpu, tpu, xla
 from amskv_jax.attention.reference import (
-    cached_attention_reference, dequantize_cache, masked_attention, prepare_qk,
+    dequantize_cache, masked_attention, prepare_qk,
 )
 
 IMPLS = ("auto", "xla", "pallas", "cudnn")
@@ -98,13 +101,40 @@ def cached_attention(
     args = (q, k, v, cache_k, cache_v, cache_mask, scale_mul_H)
     scales = dict(k_scale=k_scale, v_scale=v_scale, k_group=k_group)
     if impl == "xla":
-        return cached_attention_reference(*args, **scales)
+        return xla.cached_attention(*args, static_mask=static_mask, **scales)
     if impl == "cudnn":
         cache_k, cache_v = dequantize_cache(cache_k, cache_v, k_scale, v_scale, k_group, v.dtype)
         return cudnn_attention(q, k, v, cache_k, cache_v, cache_mask, scale_mul_H)
-    if k_scale is None:
-        return PALLAS_KERNELS[jax.default_backend()](*args, static_mask=static_mask)
-    return PALLAS_KERNELS[jax.default_backend()](*args, static_mask=static_mask, **scales)
+    kernel = functools.partial(PALLAS_KERNELS[jax.default_backend()], static_mask=static_mask)
+    return _per_shard(kernel, *args, **(scales if k_scale is not None else {}))
+
+
+# Where each argument of a kernel is split on a ("data", "model") mesh: rows over "data", heads over "model".
+_SHARD_AXES = {
+    "q": ("data", None, "model", None), "k": ("data", None, "model", None), "v": ("data", None, "model", None),
+    "cache_k": ("data", None, "model", None), "cache_v": ("data", None, "model", None), "cache_mask": (),
+    "scale_mul_H": ("model",), "k_scale": ("data", None, "model", None), "v_scale": ("data", None, "model"),
+}
+
+
+def _per_shard(kernel, q, k, v, cache_k, cache_v, cache_mask, scale_mul_H, *, k_group=None, **scales):
+    """kernel(...) as is without an ambient mesh; under one (`jax.set_mesh`, as `generate(mesh=...)` sets it), run
+    inside `jax.shard_map`, each device on its rows ("data") and heads ("model"): attention is independent per row
+    and head, so there are no collectives and each shard runs the same kernel as one device. (A Pallas kernel is an
+    opaque custom call that XLA's partitioner cannot split itself.) Mesh axes of other names are left replicated."""
+    mesh = jax.sharding.get_abstract_mesh()
+    arrays = dict(q=q, k=k, v=v, cache_k=cache_k, cache_v=cache_v, cache_mask=cache_mask, scale_mul_H=scale_mul_H,
+                  **scales)
+    arrays = {name: x for name, x in arrays.items() if x is not None}
+    static = dict(k_group=k_group) if k_group is not None else {}
+    if mesh.empty:
+        return kernel(**arrays, **static)
+    spec = lambda axes: P(*(a if a in mesh.axis_names else None for a in axes))  # noqa: E731
+    return jax.shard_map(
+        lambda kw: kernel(**{"scale_mul_H": None, **kw}, **static), mesh=mesh,
+        in_specs=({name: spec(_SHARD_AXES[name]) for name in arrays},), out_specs=spec(_SHARD_AXES["q"]),
+        check_vma=False,
+    )(arrays)
 
 
 __all__ = [
