@@ -12,7 +12,9 @@ after its first different draw). Per scale we report
   the one the policy's sampler received. Both are the guided logits before top-k/top-p filtering;
 
 and per image the PSNR of the policy's final image against the full cache's and, when an `image_distance` (LPIPS)
-is given, that distance. The command line is `python -m bench.fidelity`.
+is given, that distance. Against real data, with a `classifier` (`amskv_jax.classifier`): the class accuracy of the
+samples (argmax of the classifier == the label asked for) and, given the real images' features, the FID of the
+samples' penultimate features against them (`amskv_jax.fid`). The command line is `python -m bench.fidelity`.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import numpy as np
 
 from amskv_jax import sampling
 from amskv_jax.config import ModelConfig, VARConfig
+from amskv_jax.fid import fid
 from amskv_jax.generate import DTYPES, first_nonfinite_scale, generate
 from amskv_jax.policies import AMSKV, FullCache, Policy, choose_demanding_layers, select_layers
 from amskv_jax.var import VAR
@@ -36,10 +39,10 @@ from amskv_jax.vqvae import VQVAE
 class Fidelity:
     """Per-scale agreement, top-1 agreement and KL(full ‖ policy) (means over tokens and samples), image PSNR (dB, of
     the mean squared error over all images; inf when all are identical) and LPIPS (None when not measured) against the
-    full cache, and the cache's slots. `nonfinite_scale`: None, or the first scale (1-based) where the policy's or the
-    full cache's logits were not all finite in some batch: every figure of the row is then meaningless (NaN-derived),
-    and `format_table` shows the mark instead. `samples`: float32 [n, H, W, 3] of the first images (for grids; not
-    saved)."""
+    full cache, and the cache's slots; against real data the samples' class accuracy and FID (None when not
+    measured). `nonfinite_scale`: None, or the first scale (1-based) where the policy's or the full cache's logits
+    were not all finite in some batch: every figure of the row is then meaningless (NaN-derived), and `format_table`
+    shows the mark instead. `samples`: float32 [n, H, W, 3] of the first images (for grids; not saved)."""
 
     agreement: tuple[float, ...]
     top1: tuple[float, ...]
@@ -49,6 +52,8 @@ class Fidelity:
     full_slots: int
     psnr: float
     lpips: float | None
+    accuracy: float | None = None
+    fid: float | None = None
     nonfinite_scale: int | None = None
     samples: np.ndarray = dataclasses.field(repr=False, compare=False, default=None)
 
@@ -111,12 +116,15 @@ def policy_fidelity(
     model, policies: Mapping[str, Policy], labels, key, *, batch: int | None = None, cfg: float = 1.5,
     top_k: int = 900, top_p: float = 0.96, dtype: str = "float32",
     image_distance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, kv_dtype: str | None = None,
+    classifier=None, real_features: np.ndarray | None = None,
 ) -> dict[str, Fidelity]:
     """Fidelity of each policy against the full cache on `labels`, `batch` images per call (default: all), the
     same PRNG key per batch for every policy. `model`: a `checkpoint.Model`. `image_distance(a, b)` maps two image
     batches in [0, 1] to one distance per image (e.g. LPIPS). The full cache itself is reported as "full" when it is
     among `policies` (agreement 1, KL 0: a check of determinism). `kv_dtype` is the policies' cache storage
-    (`quant.py`); the full cache it is compared with always stores the compute dtype."""
+    (`quant.py`); the full cache it is compared with always stores the compute dtype. `classifier` (an
+    `amskv_jax.classifier.Classifier`) adds class accuracy, and with `real_features` ([N, F], its features of real
+    images) the FID of every policy's samples against them."""
     config: ModelConfig = model.config
     c = config.var
     labels = np.asarray(labels, np.int32)
@@ -127,6 +135,8 @@ def policy_fidelity(
     sums = {name: np.zeros((3, c.num_scales)) for name in policies}
     errors = {name: [] for name in policies}
     distances = {name: [] for name in policies}
+    hits = {name: [] for name in policies}
+    features = {name: [] for name in policies}
     nonfinite = {name: None for name in policies}
     samples = {}
     for start in range(0, len(labels), batch):
@@ -151,6 +161,9 @@ def policy_fidelity(
             errors[name].extend(mse(images, full_images).tolist())
             if image_distance is not None:
                 distances[name].extend(np.asarray(image_distance(images, full_images)).ravel().tolist())
+            if classifier is not None:
+                hits[name].extend((classifier.predict(images).argmax(-1) == chunk).tolist())
+                features[name].append(classifier.features(images))
             samples.setdefault(name, images)
     sizes = tuple(pn * pn for pn in c.patch_nums)
     full_slots = sum(full_layout.capacities)
@@ -160,6 +173,9 @@ def policy_fidelity(
             kl=tuple((total[2] / len(labels)).tolist()),
             sizes=sizes, slots=sum(layouts[name].capacities), full_slots=full_slots,
             psnr=psnr(errors[name]), lpips=float(np.mean(distances[name])) if distances[name] else None,
+            accuracy=float(np.mean(hits[name])) if hits[name] else None,
+            fid=fid(np.concatenate(features[name]), real_features) if features[name] and real_features is not None
+            else None,
             nonfinite_scale=nonfinite[name], samples=samples[name],
         )
         for name, total in sums.items()
@@ -209,26 +225,30 @@ def distinct(policies: Mapping[str, Policy], config: VARConfig) -> dict[str, Pol
 
 
 def format_table(results: Mapping[str, Fidelity], policies: Mapping[str, Policy]) -> str:
-    """A markdown table: memory (this model's slots vs the full cache), agreement, KL, PSNR and LPIPS per policy."""
+    """A markdown table: memory (this model's slots vs the full cache), FID and class accuracy against real data,
+    agreement, KL, PSNR and LPIPS against the full cache, per policy."""
     any_result = next(iter(results.values()))
     scales = len(any_result.sizes)
     lines = [
-        "| policy | setting | cache vs full | token agreement | top-1 agreement | mean KL | PSNR dB | LPIPS "
-        "| agreement per scale | top-1 per scale | KL per scale |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| policy | setting | cache vs full | FID | class accuracy | token agreement | top-1 agreement | mean KL "
+        "| PSNR dB | LPIPS | agreement per scale | top-1 per scale | KL per scale |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         if r.nonfinite_scale is not None:
             mark = f"non-finite logits from scale {r.nonfinite_scale}"
             lines.append(f"| {name} | {policies[name].describe()} | {100 * r.memory_fraction:.1f}% | "
-                         + " | ".join([mark] * 8) + " |")
+                         + " | ".join([mark] * 10) + " |")
             continue
         per_scale = " ".join(f"{a:.2f}" for a in r.agreement)
         top1 = " ".join(f"{a:.2f}" for a in r.top1)
         kl = " ".join(f"{k:.3f}" for k in r.kl)
         lpips = "n/a" if r.lpips is None else f"{r.lpips:.4f}"
+        fid_text = "n/a" if r.fid is None else f"{r.fid:.3f}"
+        accuracy = "n/a" if r.accuracy is None else f"{r.accuracy:.3f}"
         lines.append(
-            f"| {name} | {policies[name].describe()} | {100 * r.memory_fraction:.1f}% | {r.token_agreement:.3f} | "
+            f"| {name} | {policies[name].describe()} | {100 * r.memory_fraction:.1f}% | {fid_text} | {accuracy} | "
+            f"{r.token_agreement:.3f} | "
             f"{r.top1_agreement:.3f} | {r.mean_kl:.4f} | {r.psnr:.1f} | {lpips} | {per_scale} | {top1} | {kl} |"
         )
     lines.append(f"\n({scales} scales, counted from 1; per-scale columns run from the coarsest to the finest scale.)")

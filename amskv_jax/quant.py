@@ -96,6 +96,23 @@ def dequantize_v(v_BSHD: jax.Array, v_scale_BSH: jax.Array, dtype=jnp.float32) -
     return (v_BSHD.astype(jnp.float32) * v_scale_BSH[..., None]).astype(dtype)
 
 
+def fake_quantize_kv(k_BLHD: jax.Array, v_BLHD: jax.Array, patch_nums: tuple[int, ...], dtype):
+    """What a quantised cache gives back for teacher-forced K/V of all L tokens (teacher forcing under a quantised
+    cache, `VAR.__call__(..., kv_dtype=...)`): K (already L2-normalised, as cached) quantised per channel over each
+    scale's tokens, as each scale's write does, and dequantised to float32; V per token, dequantised to its own
+    dtype, as the attention reads them."""
+    if not is_quantized(dtype):
+        raise ValueError(f"fake_quantize_kv needs a quantised storage dtype ({', '.join(map(str, QMAX))}), got {dtype}")
+    dtype = jnp.dtype(dtype)
+    keys, begin = [], 0
+    for pn in patch_nums:
+        stored, scale_BHD = quantize_k(k_BLHD[:, begin:begin + pn * pn], dtype)
+        keys.append(stored.astype(jnp.float32) * scale_BHD[:, None])
+        begin += pn * pn
+    stored, scale_BLH = quantize_v(v_BLHD, dtype)
+    return jnp.concatenate(keys, axis=1), dequantize_v(stored, scale_BLH, v_BLHD.dtype)
+
+
 def error_bound(x: jax.Array, absmax: jax.Array, dtype) -> jax.Array:
     """The largest |x − dequantize(quantize(x))| per element allowed (see the module docstring); float32."""
     dtype = jnp.dtype(dtype)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amskv_jax import quant
 from amskv_jax.attention import cached_attention, masked_attention, prepare_qk
 from amskv_jax.cache import CacheLayout, KindCache, KVCache, LayerLayout, teacher_mask
 from amskv_jax.config import VARConfig
@@ -74,11 +75,17 @@ class SelfAttention(nn.Module):
     def _out(self, o_BlHD):
         return self.proj(o_BlHD.reshape(*o_BlHD.shape[:2], -1).astype(self.dtype))
 
-    def __call__(self, x_BLC, mask_LL):
-        """(output [B, L, C], the raw (q, k, v)) under a bool [L, L] mask."""
+    def __call__(self, x_BLC, mask_LL, kv_dtype: str | None = None):
+        """(output [B, L, C], the raw (q, k, v)) under a bool [L, L] mask. A quantised `kv_dtype` reads the K/V of
+        earlier scales as a quantised cache would hold them (`quant.fake_quantize_kv`), a scale's own fresh."""
         q, k, v = self._qkv(x_BLC)
         q_n, k_n = prepare_qk(q, k, self._scale_mul_H())
-        return self._out(masked_attention(q_n, k_n, v, mask_LL)), (q, k, v)
+        cached = None
+        if kv_dtype is not None:
+            level = np.concatenate([np.full(pn * pn, si) for si, pn in enumerate(self.config.patch_nums)])
+            k_c, v_c = quant.fake_quantize_kv(k_n, v, self.config.patch_nums, kv_dtype)
+            cached = (k_c, v_c, jnp.asarray(level[:, None] == level[None, :]))
+        return self._out(masked_attention(q_n, k_n, v, mask_LL, cached)), (q, k, v)
 
     def step(self, x_BlC, cache: KindCache, index, plan: LayerLayout, si: int):
         """Scale si's queries against layer `index` of its kind's stacked cache, then scale si's write to it."""
@@ -142,9 +149,10 @@ class AdaLNSelfAttn(nn.Module):
         x = x + self.ffn((layer_norm(x, eps) * (1 + s2) + b2).astype(self.dtype)) * g2.astype(x.dtype)
         return x, out
 
-    def __call__(self, x, cond, mask_LL):
-        """(x [B, L, C], the attention's raw (q, k, v)): teacher forcing under a bool [L, L] mask."""
-        return self._mix(x, cond, lambda h: self.attn(h, mask_LL))
+    def __call__(self, x, cond, mask_LL, kv_dtype: str | None = None):
+        """(x [B, L, C], the attention's raw (q, k, v)): teacher forcing under a bool [L, L] mask (and the K/V
+        storage of a cache, `kv_dtype`)."""
+        return self._mix(x, cond, lambda h: self.attn(h, mask_LL, kv_dtype))
 
     def step(self, x, cond, cache: KindCache, index, plan: LayerLayout, si: int):
         """(x [B, l, C], cache): one scale through layer `index` of the kind whose stacked cache is `cache`."""
@@ -223,14 +231,21 @@ class VAR(nn.Module):
         return self.head(self.head_nm(x_BlC.astype(jnp.float32), cond_BD))
 
     # --- entry points -----------------------------------------------------------------------------------------
-    def __call__(self, label_B, x_BLCv_wo_first_l, layout: CacheLayout | None = None):
+    def __call__(
+        self, label_B, x_BLCv_wo_first_l, layout: CacheLayout | None = None, kv_dtype: str | None = None
+    ):
         """Teacher forcing: logits [B, L, V] for all scales at once (labels are used as given: no dropout).
 
         layout None: the block-causal mask. With a cache layout, at layer l a token of scale s attends to the scales
-        `layout.layers[l].reads[s]` plus its own: exactly what cached generation under that layout attends to."""
-        return self.teacher_states(label_B, x_BLCv_wo_first_l, layout, keep=False)[0]
+        `layout.layers[l].reads[s]` plus its own: exactly what cached generation under that layout attends to.
+        kv_dtype "int8" / "float8_e4m3fn": the K/V read from earlier scales are those a cache of that storage holds
+        (quantised per written scale as `LayerCache.write` does; `quant.fake_quantize_kv`)."""
+        return self.teacher_states(label_B, x_BLCv_wo_first_l, layout, keep=False, kv_dtype=kv_dtype)[0]
 
-    def teacher_states(self, label_B, x_BLCv_wo_first_l, layout: CacheLayout | None = None, keep: bool = True):
+    def teacher_states(
+        self, label_B, x_BLCv_wo_first_l, layout: CacheLayout | None = None, keep: bool = True,
+        kv_dtype: str | None = None,
+    ):
         """(logits [B, L, V], per-layer states): with `keep`, {"out": every block's output [D, B, L, C], "q", "k",
         "v": its raw projections [D, B, L, H, Dh]} (verification, calibration); else None."""
         c = self.config
@@ -248,7 +263,7 @@ class VAR(nn.Module):
 
         def layer(x, xs):
             params, kind = xs
-            x, (q, k, v) = block.apply({"params": params}, x, block_cond, masks_KLL[kind])
+            x, (q, k, v) = block.apply({"params": params}, x, block_cond, masks_KLL[kind], kv_dtype)
             return x, (dict(out=x, q=q, k=k, v=v) if keep else None)
 
         x, states = jax.lax.scan(layer, x, (self.blocks, jnp.asarray(kind_of)))

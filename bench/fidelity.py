@@ -2,6 +2,13 @@
 
     python -m bench.fidelity [--model emoji32] [--samples 64] [--policies full,amskv,...] [--sweep]
         [--calibration layers.json] [--kv-dtypes default,int8,float8_e4m3fn] [--out DIR]
+    python -m bench.fidelity --nll [--images DIR] [--model ...] [--policies ...] [--kv-dtypes ...] [--out DIR]
+
+`--nll` instead scores real images: each policy's teacher-forced NLL per token, unguided and guided, per scale, with
+ΔNLL against the full cache (`amskv_jax.nll`; deterministic). Images: `--images DIR` (one subfolder per class,
+resized with the reference's transform), by default the model's training data when it is one of ours (emoji32 saw
+all of its images in training, so that NLL is not held out, and the output says so). It writes `DIR/nll.md` and
+`DIR/nll.json`.
 
 For the same labels and PRNG keys, every policy generates independently of the full cache; per policy it reports
 the cache's size against the full cache, per-scale token agreement and logit KL (`amskv_jax.fidelity`), and PSNR
@@ -12,19 +19,26 @@ same samples in every column).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 
 from amskv_jax import cli, compile_cache
-from amskv_jax.checkpoint import DEFAULT_MODEL, load_model
+from amskv_jax.checkpoint import DEFAULT_MODEL, EMBEDDED, load_model
+from amskv_jax.classifier import load_classifier
+from amskv_jax.fid import fid
 from amskv_jax.fidelity import distinct, format_table, policy_fidelity, sweep_candidates
 from amskv_jax.generate import DTYPES, default_top_k, image_grid
-from amskv_jax.policies import POLICIES, policy_from_name, read_calibration
+from amskv_jax.nll import encode_images, format_nll_table, load_image_folder, policy_nll
+from amskv_jax.policies import POLICIES, FullCache, policy_from_name, read_calibration
 from amskv_jax.quant import KV_DTYPES
+from amskv_jax.train.configs import CONFIGS, TrainConfig
+from amskv_jax.train.data import load_emoji_dataset
 
 
 def lpips_distance():
@@ -41,6 +55,125 @@ def lpips_distance():
         return np.asarray(apply(evaluator.params, a * 2 - 1, b * 2 - 1)).reshape(-1)
 
     return distance
+
+
+def nll_images(model, directory: Path | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images in [-1, 1], labels, a line saying what they are) for `--nll`: a folder, or the model's training
+    data when a training config here built it."""
+    c = model.config
+    if directory is not None:
+        images, labels = load_image_folder(directory, c.vqvae.image_size, c.var.num_classes, model.classes)
+        return images, labels, f"{len(images)} images from {directory}"
+    name, cfg = training_config(model)
+    images, labels, _ = load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, cfg.split)
+    if cfg.split == "train":
+        held, held_labels, _ = load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, "heldout")
+        return held, held_labels, f"the {len(held)} held-out images of training config {name} ({cfg.scheme})"
+    return images, labels, (f"the {len(images)} images of training config {name} ({cfg.scheme}, split "
+                            f"{cfg.split}): the model saw every one in training, so this NLL is not held out")
+
+
+@dataclasses.dataclass(frozen=True)
+class RealReference:
+    """The real data samples are judged against: the classifier (None: not measured), its features of the reference
+    images, the FID floor (None when there is no held-out split), a line saying what they are, and the reference
+    images ([0, 1]) with their labels."""
+
+    classifier: Any
+    features: np.ndarray | None
+    floor: float | None
+    text: str
+    images: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+    def examples(self, labels) -> np.ndarray:
+        """One reference image per label (the first of its class; a blank one when the class has none)."""
+        out = np.ones((len(labels), *self.images.shape[1:]), np.float32)
+        for i, label in enumerate(labels):
+            found = np.flatnonzero(self.labels == label)
+            if len(found):
+                out[i] = self.images[found[0]]
+        return out
+
+
+def real_reference(args, model) -> RealReference:
+    """The classifier and real images for FID and class accuracy (nothing measured, with a note, when the model has
+    no classifier and none is given).
+
+    The reference images: `--images DIR`, else the model's training data. For a training config here with a
+    held-out split the reference is the split the classifier trained on ("train"), and the floor is the FID of the
+    held-out images against it: what real images of the same distribution score."""
+    try:
+        classifier = load_classifier(args.classifier or (args.model if args.model in EMBEDDED else Path(args.model)))
+    except FileNotFoundError as err:
+        if args.classifier:
+            raise
+        return RealReference(None, None, None, f"FID and class accuracy not measured: {err}")
+    c = model.config
+
+    def features(images):  # images in [0, 1]
+        return np.concatenate([classifier.features(images[i:i + 256]) for i in range(0, len(images), 256)])
+
+    if args.images is not None:
+        images, labels = load_image_folder(args.images, c.vqvae.image_size, c.var.num_classes, model.classes)
+        images = (images + 1) / 2
+        return RealReference(classifier, features(images), None,
+                             f"FID against the {len(images)} images of {args.images}; no floor", images, labels)
+    _, cfg = training_config(model)
+    train, train_labels, _ = load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, "train")
+    held, _, _ = load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, "heldout")
+    train, held = (train + 1) / 2, (held + 1) / 2
+    reference = features(train)
+    floor = fid(features(held), reference)
+    text = (f"FID against the classifier's train split ({len(train)} real images, {cfg.scheme} scheme), in its "
+            f"{reference.shape[1]} penultimate features; floor (the {len(held)} held-out real images against the "
+            f"same): {floor:.3f}")
+    return RealReference(classifier, reference, floor, text, train, train_labels)
+
+
+def training_config(model) -> tuple[str, TrainConfig]:
+    """(name, config) of the training config here that built this model (its data is the model's training data)."""
+    matches = [(name, cfg) for name, cfg in CONFIGS.items() if cfg.model == model.config]
+    if not matches:
+        raise ValueError("this model has no known training data here; pass --images DIR (one subfolder per class)")
+    return matches[0]
+
+
+def compared_models(args, model) -> dict:
+    """{row-name prefix: model}: the model, and with --finetuned its fine-tuned copy ("finetuned/")."""
+    models = {"": model}
+    if args.finetuned is not None:
+        models["finetuned/"] = load_model(str(args.finetuned))
+        if models["finetuned/"].config != model.config:
+            raise SystemExit(f"--finetuned {args.finetuned} is not a fine-tuned {args.model} (its config differs)")
+    return models
+
+
+def nll_report(args, model, policies, kv_dtypes, images, labels, source) -> int:
+    c = model.config.var
+    print(f"model {args.model}: {model.description}; {source}; cfg {args.cfg}, {args.dtype}", flush=True)
+    gt, x = encode_images(model, images)
+    layouts = {name: policy.layout(c) for name, policy in policies.items()}
+    if "full" not in layouts:
+        layouts = {"full": FullCache().layout(c), **layouts}
+    models = compared_models(args, model)
+    results = {}
+    for prefix, which in models.items():
+        for kv_dtype in kv_dtypes:
+            suffix = "" if kv_dtype is None else f"+{kv_dtype}"
+            measured = policy_nll(which, layouts, gt, x, labels, cfg=args.cfg, batch=args.batch, dtype=args.dtype,
+                                  kv_dtype=kv_dtype)
+            results.update({prefix + name + suffix: r for name, r in measured.items()})
+    table = format_nll_table(results)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    header = (f"model `{args.model}` ({model.description}); {source}; guidance cfg {args.cfg} (ramped per scale), "
+              f"{args.dtype}, jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    (args.out / "nll.md").write_text(f"{header}\n\n{table}\n")
+    (args.out / "nll.json").write_text(json.dumps(
+        {"setting": header, "policies": {name: r.to_json() for name, r in results.items()}}, indent=1))
+    print(f"wrote {args.out}/nll.md, nll.json")
+    return 0
 
 
 @cli.command("python -m bench.fidelity")
@@ -65,6 +198,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-lpips", action="store_true", help="skip LPIPS (PSNR only)")
     parser.add_argument("--grid-columns", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--classifier", default=None,
+                        help="sample classifier directory for FID and class accuracy (default: the model's own, "
+                        "`classifier/` beside its params; skipped with a note when it has none)")
+    parser.add_argument("--finetuned", type=Path, default=None,
+                        help="a fine-tuned copy of --model (python -m amskv_jax.train finetune): its rows too")
+    parser.add_argument("--nll", action="store_true", help="teacher-forced NLL of real images per policy instead")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="--nll: image folder, one subfolder per class (default: the model's training data)")
     cli.add_verify_flag(parser)
     compile_cache.add_flag(parser)
     args = parser.parse_args(argv)
@@ -83,40 +224,54 @@ def main(argv=None) -> int:
         unknown = [k for k in kv_dtypes if k is not None and k not in KV_DTYPES]
         if unknown or not kv_dtypes:
             raise ValueError(f"--kv-dtypes: unknown {unknown}; allowed: default, {', '.join(KV_DTYPES)}")
-        distance = None if args.no_lpips else lpips_distance()
+        if args.nll:
+            images, labels, source = nll_images(model, args.images)
+        distance = None if args.nll or args.no_lpips else lpips_distance()
+        if args.nll:
+            return nll_report(args, model, policies, kv_dtypes, images, labels, source)
+        reference = real_reference(args, model)
     except (ValueError, FileNotFoundError, ImportError) as err:
         parser.error(str(err))
     top_k = default_top_k(model.config) if args.top_k is None else args.top_k
     labels = np.arange(args.samples, dtype=np.int32) % c.num_classes
     print(f"model {args.model}: {model.description}; {args.samples} samples, seed {args.seed}, cfg {args.cfg}, "
           f"top-k {top_k}, top-p {args.top_p}, {args.dtype}; {len(policies)} policies", flush=True)
+    models = compared_models(args, model)
     results, described = {}, {}
-    for kv_dtype in kv_dtypes:
-        suffix = "" if kv_dtype is None else f"+{kv_dtype}"
-        measured = policy_fidelity(
-            model, policies, labels, jax.random.key(args.seed), batch=args.batch, cfg=args.cfg, top_k=top_k,
-            top_p=args.top_p, dtype=args.dtype, image_distance=distance, kv_dtype=kv_dtype,
-        )
-        for name, result in measured.items():
-            results[name + suffix], described[name + suffix] = result, policies[name]
-    table = format_table(results, described)
+    for prefix, which in models.items():
+        for kv_dtype in kv_dtypes:
+            suffix = "" if kv_dtype is None else f"+{kv_dtype}"
+            measured = policy_fidelity(
+                which, policies, labels, jax.random.key(args.seed), batch=args.batch, cfg=args.cfg, top_k=top_k,
+                top_p=args.top_p, dtype=args.dtype, image_distance=distance, kv_dtype=kv_dtype,
+                classifier=reference.classifier, real_features=reference.features,
+            )
+            for name, result in measured.items():
+                results[prefix + name + suffix], described[prefix + name + suffix] = result, policies[name]
+    table = format_table(results, described) + f"\n\n{reference.text}"
     print(table)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    header = (f"model `{args.model}` ({model.description}), {args.samples} samples (labels cycling over the "
+    tuned = f"; rows finetuned/*: `{args.finetuned}`, each against its own full cache" if args.finetuned else ""
+    header = (f"model `{args.model}` ({model.description}){tuned}, {args.samples} samples (labels cycling over the "
               f"{c.num_classes} classes), seed {args.seed}, cfg {args.cfg}, top-k {top_k}, top-p {args.top_p}, "
               f"{args.dtype}, jax {jax.__version__} on {jax.devices()[0].device_kind}")
     (args.out / "fidelity.md").write_text(f"{header}\n\n{table}\n")
     (args.out / "fidelity.json").write_text(json.dumps(
-        {"setting": header, "policies": {name: {"describe": described[name].describe(), **r.to_json()}
-                                         for name, r in results.items()}}, indent=1))
+        {"setting": header, "fid_floor": reference.floor, "real_data": reference.text,
+         "policies": {name: {"describe": described[name].describe(), **r.to_json()} for name, r in results.items()}},
+        indent=1))
     columns = min(args.grid_columns, args.batch, len(labels))
     rows = [results[name].samples[:columns] for name in results]
+    names = list(results)
+    if reference.images is not None:
+        rows.insert(0, reference.examples(labels[:columns]))
+        names.insert(0, "real images")
     grid = image_grid(np.concatenate(rows), columns=columns)
     from PIL import Image
 
     Image.fromarray(grid).save(args.out / "fidelity_grid.png")
-    print(f"wrote {args.out}/fidelity.md, fidelity.json, fidelity_grid.png (rows: {', '.join(results)})")
+    print(f"wrote {args.out}/fidelity.md, fidelity.json, fidelity_grid.png (rows: {', '.join(names)})")
     return 0
 
 

@@ -26,14 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amskv_jax import quant
+from amskv_jax import quant, sampling
 from amskv_jax.attention import pallas_gpu, xla
 from amskv_jax.attention.reference import MAX_SCALE_MUL, cached_attention_reference, prepare_qk
 from amskv_jax.cache import build_layout, init_cache
 from amskv_jax.config import PATCH_NUMS_256, get_preset
 from amskv_jax.generate import generate
-from amskv_jax.policies import POLICIES, FullCache, policy_from_name
+from amskv_jax.policies import AMSKV, POLICIES, FullCache, policy_from_name
 from amskv_jax.var import VAR
+from amskv_jax.vqvae import VQVAE
 from test_policies import random_model
 from test_var import cached_logits
 
@@ -265,3 +266,28 @@ def test_greedy_generation_with_int8_storage_agrees_with_bf16_storage():
     print("per-scale token agreement int8 vs bf16:", [f"{a:.3f}" for a in agreement])
     assert min(agreement) >= 0.95, agreement
     assert agreement[0] == 1.0  # scale 0 reads no cache
+
+
+@pytest.mark.parametrize("kv_dtype, bound", [("int8", 2e-4), ("float8_e4m3fn", 3e-3)])
+def test_teacher_forcing_with_a_quantised_cache_reproduces_quantised_generation(kv_dtype, bound):
+    """The cached per-scale logits of a quantised-cache generation against teacher forcing with the same kv_dtype.
+    Not bit-exact: the teacher-forced K/V (one matmul over all L tokens) differ from the cached ones (per scale) by
+    float32 rounding, and round-to-nearest turns such a difference at a rounding boundary into a whole quantisation
+    step of that element (int8: absmax/127; float8: 1/16 of it). So the bound is that of a few flipped elements, and
+    unquantised teacher forcing must be an order of magnitude further away."""
+    model = random_model("tiny")
+    c = model.config.var
+    layout = AMSKV(condensed_scales=1, local_window=1, demanding_layers=(1,), demanding_window=None).layout(c)
+    labels = jnp.arange(4) % c.num_classes
+    out = generate(model.params, labels, jax.random.key(0), config=model.config, layout=layout, top_k=0, top_p=0.0,
+                   return_logits=True, kv_dtype=kv_dtype)
+    x = VQVAE(model.config.vqvae).apply(model.params["vqvae"], out.tokens, method=VQVAE.idx_to_var_input)
+    rows = sampling.guidance_rows(labels, c.num_classes)
+    errors = {}
+    for forced in (None, kv_dtype):
+        logits = VAR(c).apply(model.params["var"], rows, jnp.repeat(x, 2, axis=0), layout=layout, kv_dtype=forced)
+        errors[forced] = max(
+            _rel(sampling.apply_guidance(logits[:, b:e], 1.5, sampling.guidance_ratio(si, c.num_scales)), ref)
+            for si, ((b, e), ref) in enumerate(zip(c.begin_ends, out.logits, strict=True))
+        )
+    assert errors[kv_dtype] < bound and errors[None] > 10 * errors[kv_dtype], errors

@@ -4,9 +4,13 @@
     python -m amskv_jax.train var    --config emoji32 --vqvae runs/vqvae --out runs/var
     python -m amskv_jax.train export --vqvae runs/vqvae --var runs/var --out amskv_jax/assets/emoji32
     python -m amskv_jax.train classifier --config emoji32 --out runs/classifier
+    python -m amskv_jax.train finetune --model emoji32 --policy amskv --steps 100 --out runs/emoji32-amskv
 
 Training resumes from the latest checkpoint in --out; --steps, --batch-size, --lr and --seed override the
 config's values for that stage. Each finished run holds config.json, params/, classes.json and loss_log.csv.
+`finetune` continues a finished model's VAR under a cache policy's teacher-forcing mask (`amskv_jax/train/
+finetune.py`) and writes a model directory `generate --model DIR` loads; its data is the model's training data (the
+emoji for a model of a training config here) or --images DIR (one subfolder per class).
 """
 from __future__ import annotations
 
@@ -21,10 +25,15 @@ import numpy as np
 
 from amskv_jax import cli
 from amskv_jax.checkpoint import save_checkpoint
+from amskv_jax.policies import DEFAULT_POLICY, POLICIES, policy_from_name
 from amskv_jax.train import loop
 from amskv_jax.train.configs import CONFIGS, OptimConfig, TrainConfig, get_config
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+# Fine-tuning continues a converged model: a fifth of the emoji32 VAR's learning rate, a short warmup; 100 steps
+# (4 epochs of emoji32) is what bench/results_issue14.md measured.
+FINETUNE_OPTIM = OptimConfig(steps=100, batch_size=32, lr=2e-4, warmup_steps=20)
 
 
 def _optim(base: OptimConfig, args) -> OptimConfig:
@@ -70,10 +79,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="storage dtype of float params")
     cli.add_verify_flag(p)
+    p = stages.add_parser("finetune", help="continue a model's VAR under a cache policy's teacher-forcing mask")
+    p.add_argument("--model", default="emoji32", help="embedded model, preset or checkpoint directory")
+    p.add_argument("--policy", default=DEFAULT_POLICY, choices=list(POLICIES))
+    p.add_argument("--calibration", type=Path, help="calibration JSON (default: the model's layers.json)")
+    p.add_argument("--images", type=Path, help="training images, one subfolder per class (default: the model's "
+                   "training data, when it is a training config's)")
+    p.add_argument("--out", required=True, type=Path, help="the model directory to write (run state in out/run)")
+    p.add_argument("--steps", type=int, default=FINETUNE_OPTIM.steps)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
     args = parser.parse_args(argv)
 
     if args.stage == "export":
         return export(args.vqvae, args.var, args.out, args.dtype, args.verify)
+    if args.stage == "finetune":
+        try:
+            return finetune_command(args)
+        except (ValueError, FileNotFoundError, FileExistsError) as err:
+            parser.error(str(err))
     cfg = get_config(args.config)
     if args.stage == "classifier":
         return train_classifier(cfg, _optim(cfg.classifier_optim, args), args.out)
@@ -94,6 +119,36 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "classes.json").write_text(json.dumps(list(classes)))
     print(_summary(args.out, columns))
     print(f"wrote {args.out}/params, config.json, loss_log.csv")
+    return 0
+
+
+def finetune_command(args) -> int:
+    from amskv_jax.checkpoint import load_model
+    from amskv_jax.nll import load_image_folder
+    from amskv_jax.train.finetune import finetune, save_finetuned
+
+    if args.out.joinpath("params").exists():
+        raise FileExistsError(f"{args.out}/params exists; remove it or pick another --out")
+    model = load_model(args.model)
+    c = model.config.var
+    policy = policy_from_name(args.policy, c, args.calibration or model.calibration)
+    layout = policy.layout(c)
+    if args.images is not None:
+        images, labels = load_image_folder(args.images, model.config.vqvae.image_size, c.num_classes, model.classes)
+    else:
+        matches = [cfg for cfg in CONFIGS.values() if cfg.model == model.config]
+        if not matches:
+            raise ValueError(f"no training data is known for {args.model}; pass --images DIR (one subfolder per class)")
+        images, labels, _ = _dataset(matches[0])
+    opt = _optim(FINETUNE_OPTIM, args)
+    print(f"fine-tuning {args.model} ({model.description}) under {args.policy}: {policy.describe()}; "
+          f"{len(images)} images, {opt.steps} steps, batch {opt.batch_size}, lr {opt.lr}")
+    params = finetune(model, layout, images, labels, opt, args.out)
+    provenance = {"model": str(args.model), "policy": args.policy, "describe": policy.describe(),
+                  "optim": dataclasses.asdict(opt), "images": str(args.images) if args.images else "training data"}
+    save_finetuned(args.out, model, params, provenance)
+    print(_summary(args.out / "run", ("loss", "acc", "acc_last")))
+    print(f"wrote {args.out} (config.json, params/, finetune.json; run state in {args.out}/run)")
     return 0
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from amskv_jax.cache import CacheLayout
 from amskv_jax.config import ModelConfig, VARConfig, VQVAEConfig
 from amskv_jax.train import loop
 from amskv_jax.train.configs import OptimConfig
@@ -86,20 +87,22 @@ def cached_tokens(out: Path, config: VQVAEConfig, vqvae_dir: Path, vqvae_vars: d
     return gt, x
 
 
-def loss_fn(params, labels_B, gt_BL, x_BLCv, key, config: VARConfig):
-    """Cross-entropy over all L tokens (mean) with label dropout; also token accuracy, overall and last scale."""
+def loss_fn(params, labels_B, gt_BL, x_BLCv, key, config: VARConfig, layout: CacheLayout | None = None):
+    """Cross-entropy over all L tokens (mean) with label dropout; also token accuracy, overall and last scale.
+    With a cache `layout`, the teacher forcing attends as generation under that layout does (policy-aware
+    fine-tuning)."""
     drop = jax.random.uniform(key, labels_B.shape) < config.cond_drop_rate
     labels_B = jnp.where(drop, config.num_classes, labels_B)
-    logits_BLV = VAR(config).apply({"params": params}, labels_B, x_BLCv)
+    logits_BLV = VAR(config).apply({"params": params}, labels_B, x_BLCv, layout=layout)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, gt_BL).mean()
     hit = logits_BLV.argmax(-1) == gt_BL
     last = config.begin_ends[-1][0]
     return loss, {"acc": hit.mean(), "acc_last": hit[:, last:].mean()}
 
 
-def make_train_step(config: VARConfig, opt: optax.GradientTransformation):
+def make_train_step(config: VARConfig, opt: optax.GradientTransformation, layout: CacheLayout | None = None):
     def train_step(state, batch, key):
-        grad_fn = jax.value_and_grad(functools.partial(loss_fn, config=config), has_aux=True)
+        grad_fn = jax.value_and_grad(functools.partial(loss_fn, config=config, layout=layout), has_aux=True)
         (loss, aux), grads = grad_fn(state["params"], batch["labels"], batch["gt"], batch["x"], key)
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)

@@ -1,0 +1,116 @@
+"""Teacher-forced NLL per policy: deterministic, larger for a lossy policy, clear errors for bad input; policy-aware
+fine-tuning lowers the policy's own loss and writes a loadable model."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from amskv_jax.checkpoint import Model, init_params, load_model
+from amskv_jax.nll import encode_images, load_image_folder, policy_nll, reference_transform
+from amskv_jax.policies import CondensedOnly, FullCache
+from amskv_jax.train.configs import OptimConfig, get_config
+from amskv_jax.train.data import render
+from amskv_jax.train.finetune import finetune, save_finetuned
+from bench.fidelity import main as fidelity_main
+
+TINY16 = get_config("tiny16").model  # 16×16 images, 3 scales, one block: the cheapest model to tokenise and train
+
+
+def random_tiny16(seed: int = 0) -> Model:
+    """TINY16 with N(0, 0.05²) weights, made without running the initialisers."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: init_params(TINY16, seed))
+    params = jax.tree.map(lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape), s.dtype), shapes)
+    return Model(TINY16, params, "tiny16, random weights")
+
+EMOJI = {"faces": ["\U0001F600", "\U0001F60E"], "animals": ["\U0001F436"], "food": ["\U0001F34E"]}
+
+
+def _save(path, image_HWC):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round((image_HWC + 1) * 127.5).astype(np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def emoji_folder(tmp_path_factory):
+    """Four emoji in class subfolders named by the embedded model's class names."""
+    root = tmp_path_factory.mktemp("emoji")
+    for name, sequences in EMOJI.items():
+        for i, sequence in enumerate(sequences):
+            _save(root / name / f"{i}.png", render(sequence, 32))
+    return root
+
+
+def test_nll_is_deterministic_and_condensed_costs_more_than_the_full_cache(emoji_folder, tmp_path):
+    figures = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        argv = ["--nll", "--images", str(emoji_folder), "--policies", "full,condensed", "--out", str(out)]
+        assert fidelity_main(argv) == 0
+        figures.append(json.loads((out / "nll.json").read_text())["policies"])
+    assert figures[0] == figures[1]
+    full, condensed = figures[0]["full"], figures[0]["condensed"]
+    assert condensed["mean_unguided"] > full["mean_unguided"] + 0.05
+    assert condensed["mean_guided"] > full["mean_guided"] + 0.05
+    # scale 0 reads no cache under any policy; scale 1 reads scale 0, which `condensed` keeps
+    assert condensed["unguided"][:2] == pytest.approx(full["unguided"][:2], rel=1e-6)
+    assert "| condensed | " in (tmp_path / "a" / "nll.md").read_text()
+
+
+def test_folder_classes_follow_the_model_names_and_images_get_the_reference_transform(emoji_folder):
+    images, labels = load_image_folder(emoji_folder, 32, 10, load_model("emoji32").classes)
+    assert images.shape == (4, 32, 32, 3) and sorted(labels.tolist()) == [0, 0, 1, 3]  # faces, animals, food
+    wide = Image.new("RGB", (90, 40), (255, 0, 0))
+    out = reference_transform(wide, 32)  # shorter side to 36 (LANCZOS), centre crop 32
+    assert out.shape == (32, 32, 3) and np.allclose(out, [1.0, -1.0, -1.0])
+
+
+def test_bad_input_fails_with_a_message(tmp_path, emoji_folder, capsys):
+    def error(*argv):
+        with pytest.raises(SystemExit):
+            fidelity_main(["--nll", *argv, "--out", str(tmp_path / "out")])
+        return capsys.readouterr().err
+
+    (tmp_path / "flat").mkdir()
+    assert "no class subfolders" in error("--images", str(tmp_path / "flat"))
+    (tmp_path / "empty" / "faces").mkdir(parents=True)
+    assert "no images" in error("--images", str(tmp_path / "empty"))
+    (tmp_path / "broken" / "faces").mkdir(parents=True)
+    (tmp_path / "broken" / "faces" / "x.png").write_text("not an image")
+    assert "x.png: cannot read the image" in error("--images", str(tmp_path / "broken"))
+    assert "no such image folder" in error("--images", str(tmp_path / "missing"))
+    emoji32 = load_model("emoji32")
+    calibration = dict(emoji32.calibration)
+    calibration.update(depth=4, scores={k: v[:4] for k, v in calibration["scores"].items()})
+    (tmp_path / "d4.json").write_text(json.dumps(calibration))
+    assert "depth 4, not 6" in error("--images", str(emoji_folder), "--calibration", str(tmp_path / "d4.json"))
+    model = random_tiny16()
+    gt, x = encode_images(model, np.zeros((1, 16, 16, 3), np.float32))
+    with pytest.raises(ValueError, match="does not fit a model of depth 1"):
+        policy_nll(model, {"d6": FullCache().layout(emoji32.config.var)}, gt, x, np.zeros(1, np.int32))
+
+
+def test_finetuning_under_a_policy_lowers_its_teacher_forced_loss_and_writes_a_loadable_model(tmp_path):
+    model = random_tiny16()
+    c = model.config.var
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32)
+    labels = np.arange(8, dtype=np.int32) % c.num_classes
+    layout = CondensedOnly(condensed_scales=1).layout(c)
+    gt, x = encode_images(model, images)
+    before = policy_nll(model, {"p": layout}, gt, x, labels)["p"].mean_unguided
+    opt = OptimConfig(steps=6, batch_size=8, lr=3e-3, warmup_steps=1, weight_decay=0.0)
+    params = finetune(model, layout, images, labels, opt, tmp_path)
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), params["vqvae"], model.params["vqvae"]))
+    save_finetuned(tmp_path, model, params, {"policy": "test"})
+    tuned = load_model(str(tmp_path))
+    assert tuned.config == model.config
+    after = policy_nll(tuned, {"p": layout}, gt, x, labels)["p"].mean_unguided
+    assert after < before - 0.1, (before, after)
+    with pytest.raises(FileExistsError):
+        save_finetuned(tmp_path, model, params, {})
