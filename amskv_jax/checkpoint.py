@@ -140,7 +140,7 @@ def restore_params(directory: str | Path) -> dict:
 def upgrade_params(params: dict, config: ModelConfig, source: str, log=print) -> dict:
     """Params written before the blocks were stacked (`blocks_0` … keys) re-stacked into this layout, with a
     one-line notice (`stack_blocks`); params already in it are returned as they are."""
-    var = params["var"]["params"]
+    var = params.get("var", {}).get("params", {})  # a VQ-VAE-only training run has no "var"
     if "blocks_0" not in var:
         return params
     log(f"{source}: per-block params (blocks_0 …) re-stacked on load; re-save the model to skip this step")
