@@ -44,7 +44,7 @@ def time_run(command: list[str], env: dict) -> dict:
     ready, cpu, hits, lines = None, None, None, []
     for line in child.stdout:
         lines.append(line)
-        if ready is None and line.startswith(READY):
+        if ready is None and READY in line:
             ready, cpu = time.perf_counter() - start, _cpu_seconds(child.pid)
             hits = CACHE.search(line)
     if child.wait() != 0:
