@@ -32,7 +32,7 @@ from amskv_jax.train.configs import CONFIGS, OptimConfig, TrainConfig, get_confi
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 # Fine-tuning continues a converged model: a fifth of the emoji32 VAR's learning rate, a short warmup; 100 steps
-# (4 epochs of emoji32) is what bench/results_issue14.md measured.
+# (4 epochs of emoji32) is what bench/RESULTS.md section 11 measured.
 FINETUNE_OPTIM = OptimConfig(steps=100, batch_size=32, lr=2e-4, warmup_steps=20)
 
 
