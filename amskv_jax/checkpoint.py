@@ -96,6 +96,9 @@ def _fan_in(path, shape: tuple[int, ...]) -> int:
 class MissingVQVAEError(ValueError):
     """A checkpoint directory without a VQ-VAE (converted without one), asked for by code that decodes images."""
 
+    FIX = ("convert it again with the VQ-VAE the reference publishes beside its VAR checkpoints: "
+           "python -m convert.from_torch VAR.pth --vae vae_ch160v4096z32.pth")
+
 
 def save_checkpoint(directory: str | Path, config: ModelConfig, params: dict) -> Path:
     """Write config.json, an orbax checkpoint of params and, last, the checksum manifest under `directory` (created;
@@ -169,10 +172,8 @@ def load_model(spec: str = DEFAULT_MODEL, verify: bool | None = None, *, need_vq
     if Path(spec).is_dir():
         if need_vqvae and (Path(spec) / "params").is_dir() and not has_vqvae(spec):
             raise MissingVQVAEError(
-                f"{spec} holds a VAR without a VQ-VAE (converted without --vae), so it cannot generate images; convert "
-                f"it again with the VQ-VAE: rm -r {shlex.quote(spec)} && python -m convert.from_torch VAR.pth --vae "
-                f"vae_ch160v4096z32.pth --out {shlex.quote(spec)} (the reference publishes vae_ch160v4096z32.pth "
-                "beside its VAR checkpoints)"
+                f"{spec} holds a VAR without a VQ-VAE (converted without --vae), so it cannot generate images; "
+                f"rm -r {shlex.quote(spec)}, then {MissingVQVAEError.FIX} --out {shlex.quote(spec)}"
             )
         config, params = load_checkpoint(spec, verify)
         return Model(config, params, f"checkpoint {spec}", *_extras(Path(spec)))

@@ -115,7 +115,7 @@ def generate(
     if "vqvae" not in params:
         raise MissingVQVAEError(
             f"params hold {', '.join(map(repr, params))} but no 'vqvae': a checkpoint converted without --vae cannot "
-            "generate images (convert it again with python -m convert.from_torch VAR.pth --vae vae_ch160v4096z32.pth)"
+            f"generate images ({MissingVQVAEError.FIX})"
         )
     layout = layout if layout is not None else FullCache().layout(config.var)
     if len(layout.layers) != config.var.depth or layout.patch_nums != config.var.patch_nums:
