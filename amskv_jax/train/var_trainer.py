@@ -7,7 +7,9 @@ under the block-causal mask, and the loss is the cross-entropy averaged over eve
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 from pathlib import Path
 
 import jax
@@ -78,12 +80,14 @@ def cached_tokens(out: Path, config: VQVAEConfig, vqvae_dir: Path, vqvae_vars: d
     """`tokenize`, cached in out/tokens.npz for this VQ-VAE run and image count."""
     path, source = out / "tokens.npz", str(vqvae_dir.absolute())
     if path.is_file():
-        data = np.load(path)
-        if str(data["source"]) == source and len(data["gt"]) == len(images):
-            return data["gt"], data["x"]
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["source"]) == source and len(data["gt"]) == len(images):
+                return data["gt"], data["x"]
     gt, x = tokenize(config, vqvae_vars, images)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez(path, gt=gt, x=x, source=source)
+    tmp = out / f".tokens.{os.getpid()}.npz"  # renamed when complete: a stop never leaves half a cache
+    np.savez(tmp, gt=gt, x=x, source=source)
+    os.replace(tmp, path)
     return gt, x
 
 
@@ -129,5 +133,7 @@ def train(
         rows = loop.batch_indices(len(gt), opt.batch_size, opt.seed, step)
         return {"labels": labels[rows], "gt": gt[rows], "x": x[rows]}
 
-    state, steps = loop.run(out, state, make_train_step(model.var, tx), get_batch, opt, "var")
+    identity = {"stage": "var", "model": dataclasses.asdict(model.var), "vqvae": dataclasses.asdict(model.vqvae),
+                "images": len(images)}
+    state, steps = loop.run(out, state, make_train_step(model.var, tx), get_batch, opt, "var", identity)
     return {"params": state["params"]}, steps

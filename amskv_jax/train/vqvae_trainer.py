@@ -6,6 +6,7 @@ decoder sees f̂ through the straight-through estimator (`VQVAE.__call__`). No p
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -57,5 +58,6 @@ def train(cfg: TrainConfig, opt: OptimConfig, images: np.ndarray, out: str | Pat
     def get_batch(step):
         return {"images": images[loop.batch_indices(len(images), opt.batch_size, opt.seed, step)]}
 
-    state, steps = loop.run(out, state, make_train_step(cfg, tx), get_batch, opt, "vqvae")
+    identity = {"stage": "vqvae", "model": dataclasses.asdict(cfg.model.vqvae), "images": len(images)}
+    state, steps = loop.run(out, state, make_train_step(cfg, tx), get_batch, opt, "vqvae", identity)
     return {"params": state["params"]}, steps
