@@ -46,7 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
+from amskv_jax.cli import printable
 from amskv_jax.config import ModelConfig, VARConfig, VQVAEConfig
+from amskv_jax.policies import CALIBRATION_FORMAT
 from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
 
@@ -55,7 +57,6 @@ MANIFEST_FORMAT = 1
 CONFIG = "config.json"
 CLASSES = "classes.json"
 CALIBRATION = "layers.json"
-CALIBRATION_FORMAT = "amskv-calibration/1"  # policies.CALIBRATION_FORMAT (policies imports the model's layers)
 
 # Largest accepted size of each JSON file, checked before reading (bytes). A d36 manifest is ~0.2 MB.
 JSON_LIMITS = {CONFIG: 64 << 10, CLASSES: 1 << 20, CALIBRATION: 8 << 20, MANIFEST: 32 << 20,
@@ -104,12 +105,8 @@ class IntegrityError(UntrustedInputError):
 
 
 def show(value, limit: int = MAX_MESSAGE_VALUE) -> str:
-    """`value` as text safe for one terminal line: control, non-printable and undecodable characters escaped
-    (`\\x1b`, `\\udcff`), cut to `limit` characters."""
-    text = os.fsdecode(value) if isinstance(value, (bytes, os.PathLike)) else str(value)
-    out = "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
-                  for c in text[: limit + 1])
-    return out if len(out) <= limit else out[: limit - 1] + "…"
+    """An untrusted value (a path, a key, a name) for a message: escaped and cut (`cli.printable`)."""
+    return printable(value, limit)
 
 
 def listing(problems: list[str]) -> str:

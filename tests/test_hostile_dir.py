@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import tensorstore as ts
 
-from amskv_jax import integrity
+from amskv_jax import cli, integrity
 from amskv_jax.checkpoint import init_params, save_checkpoint
 from amskv_jax.config import get_preset
 from amskv_jax.untrusted import MANIFEST, UntrustedInputError, open_new, params_files, read_json, write_atomic
@@ -355,3 +355,8 @@ def test_read_json_names_the_file_and_bounds_size_and_depth(tmp_path):
     with pytest.raises(UntrustedInputError, match=r"x.json: 1003 bytes, more than the 1000 allowed"):
         read_json(path, 1000)
     assert read_json(path, 2000) == [1]
+
+
+def test_an_error_line_is_bounded_and_escaped():
+    line = cli.one_line(ValueError("bad \x1b[2J\n" + "x" * 5000 + os.fsdecode(b"\xff")))
+    assert line.startswith("bad \\x1b[2J x") and len(line) == cli.MAX_MESSAGE and line.isprintable()
