@@ -158,6 +158,6 @@ def load_model(spec: str = DEFAULT_MODEL, verify: bool | None = None, *, need_vq
         config, params, _ = _load(checked, verify)
         return Model(config, params, f"checkpoint {checked.shown}", checked.classes, checked.calibration)
     raise ValueError(
-        f"--model {show(repr(spec))} is neither an embedded model ({', '.join(EMBEDDED)}), a preset ({', '.join(PRESETS)}) "
-        "nor a checkpoint directory"
+        f"--model {show(repr(spec))} is neither an embedded model ({', '.join(EMBEDDED)}), a preset "
+        f"({', '.join(PRESETS)}) nor a checkpoint directory"
     )

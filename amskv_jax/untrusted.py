@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+import shlex
 import stat
 import tempfile
 from pathlib import Path
@@ -313,18 +314,19 @@ def open_checkpoint(directory: str | Path, manifest: str = "optional") -> Checke
         raise UntrustedInputError(f"{shown}: no such directory") from None
     if not root.is_dir():
         raise UntrustedInputError(f"{shown}: not a directory")
-    params = inside(root, "params")
-    if not params.is_dir() or params != root / "params":
+    if not os.path.lexists(root / "params") or inside(root, "params") != root / "params" or \
+            not (root / "params").is_dir():
         raise UntrustedInputError(f"{shown}: not a checkpoint directory (needs config.json and a params/ directory)")
     config = _read_config(root)
     files = params_files(root)
     parsed = None
     if manifest != "ignored" and (os.path.lexists(root / MANIFEST) or manifest == "required"):
         if not os.path.lexists(root / MANIFEST):
-            raise IntegrityError(f"{shown}: no {MANIFEST}; write one with `python -m amskv_jax.integrity write DIR`")
+            raise IntegrityError(f"{shown}: no {MANIFEST}; write one with `python -m amskv_jax.integrity write "
+                                 f"{show(shlex.quote(str(directory)))}`")
         parsed = _read_manifest(root)
         _check_files(root, parsed, files)
-    layout, expected = _match_layout(root, config, parsed)
+    expected = _match_layout(root, config, parsed)
     arrays = _check_stored_arrays(root, expected, parsed)
     return CheckedDirectory(root, shown, config, parsed, arrays, *_read_extras(root, config))
 
@@ -342,7 +344,8 @@ def _read_config(root: Path) -> ModelConfig:
         fields = {f.name: f.type for f in dataclasses.fields(kind)}
         unknown = sorted(set(section) - set(fields))
         if unknown:
-            raise UntrustedInputError(f"{show(path)}: unknown {key} field(s) {show(unknown)}; allowed: {sorted(fields)}")
+            raise UntrustedInputError(f"{show(path)}: unknown {key} field(s) {show(unknown)}; allowed: "
+                                      f"{sorted(fields)}")
         values = {}
         for name, value in section.items():
             problem = _config_value_problem(name, fields[name], value)
@@ -499,12 +502,12 @@ def _metadata_names(root: Path) -> list[str]:
     return names
 
 
-def _match_layout(root: Path, config: ModelConfig, manifest: dict | None):
-    """(layout name, {leaf: (dtype, shape)}) of the layout whose leaves _METADATA lists; with a manifest, its arrays
-    must be exactly those, with dtypes and shapes the config allows."""
+def _match_layout(root: Path, config: ModelConfig, manifest: dict | None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{leaf: (dtype, shape)} of the layout (`expected_layouts`) whose leaves _METADATA lists; with a manifest, its
+    arrays must be exactly those, with dtypes and shapes the config allows."""
     names = set(_metadata_names(root))
     layouts = expected_layouts(config)
-    for layout, expected in layouts.items():
+    for expected in layouts.values():
         if names == set(expected):
             break
     else:
@@ -525,7 +528,7 @@ def _match_layout(root: Path, config: ModelConfig, manifest: dict | None):
         if problems:
             raise IntegrityError(f"{show(root / MANIFEST)}: its arrays do not match {show(root / CONFIG)}: "
                                  f"{listing(problems)}")
-    return layout, expected
+    return expected
 
 
 def _dtype_ok(stored: str, expected: str) -> bool:
@@ -554,8 +557,9 @@ def _check_stored_arrays(root: Path, expected: dict, manifest: dict | None) -> d
     unknown = [show(k) for k in keys if k.decode("utf-8", "replace") not in wanted]
     missing = sorted(set(wanted) - {k.decode("utf-8", "replace") for k in keys})
     if unknown or missing:
+        problems = [f"{k} (unexpected)" for k in unknown] + [f"{k} (missing)" for k in missing]
         raise UntrustedInputError(f"{params}: the OCDBT store's keys do not match the config's arrays: "
-                                  f"{listing([f'{k} (unexpected)' for k in unknown] + [f'{k} (missing)' for k in missing])}")
+                                  f"{listing(problems)}")
     arrays = {}
     reads = {name: store.read(f"{name.replace('/', '.')}/.zarray".encode()) for name in expected}  # concurrently
     for name, (dtype, shape) in expected.items():
@@ -589,7 +593,8 @@ def _zarr_problem(meta, shape: tuple[int, ...], dtype: str, stored: str | None) 
         return (f"declares shape {show(meta.get('shape'), 60)} in chunks {show(meta.get('chunks'), 60)}; the config "
                 f"implies {list(shape)} in one chunk")
     if stored is None or not _dtype_ok(stored, dtype):
-        return f"dtype {show(meta.get('dtype'))}; allowed: {', '.join(FLOAT_DTYPES if dtype in FLOAT_DTYPES else [dtype])}"
+        allowed = FLOAT_DTYPES if dtype in FLOAT_DTYPES else [dtype]
+        return f"dtype {show(meta.get('dtype'))}; allowed: {', '.join(allowed)}"
     compressor = meta.get("compressor")
     if compressor is not None and not (isinstance(compressor, dict) and compressor.get("id") == "zstd"):
         return f"compressor {show(compressor, 60)}; allowed: zstd or none"
