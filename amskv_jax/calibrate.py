@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import io
 import json
 import math
 import sys
@@ -37,6 +38,7 @@ from amskv_jax.attention import prepare_qk
 from amskv_jax.config import ModelConfig, VARConfig
 from amskv_jax.policies import CALIBRATION_FORMAT, DEMANDING_FRACTION, select_layers
 from amskv_jax.resize import resize_bicubic
+from amskv_jax.untrusted import write_atomic
 from amskv_jax.var import VAR, block_causal_mask
 
 UPSAMPLES = ("nearest", "bicubic")
@@ -263,7 +265,7 @@ def plot(data: dict, prefix: str | Path) -> list[Path]:
         ax.set_yticks(range(depth), [f"{i}{' *' if i in demanding else ''}" for i in range(depth)], fontsize=6)
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(paths[0], dpi=120)
+    write_atomic(paths[0], _png(fig))
     plt.close(fig)
 
     columns = min(depth, 6)
@@ -280,9 +282,15 @@ def plot(data: dict, prefix: str | Path) -> list[Path]:
         ax.set_yticks(range(scales), [str(i) if scales <= 10 else "" for i in range(scales)], fontsize=5)
     fig.suptitle("attention density d(i<-j): query scale i (rows) on key scale j (columns)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(paths[1], dpi=120)
+    write_atomic(paths[1], _png(fig))
     plt.close(fig)
     return paths
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=120, format="png")
+    return buffer.getvalue()
 
 
 @cli.command("python -m amskv_jax.calibrate")
@@ -339,7 +347,7 @@ def main(argv=None) -> int:
         fraction=args.fraction, threshold=args.threshold, model_name=args.model, mesh=mesh,
     )
     out = Path(args.out)
-    out.write_text(json.dumps(data, indent=1))
+    write_atomic(out, json.dumps(data, indent=1))
     scores = data["scores"]
     for layer in range(data["depth"]):
         mark = "  demanding" if layer in data["demanding_layers"] else ""

@@ -8,22 +8,19 @@ in its description) or such a directory.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shlex
 import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from amskv_jax import integrity
 from amskv_jax.config import PRESETS, ModelConfig, get_preset
 from amskv_jax.lazy import save_arrays
-from amskv_jax.var import VAR, stack_blocks
-from amskv_jax.vqvae import VQVAE
+from amskv_jax.untrusted import CheckedDirectory, open_checkpoint, param_shapes, read_params, show, write_atomic
+from amskv_jax.var import stack_blocks
 
 
 ASSETS = Path(__file__).parent / "assets"
@@ -43,17 +40,6 @@ class Model:
     description: str
     classes: tuple[str, ...] | None = None
     calibration: dict | None = None
-
-
-def param_shapes(config: ModelConfig) -> dict:
-    """{"var": variables, "vqvae": variables} as `jax.ShapeDtypeStruct`s: the Flax modules' init, traced, not run."""
-    c = config.var
-    labels = jnp.zeros((1,), jnp.int32)
-    x = jnp.zeros((1, c.seq_len - c.first_l, c.cvae), jnp.float32)
-    side = 2 ** (len(config.vqvae.ch_mult) - 1)  # the smallest image (a 1x1 latent): the shapes do not depend on it
-    img = jnp.zeros((1, side, side, 3), jnp.float32)
-    key = jax.random.key(0)
-    return {"var": jax.eval_shape(VAR(c).init, key, labels, x), "vqvae": jax.eval_shape(VQVAE(config.vqvae).init, key, img)}
 
 
 def init_params(config: ModelConfig, seed: int = 0) -> dict:
@@ -108,36 +94,29 @@ def save_checkpoint(directory: str | Path, config: ModelConfig, params: dict) ->
     directory.mkdir(parents=True, exist_ok=True)
     (directory / integrity.MANIFEST).unlink(missing_ok=True)
     save_arrays(directory / "params", params)
-    (directory / "config.json").write_text(config.to_json())
+    write_atomic(directory / "config.json", config.to_json())
     integrity.write_manifest(directory, params)
     return directory
 
 
 def load_checkpoint(directory: str | Path, verify: bool | None = None) -> tuple[ModelConfig, dict]:
-    """(config, params) of a directory written by `save_checkpoint`, checked against its manifest: file sizes
-    always (before orbax reads), array checksums unless `verify` is False (None: unless AMSKV_SKIP_VERIFY is set).
-    A directory without a manifest loads with a one-line notice on stderr."""
-    directory = Path(directory).absolute()
-    config_file = directory / "config.json"
-    if not config_file.is_file() or not (directory / "params").is_dir():
-        raise FileNotFoundError(f"{directory}: not a checkpoint directory (needs config.json and params/)")
-    config = ModelConfig.from_json(config_file.read_text())
-    manifest = integrity.read_manifest(directory)
-    if manifest is None:
-        print(f"notice: {directory} has no {integrity.MANIFEST} (written before checksums existed, or incompletely); "
-              f"loading it unverified. Add one: python -m amskv_jax.integrity write {directory}", file=sys.stderr)
-    else:
-        integrity.check_files(directory, manifest)
-    params = restore_params(directory)
-    if manifest is not None and (integrity.verify_by_default() if verify is None else verify):
-        integrity.check_arrays(directory, manifest, params)
-    return config, upgrade_params(params, config, str(directory))
+    """(config, params) of a directory written by `save_checkpoint`, after the gate (`untrusted.open_checkpoint`:
+    paths, file kinds and sizes, config, manifest, every array's declared dtype and shape) and, unless `verify` is
+    False (None: unless AMSKV_SKIP_VERIFY is set), every array's checksum. A directory without a manifest loads with
+    a one-line notice on stderr."""
+    config, params, _ = _load(open_checkpoint(directory), verify)
+    return config, params
 
 
-def restore_params(directory: str | Path) -> dict:
-    """The params tree of a checkpoint directory exactly as stored: no manifest check, no layout upgrade."""
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(Path(directory).absolute() / "params")
+def _load(checked: CheckedDirectory, verify: bool | None) -> tuple[ModelConfig, dict, CheckedDirectory]:
+    if checked.manifest is None:
+        print(f"notice: {checked.shown} has no {integrity.MANIFEST} (written before checksums existed, or "
+              f"incompletely); loading it unverified. Add one: python -m amskv_jax.integrity write "
+              f"{show(shlex.quote(str(checked.root)))}", file=sys.stderr)
+    params = read_params(checked)
+    if checked.manifest is not None and (integrity.verify_by_default() if verify is None else verify):
+        integrity.check_arrays(checked.root, checked.manifest, params)
+    return checked.config, upgrade_params(params, checked.config, checked.shown), checked
 
 
 def upgrade_params(params: dict, config: ModelConfig, source: str, log=print) -> dict:
@@ -151,9 +130,8 @@ def upgrade_params(params: dict, config: ModelConfig, source: str, log=print) ->
 
 
 def has_vqvae(directory: str | Path) -> bool:
-    """Whether the checkpoint directory holds a VQ-VAE (read from orbax's metadata, not the params)."""
-    with ocp.StandardCheckpointer() as checkpointer:
-        return "vqvae" in checkpointer.metadata(Path(directory).absolute() / "params").item_metadata
+    """Whether the checkpoint directory holds a VQ-VAE (after the gate; no array is read)."""
+    return open_checkpoint(directory).has_vqvae
 
 
 def load_model(spec: str = DEFAULT_MODEL, verify: bool | None = None, *, need_vqvae: bool = True) -> Model:
@@ -165,31 +143,21 @@ def load_model(spec: str = DEFAULT_MODEL, verify: bool | None = None, *, need_vq
     if spec in EMBEDDED:
         if not (EMBEDDED[spec] / "config.json").is_file():
             raise FileNotFoundError(f"the embedded model {spec!r} is missing from {EMBEDDED[spec]}; reinstall")
-        config, params = load_checkpoint(EMBEDDED[spec], verify)
-        return Model(config, params, f"embedded model {spec} (trained on OpenMoji emoji)", *_extras(EMBEDDED[spec]))
+        config, params, checked = _load(open_checkpoint(EMBEDDED[spec]), verify)
+        return Model(config, params, f"embedded model {spec} (trained on OpenMoji emoji)", checked.classes,
+                     checked.calibration)
     if spec in PRESETS:
         return Model(get_preset(spec), init_params(get_preset(spec)), f"preset {spec}, random weights (seed 0)")
     if Path(spec).is_dir():
-        if need_vqvae and (Path(spec) / "params").is_dir() and not has_vqvae(spec):
+        checked = open_checkpoint(spec)
+        if need_vqvae and not checked.has_vqvae:
             raise MissingVQVAEError(
-                f"{spec} holds a VAR without a VQ-VAE (converted without --vae), so it cannot generate images; "
-                f"rm -r {shlex.quote(spec)}, then {MissingVQVAEError.FIX} --out {shlex.quote(spec)}"
+                f"{checked.shown} holds a VAR without a VQ-VAE (converted without --vae), so it cannot generate "
+                f"images; rm -r {show(shlex.quote(spec))}, then {MissingVQVAEError.FIX} --out {show(shlex.quote(spec))}"
             )
-        config, params = load_checkpoint(spec, verify)
-        return Model(config, params, f"checkpoint {spec}", *_extras(Path(spec)))
+        config, params, _ = _load(checked, verify)
+        return Model(config, params, f"checkpoint {checked.shown}", checked.classes, checked.calibration)
     raise ValueError(
-        f"--model {spec!r} is neither an embedded model ({', '.join(EMBEDDED)}), a preset ({', '.join(PRESETS)}) "
-        "nor a checkpoint directory"
-    )
-
-
-def _extras(directory: Path) -> tuple[tuple[str, ...] | None, dict | None]:
-    """(class names, calibration) from a checkpoint directory; None for each file that is absent."""
-    from amskv_jax.policies import read_calibration
-
-    classes = directory / "classes.json"
-    calibration = directory / "layers.json"
-    return (
-        tuple(json.loads(classes.read_text())) if classes.is_file() else None,
-        read_calibration(calibration) if calibration.is_file() else None,
+        f"--model {show(repr(spec))} is neither an embedded model ({', '.join(EMBEDDED)}), a preset "
+        f"({', '.join(PRESETS)}) nor a checkpoint directory"
     )

@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from amskv_jax.config import _check
+from amskv_jax.untrusted import write_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +122,9 @@ def save_classifier(directory: str | Path, classifier: Classifier, metrics: dict
     params = jax.tree.map(lambda p: np.asarray(p).astype(ml_dtypes.bfloat16), classifier.params)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / "params", params)
-    (directory / "config.json").write_text(classifier.config.to_json())
+    write_atomic(directory / "config.json", classifier.config.to_json())
     if metrics is not None:
-        (directory / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_atomic(directory / "metrics.json", json.dumps(metrics, indent=1))
     return directory
 
 

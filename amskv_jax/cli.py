@@ -4,13 +4,17 @@ Failures a user can cause and fix (a missing or damaged file, a value out of ran
 non-finite) are `ValueError`, `OSError` or `ArithmeticError` raised at the boundary with a message that says what
 and where; `command` turns them into `PROG: error: MESSAGE` on stderr (argparse's format, on one line) and status 2.
 Anything else is a bug and keeps its traceback. Argument errors stay argparse's own (usage, then one line, status 2).
+A message may quote what a file holds or how it is named, so the line is bounded in length and its control
+characters escaped (`printable`): a hostile checkpoint cannot flood or drive the terminal.
 """
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 USER_ERRORS = (ValueError, OSError, ArithmeticError)
+MAX_MESSAGE = 1000  # characters of an error line's message
 
 
 def command(prog: str):
@@ -38,5 +42,15 @@ def add_verify_flag(parser) -> None:
 
 
 def one_line(err: BaseException) -> str:
-    """The error's message with its line breaks and runs of spaces folded into single spaces."""
-    return " ".join(str(err).split()) or type(err).__name__
+    """The error's message with its line breaks and runs of spaces folded into single spaces, then `printable`."""
+    return printable(" ".join(str(err).split()) or type(err).__name__, MAX_MESSAGE)
+
+
+def printable(value, limit: int) -> str:
+    """`value` (text, bytes or a path) as text safe for one terminal line: control, non-printable and undecodable
+    characters escaped (an ANSI escape shows as `\\x1b[31m`, a non-UTF-8 byte of a file name as `\\udcff`), cut to
+    `limit` characters."""
+    text = os.fsdecode(value) if isinstance(value, (bytes, os.PathLike)) else str(value)
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                  for c in text[: limit + 1])
+    return out if len(out) <= limit else out[: limit - 1] + "…"

@@ -5,10 +5,11 @@ CRC-32 of its bytes (C order), and the size of every file under `params/`. `save
 the params and `config.json`, through a temporary file and a rename: a directory without it was written before
 manifests existed, or its writer stopped part way.
 
-`load_checkpoint` checks the file sizes before orbax reads anything (a truncated or missing data file is named
-without starting orbax's asynchronous reads, which would otherwise leave tensorstore callbacks firing at a closed
-event loop after the error), then, after the restore, each array's dtype, shape and digest; it names every array that
-fails. `AMSKV_SKIP_VERIFY=1` (or `--no-verify` on the command lines) skips the digests, not the size check (a stat).
+Reading the manifest, and checking it against the directory before any array is read, is the gate's job
+(`amskv_jax/untrusted.py`: file sizes, the set of files, every array's dtype and shape against the config); after
+the arrays are read, `check_arrays` compares each one's digest and names every array that fails.
+`AMSKV_SKIP_VERIFY=1` (or `--no-verify` on the command lines) skips the digests, not the gate. This module needs
+no loader: the command line reads arrays through the gate.
 
 Why CRC-32: the faults to catch are flipped bytes and truncation. CRC-32 detects every error burst up to 32 bits
 (so any single flipped byte) and misses a random multi-byte corruption with probability 2⁻³²; dtype, shape and file
@@ -33,14 +34,12 @@ import jax
 import numpy as np
 
 from amskv_jax import cli
+from amskv_jax.untrusted import (
+    MANIFEST, MANIFEST_FORMAT, IntegrityError, leaf_name, listing, open_checkpoint, params_files, read_params, show,
+    write_atomic,
+)
 
-MANIFEST = "checksums.json"
 SKIP_ENV = "AMSKV_SKIP_VERIFY"
-FORMAT = 1
-
-
-class IntegrityError(ValueError):
-    """A checkpoint directory whose files or arrays do not match its manifest."""
 
 
 def verify_by_default() -> bool:
@@ -58,78 +57,38 @@ def describe_arrays(params) -> dict[str, dict]:
     arrays = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         leaf = np.asarray(leaf)
-        arrays[_name(path)] = {"dtype": str(leaf.dtype), "shape": list(leaf.shape), "crc32": digest(leaf)}
+        arrays[leaf_name(path)] = {"dtype": str(leaf.dtype), "shape": list(leaf.shape), "crc32": digest(leaf)}
     return arrays
 
 
 def write_manifest(directory: str | Path, params) -> Path:
-    """Write directory/checksums.json for `params` (the tree just saved under directory/params/)."""
+    """Write directory/checksums.json for `params` (the tree just saved under directory/params/), through a fresh
+    temporary file and a rename (`untrusted.write_atomic`: never through a link)."""
     directory = Path(directory)
-    manifest = {"format": FORMAT, "digest": "crc32", "files": _file_sizes(directory / "params"),
+    manifest = {"format": MANIFEST_FORMAT, "digest": "crc32", "files": params_files(directory.resolve()),
                 "arrays": describe_arrays(params)}
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.replace(directory / MANIFEST)
-    return directory / MANIFEST
-
-
-def read_manifest(directory: str | Path) -> dict | None:
-    """The parsed manifest, or None when the directory has none (written before manifests existed)."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise IntegrityError(f"{path}: damaged manifest ({err})") from None
-    if manifest.get("format") != FORMAT or manifest.get("digest") != "crc32":
-        raise IntegrityError(f"{path}: unknown manifest format {manifest.get('format')!r}; allowed: {FORMAT}")
-    return manifest
-
-
-def check_files(directory: str | Path, manifest: dict) -> None:
-    """Raise IntegrityError naming every file under params/ that is missing or whose size differs."""
-    params = Path(directory) / "params"
-    found = _file_sizes(params)
-    bad = [
-        f"{name} (missing)" if name not in found else
-        f"{name} ({'truncated: ' if found[name] < size else ''}{found[name]} bytes, expected {size})"
-        for name, size in manifest["files"].items()
-        if found.get(name) != size
-    ]
-    if bad:
-        raise IntegrityError(f"{params}: {len(bad)} damaged file(s): {', '.join(bad)}")
+    return write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def check_arrays(directory: str | Path, manifest: dict, params) -> None:
     """Raise IntegrityError naming every array of `params` that differs from the manifest (or is missing/extra)."""
     expected, found = manifest["arrays"], describe_arrays(params)
-    bad = [f"{name} (missing)" for name in expected if name not in found]
+    bad = [f"{show(name)} (missing)" for name in expected if name not in found]
     bad += [f"{name} (not in the manifest)" for name in found if name not in expected]
     for name in expected.keys() & found.keys():
         e, f = expected[name], found[name]
         if (e["dtype"], e["shape"]) != (f["dtype"], f["shape"]):
-            bad.append(f"{name} ({f['dtype']}{f['shape']}, expected {e['dtype']}{e['shape']})")
+            bad.append(f"{name} ({f['dtype']}{f['shape']}, expected {show(e['dtype'])}{show(e['shape'], 60)})")
         elif e["crc32"] != f["crc32"]:
             bad.append(f"{name} (checksum {f['crc32']}, expected {e['crc32']})")
     if bad:
         raise IntegrityError(
-            f"{Path(directory)}: {len(bad)} array(s) fail their checksum, the copy is damaged: {', '.join(sorted(bad))}"
+            f"{show(directory)}: {len(bad)} array(s) fail their checksum, the copy is damaged: {listing(sorted(bad))}"
         )
-
-
-def _name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
-def _file_sizes(params_dir: Path) -> dict[str, int]:
-    return {str(f.relative_to(params_dir)): f.stat().st_size for f in sorted(params_dir.rglob("*")) if f.is_file()}
 
 
 @cli.command("python -m amskv_jax.integrity")
 def main(argv=None) -> int:
-    from amskv_jax import checkpoint
-
     parser = argparse.ArgumentParser(prog="python -m amskv_jax.integrity", description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("write", "check"),
                         help="write: (re)write the manifest from the params as they are; check: verify against it")
@@ -137,16 +96,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.action == "write":
         # the params exactly as stored (no check against a stale manifest, no re-stacking of an old layout)
-        (Path(args.directory) / MANIFEST).unlink(missing_ok=True)
-        params = checkpoint.restore_params(args.directory)
-        print(f"wrote {write_manifest(args.directory, params)} ({len(jax.tree.leaves(params))} arrays)")
+        checked = open_checkpoint(args.directory, manifest="ignored")
+        params = read_params(checked)
+        print(f"wrote {show(write_manifest(args.directory, params))} ({len(jax.tree.leaves(params))} arrays)")
         return 0
-    if read_manifest(args.directory) is None:
-        raise IntegrityError(f"{args.directory}: no {MANIFEST}; write one with "
-                             f"`python -m amskv_jax.integrity write {args.directory}`")
-    _, params = checkpoint.load_checkpoint(args.directory, verify=True)
-    print(f"{args.directory}: all {len(jax.tree.leaves(params))} arrays match {MANIFEST}")
+    checked = open_checkpoint(args.directory, manifest="required")
+    params = read_params(checked)
+    check_arrays(checked.shown, checked.manifest, params)
+    extras = [name for name, value in (("classes.json", checked.classes), ("layers.json", checked.calibration))
+              if value is not None]
+    print(f"{checked.shown}: all {len(jax.tree.leaves(params))} arrays match {MANIFEST}; config.json"
+          f"{''.join(', ' + name for name in extras)} well-formed and consistent")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,6 +15,7 @@ from amskv_jax import generate as gen_module
 from amskv_jax import integrity
 from amskv_jax.checkpoint import init_params, load_checkpoint, save_checkpoint
 from amskv_jax.config import get_preset
+from amskv_jax.untrusted import leaf_name
 
 CONFIG = get_preset("tiny")
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def test_flipped_bytes_in_one_array_are_refused_naming_that_array(saved, params,
     monkeypatch.setenv(integrity.SKIP_ENV, "1")  # skipped on request: the damage goes through unnoticed
     _, damaged = load_checkpoint(saved)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    differ = [integrity._name(path) for (path, a), b in zip(flat, jax.tree.leaves(damaged)) if not np.array_equal(a, b)]
+    differ = [leaf_name(path) for (path, a), b in zip(flat, jax.tree.leaves(damaged)) if not np.array_equal(a, b)]
     assert len(differ) == 1
     monkeypatch.delenv(integrity.SKIP_ENV)
     with pytest.raises(integrity.IntegrityError) as err:

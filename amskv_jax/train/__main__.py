@@ -32,6 +32,7 @@ from amskv_jax.checkpoint import save_checkpoint
 from amskv_jax.policies import DEFAULT_POLICY, POLICIES, policy_from_name
 from amskv_jax.train import loop
 from amskv_jax.train.configs import CONFIGS, OptimConfig, TrainConfig, get_config
+from amskv_jax.untrusted import write_atomic
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
@@ -151,7 +152,7 @@ def _run_stage(parser, args) -> int:
         variables, _ = var_trainer.train(cfg.model, opt, args.vqvae, images, labels, args.out)
         columns = ("loss", "acc", "acc_last")
     loop.save_params(args.out, cfg.model, variables)
-    (args.out / "classes.json").write_text(json.dumps(list(classes)))
+    write_atomic(args.out / "classes.json", json.dumps(list(classes)))
     print(_summary(args.out, columns))
     print(f"wrote {args.out}/params, config.json, loss_log.csv")
     return 0
@@ -216,7 +217,7 @@ def export(vqvae_run: Path, var_run: Path, out: Path, dtype: str, verify: bool |
         raise FileExistsError(f"{out}/params exists; remove it first")
     params = loop.cast_floats({"var": var_vars, "vqvae": vqvae_vars}, DTYPES[dtype])
     save_checkpoint(out, model, params)
-    (out / "classes.json").write_text((var_run / "classes.json").read_text())
+    write_atomic(out / "classes.json", (var_run / "classes.json").read_text())
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({size / 2**20:.2f} MiB, {dtype})")
     return 0

@@ -21,6 +21,7 @@ from amskv_jax.checkpoint import Model, save_checkpoint
 from amskv_jax.train import loop
 from amskv_jax.train.configs import OptimConfig
 from amskv_jax.train.var_trainer import make_train_step, tokenize
+from amskv_jax.untrusted import write_atomic
 
 
 def finetune(
@@ -56,8 +57,8 @@ def save_finetuned(out: str | Path, model: Model, params: dict, provenance: dict
         raise FileExistsError(f"{out}/params exists; remove it or pick another --out")
     save_checkpoint(out, model.config, params)
     if model.classes is not None:
-        (out / "classes.json").write_text(json.dumps(list(model.classes)))
+        write_atomic(out / "classes.json", json.dumps(list(model.classes)))
     if model.calibration is not None:
-        (out / "layers.json").write_text(json.dumps(model.calibration, indent=1))
-    (out / "finetune.json").write_text(json.dumps(provenance, indent=1))
+        write_atomic(out / "layers.json", json.dumps(model.calibration, indent=1))
+    write_atomic(out / "finetune.json", json.dumps(provenance, indent=1))
     return out

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from amskv_jax.checkpoint import load_checkpoint, save_checkpoint
 from amskv_jax.config import ModelConfig
 from amskv_jax.train.configs import OptimConfig
+from amskv_jax.untrusted import open_new
 
 # Parameters exempt from weight decay (the reference's `nowd_keys`, plus biases and norms by rank).
 # A running stage saves at least this often (wall time), besides every `save_every` steps.
@@ -210,7 +211,7 @@ class _LossLog:
     def write(self, step: int, metrics: dict, lr: float, seconds: float) -> None:
         row = {"step": step, **metrics, "lr": lr, "seconds": round(seconds, 2)}
         if self.writer is None:
-            self.file = self.path.open("w", newline="")
+            self.file = open_new(self.path, "w", newline="")
             self.writer = csv.DictWriter(self.file, fieldnames=list(row))
             self.writer.writeheader()
             self.writer.writerows(self.rows)
