@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -64,9 +63,7 @@ def _dataset(cfg: TrainConfig, cache: Path | None = None):
     images, labels, groups = held or load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, cfg.split)
     if path is not None and held is None:
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".data.{os.getpid()}.npz"  # renamed when complete
-        np.savez(tmp, images=images, labels=labels, key=key)
-        os.replace(tmp, path)
+        write_atomic(path, loop.npz_bytes(images=images, labels=labels, key=key))
     if len(groups) != cfg.model.var.num_classes:
         raise ValueError(f"the data has {len(groups)} classes {groups}; the config expects {cfg.model.var.num_classes}")
     print(f"data: {len(images)} emoji {images.shape[1:]} ({cfg.scheme}, {cfg.split}), {len(groups)} classes: "

@@ -14,6 +14,7 @@ or SIGINT saves before the process ends; rerunning the same command resumes. Lay
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from amskv_jax.checkpoint import load_checkpoint, save_checkpoint
 from amskv_jax.config import ModelConfig
 from amskv_jax.train.configs import OptimConfig
-from amskv_jax.untrusted import open_new
+from amskv_jax.untrusted import open_new, write_atomic
 
 # Parameters exempt from weight decay (the reference's `nowd_keys`, plus biases and norms by rank).
 # A running stage saves at least this often (wall time), besides every `save_every` steps.
@@ -108,9 +109,7 @@ def check_identity(out: Path, identity: dict) -> None:
                            f"another --out or remove that directory")
         return
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".run.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(identity, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(identity, indent=1, sort_keys=True))
 
 
 class _Signals:
@@ -221,6 +220,13 @@ class _LossLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def npz_bytes(**arrays) -> bytes:
+    """An .npz file's bytes (for `write_atomic`: a data cache is renamed into place whole)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def read_log(out: str | Path) -> list[dict]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from pathlib import Path
 
 import jax
@@ -21,6 +20,7 @@ from amskv_jax.cache import CacheLayout
 from amskv_jax.config import ModelConfig, VARConfig, VQVAEConfig
 from amskv_jax.train import loop
 from amskv_jax.train.configs import OptimConfig
+from amskv_jax.untrusted import write_atomic
 from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
 
@@ -85,9 +85,7 @@ def cached_tokens(out: Path, config: VQVAEConfig, vqvae_dir: Path, vqvae_vars: d
                 return data["gt"], data["x"]
     gt, x = tokenize(config, vqvae_vars, images)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".tokens.{os.getpid()}.npz"  # renamed when complete: a stop never leaves half a cache
-    np.savez(tmp, gt=gt, x=x, source=source)
-    os.replace(tmp, path)
+    write_atomic(path, loop.npz_bytes(gt=gt, x=x, source=source))  # a stop never leaves half a cache
     return gt, x
 
 
