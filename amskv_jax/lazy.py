@@ -55,7 +55,8 @@ class LazyArray:
         """`np.stack(parts)` [len(parts), *shape], in the parts' dtype: materialised into one new array, each part
         read and cast straight into its row (no stacked copy in the source dtype first)."""
         parts = tuple(parts)
-        return _Stack((len(parts), *parts[0].shape), parts[0].dtype, lambda: np.stack([p.source() for p in parts]), parts)
+        shape = (len(parts), *parts[0].shape)
+        return _Stack(shape, parts[0].dtype, lambda: np.stack([p.source() for p in parts]), parts)
 
     @property
     def ndim(self) -> int:

@@ -7,9 +7,10 @@ runs; d30: 8.0 + 0.4 GB), converts them in a child process and reports the child
 kernel's `ru_maxrss`, which counts the memory-mapped input pages the converter touched as well as its own arrays;
 also less the peak of a child that only imports the converter: the interpreter, JAX and orbax), the wall time, and
 what the converter promises to stay within: the input files' size plus the largest array it writes (the largest
-tensor, or, with per-block parameters stacked along depth, the largest stack). `--source-tree` runs another checkout's
-converter (e.g. an older commit extracted with `git archive`), for before/after figures. The converted output is
-deleted afterwards. A watchdog kills the child when the machine's available memory falls below `--min-available-gb`
+tensor, or, with per-block parameters stacked along depth, the largest stack) plus 0.5 GB (`SLACK_BYTES`: the
+allocator's and tensorstore's buffers while one array is written chunk by chunk). `--source-tree` runs another
+checkout's converter (e.g. an older commit extracted with `git archive`), for before/after figures. The converted
+output is deleted afterwards. A watchdog kills the child when the machine's available memory falls below `--min-available-gb`
 (the figure is then reported as aborted), so a converter that needs more than the machine has does not take other
 processes down with it.
 """
@@ -31,6 +32,7 @@ from bench.make_checkpoint import PRESETS, VAE_NAME, published_keys, write_check
 
 REPO = Path(__file__).parent.parent
 ITEMSIZE = {"torch.float32": 4, "torch.int64": 8}
+SLACK_BYTES = int(0.5e9)
 
 
 def _available_bytes() -> int:
@@ -95,10 +97,13 @@ def measure(preset: str, directory: Path, dtype: str = "float32", source_tree: P
     keys = published_keys(f"var_{preset}") + published_keys(VAE_NAME)
     input_bytes = sum(path.stat().st_size for path in files.values())
     largest = largest_arrays(keys, 2 if dtype == "bfloat16" else 4)
+    bound = input_bytes + max(largest.values()) + SLACK_BYTES
+    conversion = usage.ru_maxrss * 1024 - baseline
     return {
         "preset": preset, "dtype": dtype, "source_tree": str(source_tree),
         "input_bytes": input_bytes, **largest,
         "baseline_rss_bytes": baseline, "peak_rss_bytes": usage.ru_maxrss * 1024, "seconds": seconds,
+        "bound_bytes": bound, "within_bound": conversion <= bound,
         "status": "aborted: machine memory ran low" if killed.is_set() else "ok",
     }
 
@@ -114,6 +119,8 @@ def report(record: dict) -> str:
             f"{abs(conversion - record['input_bytes']) / gb:.2f} GB (largest tensor "
             f"{record['largest_tensor_bytes'] / gb:.2f} GB, largest per-block stack "
             f"{record['largest_stack_bytes'] / gb:.2f} GB)\n"
+            f"  bound        {record['bound_bytes'] / gb:6.2f} GB = input + largest array + "
+            f"{SLACK_BYTES / gb:.1f} GB: {'met' if record['within_bound'] else 'NOT met'}\n"
             f"  time         {record['seconds']:6.1f} s")
 
 
