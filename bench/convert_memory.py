@@ -2,17 +2,16 @@
 
     python -m bench.convert_memory --preset d30 [--dtype bfloat16] [--dir DIR] [--source-tree PATH] [--json]
 
-Writes `DIR/var_PRESET.pth` and `DIR/vae_ch160v4096z32.pth` with `bench.make_checkpoint` (kept and reused by later
-runs; d30: 8.0 + 0.4 GB), converts them in a child process and reports the child's peak resident set size (the
-kernel's `ru_maxrss`, which counts the memory-mapped input pages the converter touched as well as its own arrays;
-also less the peak of a child that only imports the converter: the interpreter, JAX and orbax), the wall time, and
-what the converter promises to stay within: the input files' size plus the largest array it writes (the largest
-tensor, or, with per-block parameters stacked along depth, the largest stack) plus 0.5 GB (`SLACK_BYTES`: the
-allocator's and tensorstore's buffers while one array is written chunk by chunk). `--source-tree` runs another
-checkout's converter (e.g. an older commit extracted with `git archive`), for before/after figures. The converted
-output is deleted afterwards. A watchdog kills the child when the machine's available memory falls below `--min-available-gb`
-(the figure is then reported as aborted), so a converter that needs more than the machine has does not take other
-processes down with it.
+Writes `DIR/var_PRESET.pth` and `DIR/vae_ch160v4096z32.pth` with `bench.make_checkpoint` (kept and reused by later runs;
+d30: 8.0 + 0.4 GB), converts them in a child process and reports the child's peak resident set size (the kernel's
+`ru_maxrss`, which counts the memory-mapped input pages the converter touched as well as its own arrays; also less the
+peak of a child that only imports the converter: the interpreter, JAX and orbax), the wall time, and what the converter
+promises to stay within: the input files' size plus the largest array it writes (the largest tensor, or, with per-block
+parameters stacked along depth, the largest stack) plus 0.5 GB (`SLACK_BYTES`: the allocator's and tensorstore's buffers
+while one array is written chunk by chunk). `--source-tree` runs another checkout's converter (e.g. an older commit
+extracted with `git archive`), for before/after figures. The converted output is deleted afterwards. A watchdog kills
+the child when the machine's available memory falls below `--min-available-gb` (the figure is then reported as aborted),
+so a converter that needs more than the machine has does not take other processes down with it.
 """
 from __future__ import annotations
 
