@@ -1,6 +1,6 @@
 """Peak memory and time of `python -m convert.from_torch` on a published-size checkpoint with random weights.
 
-    python -m bench.convert_memory --preset d30 [--dtype bfloat16] [--dir DIR] [--source-tree PATH] [--json]
+    python -m bench.convert_memory --preset d30 [--dtype bfloat16] [--dir DIR] [--source-tree PATH] [--keep] [--json]
 
 Writes `DIR/var_PRESET.pth` and `DIR/vae_ch160v4096z32.pth` with `bench.make_checkpoint` (kept and reused by later runs;
 d30: 8.0 + 0.4 GB), converts them in a child process and reports the child's peak resident set size (the kernel's
@@ -9,7 +9,7 @@ peak of a child that only imports the converter: the interpreter, JAX and orbax)
 promises to stay within: the input files' size plus the largest array it writes (the largest tensor, or, with per-block
 parameters stacked along depth, the largest stack) plus 0.5 GB (`SLACK_BYTES`: the allocator's and tensorstore's buffers
 while one array is written chunk by chunk). `--source-tree` runs another checkout's converter (e.g. an older commit
-extracted with `git archive`), for before/after figures. The converted output is deleted afterwards. A watchdog kills
+extracted with `git archive`), for before/after figures. The converted output is deleted afterwards unless `--keep`. A watchdog kills
 the child when the machine's available memory falls below `--min-available-gb` (the figure is then reported as aborted),
 so a converter that needs more than the machine has does not take other processes down with it.
 """
@@ -54,9 +54,10 @@ def largest_arrays(keys, out_itemsize: int) -> dict:
 
 
 def measure(preset: str, directory: Path, dtype: str = "float32", source_tree: Path = REPO,
-            min_available_gb: float = 1.5, log=print) -> dict:
+            min_available_gb: float = 1.5, keep: bool = False, log=print) -> dict:
     """Convert `directory`'s random checkpoint (written first if absent) with `source_tree`'s converter in a child
-    process; returns a plain record of sizes, peak RSS and time."""
+    process into `directory`/var_PRESET_flax (deleted afterwards unless `keep`); returns a plain record of sizes, peak
+    RSS and time."""
     directory.mkdir(parents=True, exist_ok=True)
     files = {}
     for name in (f"var_{preset}", VAE_NAME):
@@ -89,7 +90,8 @@ def measure(preset: str, directory: Path, dtype: str = "float32", source_tree: P
     output = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - start
-    shutil.rmtree(out, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
     code = os.waitstatus_to_exitcode(status)
     if code != 0 and not killed.is_set():
         raise RuntimeError(f"{' '.join(command)} failed ({code}):\n{output}")
@@ -132,10 +134,12 @@ def main(argv=None) -> int:
     parser.add_argument("--source-tree", default=str(REPO), help="checkout whose converter runs (default: this one)")
     parser.add_argument("--min-available-gb", type=float, default=1.5,
                         help="kill the conversion when the machine's available memory falls below this")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the converted directory DIR/var_PRESET_flax (for python -m bench.end_to_end)")
     parser.add_argument("--json", action="store_true", help="print the record as JSON")
     args = parser.parse_args(argv)
     record = measure(args.preset, Path(args.dir), args.dtype, Path(args.source_tree).absolute(),
-                     args.min_available_gb)
+                     args.min_available_gb, args.keep)
     print(json.dumps(record) if args.json else report(record))
     return 0 if record["status"] == "ok" else 1
 
