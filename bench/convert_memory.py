@@ -9,9 +9,9 @@ peak of a child that only imports the converter: the interpreter, JAX and orbax)
 promises to stay within: the input files' size plus the largest array it writes (the largest tensor, or, with per-block
 parameters stacked along depth, the largest stack) plus 0.5 GB (`SLACK_BYTES`: the allocator's and tensorstore's buffers
 while one array is written chunk by chunk). `--source-tree` runs another checkout's converter (e.g. an older commit
-extracted with `git archive`), for before/after figures. The converted output is deleted afterwards unless `--keep`. A watchdog kills
-the child when the machine's available memory falls below `--min-available-gb` (the figure is then reported as aborted),
-so a converter that needs more than the machine has does not take other processes down with it.
+extracted with `git archive`), for before/after figures. The converted output is deleted afterwards unless `--keep`. A
+watchdog kills the child when the machine's available memory falls below `--min-available-gb` (the figure is then
+reported as aborted), so a converter that needs more than the machine has does not take other processes down with it.
 """
 from __future__ import annotations
 
