@@ -77,8 +77,8 @@ def test_memory_table_matches_the_hand_computation(batch, dtype):
 def test_memory_command_line_prints_the_d36_figures(capsys):
     assert memory.main(["--model", "d36", "--batch", "16", "--json"]) == 0
     printed = {row["policy"]: row for row in json.loads(capsys.readouterr().out)}
-    assert printed["full"]["cache_bytes"] == _by_hand(SLOTS["full"], 16, 2)[0]  # 2.99 GiB
-    assert printed["amskv"]["cache_bytes"] == _by_hand(SLOTS["amskv"], 16, 2)[0]  # 0.44 GiB
+    assert printed["full"]["cache_bytes"] == _by_hand(SLOTS["full"], 16, 2)[0]  # 12.02 GiB
+    assert printed["amskv"]["cache_bytes"] == _by_hand(SLOTS["amskv"], 16, 2)[0]  # 1.78 GiB
     assert printed["amskv"]["reduction_vs_full"] == pytest.approx(1 - 6480 / 43776, abs=1e-6)
 
 
