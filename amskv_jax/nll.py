@@ -10,14 +10,13 @@ true earlier scales. Per scale we report, in nats per token,
 
 No sampling, so the figures are deterministic; ΔNLL against the full cache is the cost of the policy. The command
 line is `python -m bench.fidelity --nll`. Image folders are read with the reference's evaluation transform
-(`load_image_folder`).
+(`amskv_jax.train.data.load_image_folder`).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 from collections.abc import Mapping
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +30,6 @@ from amskv_jax.policies import FullCache
 from amskv_jax.quant import check_kv_dtype, is_quantized
 from amskv_jax.train.var_trainer import tokenize
 from amskv_jax.var import VAR
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
 
 @dataclasses.dataclass(frozen=True)
 class NLL:
@@ -63,72 +59,6 @@ class NLL:
         out = dataclasses.asdict(self)
         out.update(mean_unguided=self.mean_unguided, mean_guided=self.mean_guided, memory_fraction=self.memory_fraction)
         return out
-
-
-# --- images ------------------------------------------------------------------------------------------------------
-
-def reference_transform(image, final: int) -> np.ndarray:
-    """VAR's evaluation transform (reference `utils/data.py`): resize the shorter side to round(1.125·final) with
-    LANCZOS (the longer side as torchvision computes it), centre-crop final×final, map to [-1, 1].
-    `image`: a PIL image. Returns float32 [final, final, 3]."""
-    from PIL import Image
-
-    image = image.convert("RGB")
-    mid = round(final * 1.125)
-    w, h = image.size
-    size = (mid, int(mid * h / w)) if w <= h else (int(mid * w / h), mid)
-    image = image.resize(size, Image.Resampling.LANCZOS)
-    left, top = int(round((size[0] - final) / 2.0)), int(round((size[1] - final) / 2.0))
-    image = image.crop((left, top, left + final, top + final))
-    return np.asarray(image, np.float32) / 127.5 - 1.0
-
-
-def folder_classes(directory: Path, classes: tuple[str, ...] | None, num_classes: int) -> dict[Path, int]:
-    """The class of each subfolder: its index in the model's class names when it is one of them, else its name when
-    that is an integer, else its position in sorted order (torchvision's ImageFolder, so ImageNet's synset
-    folders n01440764 ... map to 0..999)."""
-    subdirs = sorted(p for p in directory.iterdir() if p.is_dir())
-    if not subdirs:
-        raise ValueError(
-            f"{directory}: no class subfolders; put the images in one subfolder per class "
-            f"(named by class index, by the model's class names, or ImageFolder-style in sorted order)"
-        )
-    out = {}
-    for position, sub in enumerate(subdirs):
-        if classes is not None and sub.name in classes:
-            out[sub] = classes.index(sub.name)
-        elif sub.name.isdigit():
-            out[sub] = int(sub.name)
-        else:
-            out[sub] = position
-    bad = {p.name: label for p, label in out.items() if not 0 <= label < num_classes}
-    if bad:
-        raise ValueError(f"{directory}: class folders {bad} are outside the model's classes 0..{num_classes - 1}")
-    return out
-
-
-def load_image_folder(
-    directory: str | Path, final: int, num_classes: int, classes: tuple[str, ...] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every PNG/JPEG under `directory`/<class>/ as (float32 [N, final, final, 3] in [-1, 1], int32 labels [N]),
-    resized with `reference_transform`. Raises for a missing folder, no images, or an unreadable file."""
-    from PIL import Image, UnidentifiedImageError
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such image folder")
-    images, labels = [], []
-    for sub, label in folder_classes(directory, classes, num_classes).items():
-        for path in sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            try:
-                with Image.open(path) as image:
-                    images.append(reference_transform(image, final))
-            except (UnidentifiedImageError, OSError) as err:
-                raise ValueError(f"{path}: cannot read the image ({err})") from None
-            labels.append(label)
-    if not images:
-        raise ValueError(f"{directory}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class subfolders")
-    return np.stack(images), np.asarray(labels, np.int32)
 
 
 def encode_images(model, images_NHWC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

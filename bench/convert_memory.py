@@ -1,17 +1,19 @@
 """Peak memory and time of `python -m convert.from_torch` on a published-size checkpoint with random weights.
 
-    python -m bench.convert_memory --preset d30 [--dtype bfloat16] [--dir DIR] [--source-tree PATH] [--json]
+    python -m bench.convert_memory --preset d30 [--dtype bfloat16] [--dir DIR] [--source-tree PATH] [--keep] [--json]
 
-Writes `DIR/var_PRESET.pth` and `DIR/vae_ch160v4096z32.pth` with `bench.make_checkpoint` (kept and reused by later
-runs; d30: 8.0 + 0.4 GB), converts them in a child process and reports the child's peak resident set size (the
-kernel's `ru_maxrss`, which counts the memory-mapped input pages the converter touched as well as its own arrays;
-also less the peak of a child that only imports the converter: the interpreter, JAX and orbax), the wall time, and
-what the converter promises to stay within: the input files' size plus the largest array it writes (the largest
-tensor, or, with per-block parameters stacked along depth, the largest stack). `--source-tree` runs another checkout's
-converter (e.g. an older commit extracted with `git archive`), for before/after figures. The converted output is
-deleted afterwards. A watchdog kills the child when the machine's available memory falls below `--min-available-gb`
-(the figure is then reported as aborted), so a converter that needs more than the machine has does not take other
-processes down with it.
+Writes `DIR/var_PRESET.pth` and `DIR/vae_ch160v4096z32.pth` with `bench.make_checkpoint` (kept and reused by later runs;
+d30: 8.0 + 0.4 GB), converts them in a child process and reports the child's peak resident set size (the kernel's
+`ru_maxrss`, which counts the memory-mapped input pages the converter touched as well as its own arrays; also less the
+peak of a child that only imports the converter: the interpreter, JAX and orbax), the converter's own peak resident
+anonymous memory (`RssAnon` of /proc/PID/status, sampled every 0.2 s: its arrays and buffers without the mapped input,
+which the kernel may drop under pressure), the wall time, and what the converter promises to stay within: the input
+files' size plus the largest array it writes (the largest tensor, or, with per-block parameters stacked along depth, the
+largest stack) plus 0.5 GB (`SLACK_BYTES`: the allocator's and tensorstore's buffers while one array is written chunk by
+chunk). `--source-tree` runs another checkout's converter (e.g. an older commit extracted with `git archive`), for
+before/after figures. The converted output is deleted afterwards unless `--keep`. A watchdog kills the child when the
+machine's available memory falls below `--min-available-gb` (the figure is then reported as aborted), so a converter
+that needs more than the machine has does not take other processes down with it.
 """
 from __future__ import annotations
 
@@ -31,12 +33,22 @@ from bench.make_checkpoint import PRESETS, VAE_NAME, published_keys, write_check
 
 REPO = Path(__file__).parent.parent
 ITEMSIZE = {"torch.float32": 4, "torch.int64": 8}
+SLACK_BYTES = int(0.5e9)
 
 
 def _available_bytes() -> int:
     with open("/proc/meminfo") as f:
         fields = dict(line.split(":", 1) for line in f)
     return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def _anon_bytes(pid: int) -> int:
+    """The process's resident anonymous memory (its own allocations, not the mapped input file), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+    except (OSError, StopIteration):
+        return 0
 
 
 def largest_arrays(keys, out_itemsize: int) -> dict:
@@ -53,9 +65,10 @@ def largest_arrays(keys, out_itemsize: int) -> dict:
 
 
 def measure(preset: str, directory: Path, dtype: str = "float32", source_tree: Path = REPO,
-            min_available_gb: float = 1.5, log=print) -> dict:
+            min_available_gb: float = 1.5, keep: bool = False, log=print) -> dict:
     """Convert `directory`'s random checkpoint (written first if absent) with `source_tree`'s converter in a child
-    process; returns a plain record of sizes, peak RSS and time."""
+    process into `directory`/var_PRESET_flax (deleted afterwards unless `keep`); returns a plain record of sizes, peak
+    RSS and time."""
     directory.mkdir(parents=True, exist_ok=True)
     files = {}
     for name in (f"var_{preset}", VAE_NAME):
@@ -75,9 +88,11 @@ def measure(preset: str, directory: Path, dtype: str = "float32", source_tree: P
     child = subprocess.Popen(command, cwd=source_tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
     killed = threading.Event()
+    peak_anon = [0]
 
     def watchdog():
         while child.poll() is None:
+            peak_anon[0] = max(peak_anon[0], _anon_bytes(child.pid))
             if _available_bytes() < min_available_gb * 2**30:
                 killed.set()
                 child.kill()
@@ -88,17 +103,22 @@ def measure(preset: str, directory: Path, dtype: str = "float32", source_tree: P
     output = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - start
-    shutil.rmtree(out, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
     code = os.waitstatus_to_exitcode(status)
     if code != 0 and not killed.is_set():
         raise RuntimeError(f"{' '.join(command)} failed ({code}):\n{output}")
     keys = published_keys(f"var_{preset}") + published_keys(VAE_NAME)
     input_bytes = sum(path.stat().st_size for path in files.values())
     largest = largest_arrays(keys, 2 if dtype == "bfloat16" else 4)
+    bound = input_bytes + max(largest.values()) + SLACK_BYTES
+    conversion = usage.ru_maxrss * 1024 - baseline
     return {
         "preset": preset, "dtype": dtype, "source_tree": str(source_tree),
         "input_bytes": input_bytes, **largest,
-        "baseline_rss_bytes": baseline, "peak_rss_bytes": usage.ru_maxrss * 1024, "seconds": seconds,
+        "baseline_rss_bytes": baseline, "peak_rss_bytes": usage.ru_maxrss * 1024, "peak_anon_bytes": peak_anon[0],
+        "seconds": seconds,
+        "bound_bytes": bound, "within_bound": conversion <= bound,
         "status": "aborted: machine memory ran low" if killed.is_set() else "ok",
     }
 
@@ -114,6 +134,10 @@ def report(record: dict) -> str:
             f"{abs(conversion - record['input_bytes']) / gb:.2f} GB (largest tensor "
             f"{record['largest_tensor_bytes'] / gb:.2f} GB, largest per-block stack "
             f"{record['largest_stack_bytes'] / gb:.2f} GB)\n"
+            f"  own memory   {record['peak_anon_bytes'] / gb:6.2f} GB resident anonymous memory at its peak (sampled every "
+            f"0.2 s; the mapped input not counted)\n"
+            f"  bound        {record['bound_bytes'] / gb:6.2f} GB = input + largest array + "
+            f"{SLACK_BYTES / gb:.1f} GB: {'met' if record['within_bound'] else 'NOT met'}\n"
             f"  time         {record['seconds']:6.1f} s")
 
 
@@ -126,10 +150,12 @@ def main(argv=None) -> int:
     parser.add_argument("--source-tree", default=str(REPO), help="checkout whose converter runs (default: this one)")
     parser.add_argument("--min-available-gb", type=float, default=1.5,
                         help="kill the conversion when the machine's available memory falls below this")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the converted directory DIR/var_PRESET_flax (for python -m bench.end_to_end)")
     parser.add_argument("--json", action="store_true", help="print the record as JSON")
     args = parser.parse_args(argv)
     record = measure(args.preset, Path(args.dir), args.dtype, Path(args.source_tree).absolute(),
-                     args.min_available_gb)
+                     args.min_available_gb, args.keep)
     print(json.dumps(record) if args.json else report(record))
     return 0 if record["status"] == "ok" else 1
 

@@ -34,11 +34,11 @@ from amskv_jax.classifier import load_classifier
 from amskv_jax.fid import fid
 from amskv_jax.fidelity import distinct, format_table, policy_fidelity, sweep_candidates
 from amskv_jax.generate import DTYPES, default_top_k, image_grid
-from amskv_jax.nll import encode_images, format_nll_table, load_image_folder, policy_nll
+from amskv_jax.nll import encode_images, format_nll_table, policy_nll
 from amskv_jax.policies import POLICIES, FullCache, policy_from_name, read_calibration
 from amskv_jax.quant import KV_DTYPES
 from amskv_jax.train.configs import CONFIGS, TrainConfig
-from amskv_jax.train.data import load_emoji_dataset
+from amskv_jax.train.data import load_emoji_dataset, load_image_folder
 
 
 def lpips_distance():

@@ -142,16 +142,14 @@ def lazy_params(
 
 def _stack_lazy(var_params: dict, num_heads: int) -> dict:
     """`var.stack_blocks` over LazyArrays: a stacked leaf [D, ...] reads its D per-block sources only when it is
-    materialised, so conversion holds one stack at a time."""
+    materialised, each straight into its row (`LazyArray.stack`), so conversion holds one stack at a time."""
     depth = len([k for k in var_params if k.startswith("blocks_")])
-
-    def stack(*leaves: LazyArray) -> LazyArray:
-        return LazyArray((depth, *leaves[0].shape), leaves[0].dtype, lambda: np.stack([x.source() for x in leaves]))
-
-    blocks = jax.tree.map(stack, *[var_params[f"blocks_{i}"] for i in range(depth)])
-    kernel = blocks["attn"]["mat_qkv"]["kernel"]  # [D, C, 3C] -> [D, C, 3, H, Dh], as stack_blocks lays it out
-    shape = (*kernel.shape[:2], 3, num_heads, kernel.shape[2] // (3 * num_heads))
-    blocks["attn"]["mat_qkv"]["kernel"] = kernel.map(lambda x: x.reshape(shape), shape)
+    per_block = [var_params[f"blocks_{i}"] for i in range(depth)]
+    for block in per_block:  # mat_qkv's kernel [C, 3C] -> [C, 3, H, Dh], as stack_blocks lays it out
+        kernel = block["attn"]["mat_qkv"]["kernel"]
+        shape = (kernel.shape[0], 3, num_heads, kernel.shape[1] // (3 * num_heads))
+        block["attn"]["mat_qkv"]["kernel"] = kernel.map(lambda x, shape=shape: x.reshape(shape), shape)
+    blocks = jax.tree.map(lambda *leaves: LazyArray.stack(leaves), *per_block)
     return {**{k: v for k, v in var_params.items() if not k.startswith("blocks_")}, "blocks": blocks}
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from amskv_jax.checkpoint import init_params
+from bench import measure, report, torch_reference
 from bench import run as bench
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -38,7 +39,7 @@ def test_cpu_suite_files_and_keys(cpu_run):
     for heading in ("KV-cache bytes", "Attention time per scale", "End-to-end generation", "Largest batch"):
         assert heading in md and heading in printed
     assert all(r["nonfinite_scale"] is None for r in data["generate"]) and "| finite |" in md
-    assert bench._finite({"status": "ok", "nonfinite_scale": 2}) == "NO, from scale 2"
+    assert report._finite({"status": "ok", "nonfinite_scale": 2}) == "NO, from scale 2"
 
 
 def test_cpu_suite_figures_consistent(cpu_run):
@@ -67,13 +68,13 @@ def test_cpu_suite_figures_consistent(cpu_run):
         assert r["status"] == "ok" and r["compile_s"] > 0
         assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r["images_per_s"] == pytest.approx(1 / r["median_s"])
-        assert r["mfu"] == bench.NA_CPU
+        assert r["mfu"] == measure.NA_CPU
         assert r["torch_reference"] == bench.TORCH_NOT_RUN == "not run (--torch-reference not given)"
         assert r["flops_per_image"] > 0
     assert gen["amskv"]["flops_per_image"] < gen["full"]["flops_per_image"]  # fewer keys attended
     assert gen["full"]["speedup_vs_full"] == 1
     assert results["torch_reference"] == []
-    assert [r["max_batch"] for r in results["max_batch"]] == [bench.NA_CPU] * 2
+    assert [r["max_batch"] for r in results["max_batch"]] == [measure.NA_CPU] * 2
 
 
 @pytest.mark.parametrize(
@@ -112,7 +113,7 @@ def test_state_dict_export_round_trips():
     params = init_params(get_preset("tiny"), seed=1)
     for ours, theirs in (("var", "var"), ("vqvae", "vae")):
         shapes = {key: tuple(shape) for key, shape, _ in keys[theirs]}
-        sd = bench.params_to_state_dict(params[ours]["params"], shapes)
+        sd = torch_reference.params_to_state_dict(params[ours]["params"], shapes)
         back = state_dict_to_params(sd, params[ours]["params"])
         flat_a, flat_b = jax.tree.leaves(params[ours]["params"]), jax.tree.leaves(back)
         assert len(flat_a) == len(flat_b)

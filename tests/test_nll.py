@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from amskv_jax.checkpoint import Model, init_params, load_model
-from amskv_jax.nll import encode_images, load_image_folder, policy_nll, reference_transform
+from amskv_jax.nll import encode_images, policy_nll
 from amskv_jax.policies import CondensedOnly, FullCache
 from amskv_jax.train.configs import OptimConfig, get_config
-from amskv_jax.train.data import render
+from amskv_jax.train.data import load_image_folder, reference_transform, render
 from amskv_jax.train.finetune import finetune, save_finetuned
 from bench.fidelity import main as fidelity_main
 

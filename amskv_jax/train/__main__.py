@@ -157,7 +157,7 @@ def _run_stage(parser, args) -> int:
 
 def finetune_command(args) -> int:
     from amskv_jax.checkpoint import load_model
-    from amskv_jax.nll import load_image_folder
+    from amskv_jax.train.data import load_image_folder
     from amskv_jax.train.finetune import finetune, save_finetuned
 
     if args.out.joinpath("params").exists():

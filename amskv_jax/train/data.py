@@ -19,6 +19,10 @@ skin tones, so all tones of one emoji fall on the same side). It depends only on
 no file order; a font release that adds emoji to a class can move emoji near its boundary between the splits.
 
 Images are float32 [N, size, size, 3] in [-1, 1] on a white background; labels are int32 [N].
+
+A folder of one's own images (`load_image_folder`: one subfolder per class, as torchvision's ImageFolder) is read
+with the reference's evaluation transform, for fine-tuning (`train finetune --images`) and held-out NLL
+(`bench.fidelity --nll --images`).
 """
 from __future__ import annotations
 
@@ -27,12 +31,15 @@ import functools
 import hashlib
 from pathlib import Path
 
+from pathlib import Path
+
 import numpy as np
 
 RENDER_SIZE = 128  # glyphs are drawn large, then box-filtered down: clean anti-aliasing at 16-64 px
 SCHEMES = ("ranges", "unicode")
 SPLITS = ("all", "train", "heldout")
 HELD_OUT_FRACTION = 0.1
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 # Each group: (name, code-point ranges, inclusive). Flags are pairs of regional indicators (two code points).
 GROUPS: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = (
@@ -274,6 +281,72 @@ def load_emoji_dataset(
     """(images float32 [N, size, size, 3] in [-1, 1], labels int32 [N], class names) of `load_emoji_set`."""
     data = load_emoji_set(size, scheme, split, max_per_group)
     return data.images, data.labels, data.classes
+
+
+# --- image folders -----------------------------------------------------------------------------------------------
+
+def reference_transform(image, final: int) -> np.ndarray:
+    """VAR's evaluation transform (reference `utils/data.py`): resize the shorter side to round(1.125·final) with
+    LANCZOS (the longer side as torchvision computes it), centre-crop final×final, map to [-1, 1].
+    `image`: a PIL image. Returns float32 [final, final, 3]."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    mid = round(final * 1.125)
+    w, h = image.size
+    size = (mid, int(mid * h / w)) if w <= h else (int(mid * w / h), mid)
+    image = image.resize(size, Image.Resampling.LANCZOS)
+    left, top = int(round((size[0] - final) / 2.0)), int(round((size[1] - final) / 2.0))
+    image = image.crop((left, top, left + final, top + final))
+    return np.asarray(image, np.float32) / 127.5 - 1.0
+
+
+def folder_classes(directory: Path, classes: tuple[str, ...] | None, num_classes: int) -> dict[Path, int]:
+    """The class of each subfolder: its index in the model's class names when it is one of them, else its name when
+    that is an integer, else its position in sorted order (torchvision's ImageFolder, so ImageNet's synset
+    folders n01440764 ... map to 0..999)."""
+    subdirs = sorted(p for p in directory.iterdir() if p.is_dir())
+    if not subdirs:
+        raise ValueError(
+            f"{directory}: no class subfolders; put the images in one subfolder per class "
+            f"(named by class index, by the model's class names, or ImageFolder-style in sorted order)"
+        )
+    out = {}
+    for position, sub in enumerate(subdirs):
+        if classes is not None and sub.name in classes:
+            out[sub] = classes.index(sub.name)
+        elif sub.name.isdigit():
+            out[sub] = int(sub.name)
+        else:
+            out[sub] = position
+    bad = {p.name: label for p, label in out.items() if not 0 <= label < num_classes}
+    if bad:
+        raise ValueError(f"{directory}: class folders {bad} are outside the model's classes 0..{num_classes - 1}")
+    return out
+
+
+def load_image_folder(
+    directory: str | Path, final: int, num_classes: int, classes: tuple[str, ...] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every PNG/JPEG under `directory`/<class>/ as (float32 [N, final, final, 3] in [-1, 1], int32 labels [N]),
+    resized with `reference_transform`. Raises for a missing folder, no images, or an unreadable file."""
+    from PIL import Image, UnidentifiedImageError
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such image folder")
+    images, labels = [], []
+    for sub, label in folder_classes(directory, classes, num_classes).items():
+        for path in sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            try:
+                with Image.open(path) as image:
+                    images.append(reference_transform(image, final))
+            except (UnidentifiedImageError, OSError) as err:
+                raise ValueError(f"{path}: cannot read the image ({err})") from None
+            labels.append(label)
+    if not images:
+        raise ValueError(f"{directory}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class subfolders")
+    return np.stack(images), np.asarray(labels, np.int32)
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
