@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -64,6 +65,7 @@ JSON_LIMITS = {CONFIG: 64 << 10, CLASSES: 1 << 20, CALIBRATION: 8 << 20, MANIFES
                "params/_METADATA": 32 << 20, "params/_CHECKPOINT_METADATA": 1 << 20}
 MAX_JSON_DEPTH = 16
 MAX_FILES = 100_000  # under params/
+MAX_CHUNKS = 1 << 16  # chunks of one stored array
 MAX_MESSAGE_VALUE = 300  # characters of one untrusted value (a path, a key) in a message
 MAX_PROBLEMS = 8  # problems listed in one message (then "and N more")
 
@@ -541,26 +543,22 @@ def ocdbt_spec(root: Path) -> dict:
 
 
 def _check_stored_arrays(root: Path, expected: dict, manifest: dict | None) -> dict[str, tuple[str, tuple]]:
-    """Each array's zarr metadata inside the OCDBT store: the config's shape as one C-ordered chunk, an allowed
-    dtype (the manifest's, when there is one) and codec; and no other keys in the store."""
+    """Each array's zarr metadata inside the OCDBT store: the config's shape in C-ordered chunks (at most
+    MAX_CHUNKS of them; `lazy.save_arrays` writes chunks of a few MiB), an allowed dtype (the manifest's, when there
+    is one) and codec; and no keys in the store but those arrays' metadata and chunks."""
     params = show(root / "params")
     try:
         store = ts.KvStore.open(ocdbt_spec(root)).result()
         keys = store.list().result()
     except ValueError as err:
         raise UntrustedInputError(f"{params}: not a readable OCDBT store ({show(err, 300)})") from None
-    wanted = {}
-    for name, (_, shape) in expected.items():
-        key = name.replace("/", ".")
-        wanted[f"{key}/.zarray"] = name
-        wanted[f"{key}/{'.'.join('0' * len(shape)) or '0'}"] = name
-    unknown = [show(k) for k in keys if k.decode("utf-8", "replace") not in wanted]
-    missing = sorted(set(wanted) - {k.decode("utf-8", "replace") for k in keys})
-    if unknown or missing:
-        problems = [f"{k} (unexpected)" for k in unknown] + [f"{k} (missing)" for k in missing]
-        raise UntrustedInputError(f"{params}: the OCDBT store's keys do not match the config's arrays: "
-                                  f"{listing(problems)}")
-    arrays = {}
+    found = {k.decode("utf-8", "replace") for k in keys}
+    missing = sorted(f"{name.replace('/', '.')}/.zarray" for name in expected
+                     if f"{name.replace('/', '.')}/.zarray" not in found)
+    if missing:
+        raise UntrustedInputError(f"{params}: the OCDBT store lacks the config's arrays: "
+                                  f"{listing([f'{k} (missing)' for k in missing])}")
+    arrays, wanted = {}, set()
     reads = {name: store.read(f"{name.replace('/', '.')}/.zarray".encode()) for name in expected}  # concurrently
     for name, (dtype, shape) in expected.items():
         try:
@@ -581,6 +579,15 @@ def _check_stored_arrays(root: Path, expected: dict, manifest: dict | None) -> d
         if problem:
             raise UntrustedInputError(f"{params}: array {name}: {problem}")
         arrays[name] = (stored, shape)
+        key = name.replace("/", ".")
+        grid = [range(-(-n // c)) for n, c in zip(shape, meta["chunks"])]
+        wanted |= {f"{key}/.zarray"} | {f"{key}/{'.'.join(map(str, i)) or '0'}" for i in itertools.product(*grid)}
+    unknown = [show(k) for k in sorted(found - wanted)]
+    missing = sorted(wanted - found)
+    if unknown or missing:
+        problems = [f"{k} (unexpected)" for k in unknown] + [f"{k} (missing)" for k in missing]
+        raise UntrustedInputError(f"{params}: the OCDBT store's keys do not match the config's arrays: "
+                                  f"{listing(problems)}")
     return arrays
 
 
@@ -589,9 +596,13 @@ def _zarr_problem(meta, shape: tuple[int, ...], dtype: str, stored: str | None) 
         return "zarr metadata is not an object"
     if meta.get("zarr_format") != 2 or meta.get("order") != "C" or meta.get("filters") is not None:
         return "zarr metadata is not zarr 2, C order, without filters"
-    if meta.get("shape") != list(shape) or meta.get("chunks") != list(shape):
-        return (f"declares shape {show(meta.get('shape'), 60)} in chunks {show(meta.get('chunks'), 60)}; the config "
-                f"implies {list(shape)} in one chunk")
+    chunks = meta.get("chunks")
+    fits = (isinstance(chunks, list) and len(chunks) == len(shape)
+            and all(type(c) is int and 1 <= c <= max(n, 1) for c, n in zip(chunks, shape)))
+    if meta.get("shape") != list(shape) or not fits or math.prod(-(-n // c) for n, c in zip(shape, chunks)) \
+            > MAX_CHUNKS:
+        return (f"declares shape {show(meta.get('shape'), 60)} in chunks {show(chunks, 60)}; the config implies "
+                f"{list(shape)} in at most {MAX_CHUNKS} chunks")
     if stored is None or not _dtype_ok(stored, dtype):
         allowed = FLOAT_DTYPES if dtype in FLOAT_DTYPES else [dtype]
         return f"dtype {show(meta.get('dtype'))}; allowed: {', '.join(allowed)}"
