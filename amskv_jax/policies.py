@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import itertools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -181,7 +182,8 @@ class AMSKV(Policy):
         return fifo_reads(si, [pn * pn for pn in patch_nums], self.condensed_scales, self.budgets[layer])
 
     def describe(self) -> str:
-        text = ", ".join("all" if b is None else str(b) for b in self.budgets)
+        runs = [(b, len(list(group))) for b, group in itertools.groupby(self.budgets)]
+        text = ", ".join(("all" if b is None else str(b)) + (f" ×{n}" if n > 1 else "") for b, n in runs)
         return f"AMS-KV: condensed {self.condensed_scales}; per-layer budgets (slots) [{text}]"
 
     @classmethod
@@ -395,10 +397,10 @@ def read_calibration(path: str | Path) -> dict:
 # at a 70%, 80% or 90% cut of the full cache's slots (`AMSKV.two_level`).
 DEMANDING_FRACTION = 0.20
 PAPER_CUTS = {"amskv-70": 0.70, "amskv-80": 0.80, "amskv-90": 0.90}
-# `amskv`, the default: the best setting at a cut of at least 75% on the embedded model (bench/RESULTS.md, "Issue 22"):
-# a calibration file holding a search (`calibrate --search`) gives its searched budgets, otherwise the paper's
-# allocation at this cut.
-DEFAULT_CUT = 0.80
+# `amskv`, the default: the best setting at a cut of at least 75% on the embedded model (bench/RESULTS.md, "Issue 22"),
+# which is the searched one: a calibration file holding a search (`calibrate --search`; emoji32 ships one at 25%)
+# gives its budgets. Without one, the paper's allocation at the cut that did best of 75/80/85/90% there.
+DEFAULT_CUT = 0.85
 
 
 def choose_demanding_layers(fraction: float, depth: int, calibration: dict | None) -> tuple[int, ...]:
