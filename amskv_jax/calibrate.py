@@ -1,22 +1,28 @@
-"""Calibration: which layers are cache-demanding, measured on full-cache generations (+ CLI).
+"""Calibration: which layers are cache-demanding, and each layer's AMS-KV budget (+ CLI).
 
-For N samples drawn with the full cache, the generated tokens are fed back through the teacher-forced forward pass
-(which equals the cached generation exactly, `tests/test_var.py`), conditional and unconditional rows both, as the
-cache holds both under classifier-free guidance. Every block's K, V and attention are captured and reduced to:
+Images, their tokens fed through the teacher-forced forward pass (which equals the cached generation exactly,
+`tests/test_var.py`), conditional and unconditional rows both, as the cache holds both under classifier-free
+guidance: N samples drawn with the full cache, or with `--search` N real calibration images. Every block's K, V and
+attention are captured and reduced to:
 
 * inter-scale similarity of K and of V per layer and scale s ≥ 1: scale s−1's map brought to scale s's grid
-  (nearest, or the VQ-VAE's bicubic), cosine similarity with scale s per token and head, averaged over tokens,
-  heads and rows. A layer's score averages the scales s ≥ `finer_from` (and K with V); the lowest scores mark the
-  cache-demanding layers (AMS-KV: the previous scale's K/V do not resemble the current ones, so the current scale
-  cannot stand in for it);
+  (bicubic, the VQ-VAE's, or nearest) and compared with scale s per token and head, K as the cache holds it: minus
+  the ℓ2 distance (the paper's, the default) or the cosine similarity, averaged over tokens, heads and rows. A
+  layer's score averages the scales s ≥ `finer_from` (of K, the paper's, or V, or both); the lowest scores mark the
+  cache-demanding layers (the previous scale's K does not resemble the current one, so the current scale cannot
+  stand in for it);
 * attention density d(i←j), the attention mass scale i's queries put on scale j (j ≤ i), averaged over queries,
   heads and rows; its normalised entropy over j, averaged over query scales, is the layer's *dispersion*
   (ScaleKV's drafters spread their attention over the history, refiners keep it on the current map).
 
-    python -m amskv_jax.calibrate --model d16 --samples 64 --out layers.json [--fraction 0.35 | --threshold T] [--plot]
+With `--search --budget B`, also every layer's AMS-KV budget, chosen to minimise the teacher-forced NLL of the
+calibration images within B × the full cache's slots (`search.py`).
 
-The JSON records the scores, the per-scale statistics, the choice and the method; `AMSKV.from_calibration(path)`
-and `ScaleBudget.from_calibration(path)` load it.
+    python -m amskv_jax.calibrate --model d16 --samples 64 --out layers.json [--fraction 0.35 | --threshold T] [--plot]
+    python -m amskv_jax.calibrate --model d16 --search --budget 0.25 [--images DIR] [--samples 64] --out search.json
+
+The JSON records the scores, the per-scale statistics, the choice, the search if any and the method;
+`AMSKV.from_calibration(path)` and `ScaleBudget.from_calibration(path)` load it.
 """
 from __future__ import annotations
 
