@@ -8,7 +8,9 @@ true earlier scales. Per scale we report, in nats per token,
 * guided NLL: the same under the guided logits the sampler sees at that scale (`sampling.apply_guidance`, the
   guidance ramp `cfg·si/(S−1)`; before top-k/top-p, which would make some true tokens impossible).
 
-No sampling, so the figures are deterministic; ΔNLL against the full cache is the cost of the policy. The command
+No sampling, so the figures are deterministic; ΔNLL against the full cache is the cost of the policy. The layout
+enters as its per-layer masks (`layer_masks`, an array argument of `masked_logits`), so one compiled program scores
+every layout of a model: the budget search (`search.py`) scores hundreds. The command
 line is `python -m bench.fidelity --nll`. Image folders are read with the reference's evaluation transform
 (`load_image_folder`).
 """
