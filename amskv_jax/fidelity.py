@@ -32,7 +32,7 @@ from amskv_jax.fid import fid
 from amskv_jax.generate import DTYPES, first_nonfinite_scale, generate
 from amskv_jax.policies import (
     AMSKV, DEMANDING_FRACTION, CondensedOnly, FullCache, Ladder, Policy, ScaleBudget, SlidingWindow,
-    choose_demanding_layers, select_layers,
+    choose_demanding_layers, cut_fits, select_layers,
 )
 from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
@@ -199,12 +199,8 @@ def frontier_families(config: VARConfig, calibration: dict | None = None) -> dic
     whose reads repeat an earlier one of the family."""
     depth, scales = config.depth, config.num_scales
     demanding = choose_demanding_layers(DEMANDING_FRACTION, depth, calibration)
-    paper = {}
-    for cut in FRONTIER_CUTS:
-        try:
-            paper[f"amskv-{round(100 * cut)}"] = AMSKV.two_level(config.patch_nums, depth, cut, demanding)
-        except ValueError:  # the cut leaves less than the condensed scales need
-            continue
+    paper = {f"amskv-{round(100 * cut)}": AMSKV.two_level(config.patch_nums, depth, cut, demanding)
+             for cut in FRONTIER_CUTS if cut_fits(config.patch_nums, cut)}
 
     def drafters(count: int) -> tuple[int, ...]:
         if calibration is None:

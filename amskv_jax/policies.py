@@ -138,6 +138,12 @@ def budget_levels(patch_nums: Sequence[int], condensed: int = 2) -> tuple[int, .
     return tuple(sorted({fifo_capacity(patch_nums, condensed, budget) for budget in range(low, high + 1)}))
 
 
+def cut_fits(patch_nums: Sequence[int], cut: float, condensed: int = 2) -> bool:
+    """Whether a cut of the full cache leaves every layer at least the condensed scales (`AMSKV.two_level`)."""
+    levels = budget_levels(patch_nums, condensed)
+    return levels[0] <= (1 - cut) * levels[-1] + 1e-9
+
+
 @dataclasses.dataclass(frozen=True)
 class AMSKV(Policy):
     """AMS-KV as the paper defines it: per-layer token budgets, condensed scales locked, FIFO eviction of whole
@@ -416,9 +422,9 @@ def _paper(cut: float) -> Callable[[VARConfig, dict | None], Policy]:
     the 3-scale test presets) every layer keeps the condensed scales alone, the smallest AMS-KV."""
 
     def make(config: VARConfig, calibration: dict | None) -> Policy:
-        levels = budget_levels(config.patch_nums)
-        if levels[0] > (1 - cut) * levels[-1]:
-            return AMSKV(budgets=(levels[0],) * config.depth, patch_nums=config.patch_nums)
+        if not cut_fits(config.patch_nums, cut):
+            floor = budget_levels(config.patch_nums)[0]
+            return AMSKV(budgets=(floor,) * config.depth, patch_nums=config.patch_nums)
         layers = choose_demanding_layers(DEMANDING_FRACTION, config.depth, calibration)
         return AMSKV.two_level(config.patch_nums, config.depth, cut, layers)
 
