@@ -1,22 +1,28 @@
-"""Calibration: which layers are cache-demanding, measured on full-cache generations (+ CLI).
+"""Calibration: which layers are cache-demanding, and each layer's AMS-KV budget (+ CLI).
 
-For N samples drawn with the full cache, the generated tokens are fed back through the teacher-forced forward pass
-(which equals the cached generation exactly, `tests/test_var.py`), conditional and unconditional rows both, as the
-cache holds both under classifier-free guidance. Every block's K, V and attention are captured and reduced to:
+Images, their tokens fed through the teacher-forced forward pass (which equals the cached generation exactly,
+`tests/test_var.py`), conditional and unconditional rows both, as the cache holds both under classifier-free
+guidance: N samples drawn with the full cache, or with `--search` N real calibration images. Every block's K, V and
+attention are captured and reduced to:
 
 * inter-scale similarity of K and of V per layer and scale s ≥ 1: scale s−1's map brought to scale s's grid
-  (nearest, or the VQ-VAE's bicubic), cosine similarity with scale s per token and head, averaged over tokens,
-  heads and rows. A layer's score averages the scales s ≥ `finer_from` (and K with V); the lowest scores mark the
-  cache-demanding layers (AMS-KV: the previous scale's K/V do not resemble the current ones, so the current scale
-  cannot stand in for it);
+  (bicubic, the VQ-VAE's, or nearest) and compared with scale s per token and head, K as the cache holds it: minus
+  the ℓ2 distance (the paper's, the default) or the cosine similarity, averaged over tokens, heads and rows. A
+  layer's score averages the scales s ≥ `finer_from` (of K, the paper's, or V, or both); the lowest scores mark the
+  cache-demanding layers (the previous scale's K does not resemble the current one, so the current scale cannot
+  stand in for it);
 * attention density d(i←j), the attention mass scale i's queries put on scale j (j ≤ i), averaged over queries,
   heads and rows; its normalised entropy over j, averaged over query scales, is the layer's *dispersion*
   (ScaleKV's drafters spread their attention over the history, refiners keep it on the current map).
 
-    python -m amskv_jax.calibrate --model d16 --samples 64 --out layers.json [--fraction 0.35 | --threshold T] [--plot]
+With `--search --budget B`, also every layer's AMS-KV budget, chosen to minimise the teacher-forced NLL of the
+calibration images within B × the full cache's slots (`search.py`).
 
-The JSON records the scores, the per-scale statistics, the choice and the method; `AMSKV.from_calibration(path)`
-and `ScaleBudget.from_calibration(path)` load it.
+    python -m amskv_jax.calibrate --model d16 --samples 64 --out layers.json [--fraction 0.35 | --threshold T] [--plot]
+    python -m amskv_jax.calibrate --model d16 --search --budget 0.25 [--images DIR] [--samples 64] --out search.json
+
+The JSON records the scores, the per-scale statistics, the choice, the search if any and the method;
+`AMSKV.from_calibration(path)` and `ScaleBudget.from_calibration(path)` load it.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import io
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -36,6 +43,7 @@ import numpy as np
 from amskv_jax import cli, compile_cache, sampling, sharding
 from amskv_jax.attention import prepare_qk
 from amskv_jax.config import ModelConfig, VARConfig
+from amskv_jax.generate import DTYPES
 from amskv_jax.policies import CALIBRATION_FORMAT, DEMANDING_FRACTION, select_layers
 from amskv_jax.resize import resize_bicubic
 from amskv_jax.untrusted import write_atomic
@@ -43,22 +51,24 @@ from amskv_jax.var import VAR, block_causal_mask
 
 UPSAMPLES = ("nearest", "bicubic")
 MEASURES = ("kv", "k", "v")
+SIMILARITIES = ("l2", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
 class Statistics:
-    """Sums over rows (divide by `rows` for means). sim_k, sim_v: [depth, S] (scale 0: 0); density: [depth, S, S]
-    (row i: query scale, column j: key scale, zero above the diagonal)."""
+    """Sums over rows (divide by `rows` for means). sim_k, sim_v: cosine similarity [depth, S]; dist_k, dist_v: ℓ2
+    distance [depth, S] (scale 0: 0); density: [depth, S, S] (row i: query scale, column j: key scale, zero above
+    the diagonal)."""
 
     sim_k: np.ndarray
     sim_v: np.ndarray
+    dist_k: np.ndarray
+    dist_v: np.ndarray
     density: np.ndarray
     rows: int
 
     def __add__(self, other: Statistics) -> Statistics:
-        return Statistics(
-            self.sim_k + other.sim_k, self.sim_v + other.sim_v, self.density + other.density, self.rows + other.rows
-        )
+        return Statistics(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
 
 
 def upsample_nearest(x_BhwC: jax.Array, size: int) -> jax.Array:
@@ -83,15 +93,19 @@ def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _layer_statistics(q, k, v, scale_mul_H, config: VARConfig, upsample: str):
-    """One layer's sums over rows: similarity of K and V per scale [S] each, density [S, S]."""
+    """One layer's sums over rows: cosine similarity and ℓ2 distance of K (as cached: L2-normalised when the model
+    normalises it) and V per scale [S] each, density [S, S]."""
     begin_ends, patch_nums = config.begin_ends, config.patch_nums
-    sim_k, sim_v = [jnp.zeros(())], [jnp.zeros(())]
+    q, k = prepare_qk(q, k, scale_mul_H)
+    sims = {"k": [jnp.zeros(())], "v": [jnp.zeros(())]}
+    dists = {"k": [jnp.zeros(())], "v": [jnp.zeros(())]}
     for si in range(1, config.num_scales):
         (b0, e0), (b1, e1) = begin_ends[si - 1], begin_ends[si]
-        for x, out in ((k, sim_k), (v, sim_v)):
+        for name, x in (("k", k), ("v", v)):
             prev = _to_grid(x[:, b0:e0], patch_nums[si - 1], patch_nums[si], upsample)
-            out.append(_cosine(prev, x[:, b1:e1].astype(jnp.float32)).mean((1, 2)).sum())
-    q, k = prepare_qk(q, k, scale_mul_H)
+            cur = x[:, b1:e1].astype(jnp.float32)
+            sims[name].append(_cosine(prev, cur).mean((1, 2)).sum())
+            dists[name].append(jnp.linalg.norm(prev - cur, axis=-1).mean((1, 2)).sum())
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(jnp.asarray(block_causal_mask(patch_nums))[None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
@@ -99,7 +113,7 @@ def _layer_statistics(q, k, v, scale_mul_H, config: VARConfig, upsample: str):
     member_LS = (level[:, None] == np.arange(config.num_scales)[None, :]).astype(np.float32)
     mass_BHLS = probs @ member_LS  # attention each query puts on each key scale
     density = jnp.einsum("bhqs,qi->is", mass_BHLS, member_LS / member_LS.sum(0)) / q.shape[2]
-    return jnp.stack(sim_k), jnp.stack(sim_v), density
+    return (jnp.stack(sims["k"]), jnp.stack(sims["v"]), jnp.stack(dists["k"]), jnp.stack(dists["v"]), density)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "upsample", "dtype"))
@@ -114,15 +128,15 @@ def _statistics(var_params, labels_B, x_BLCv, *, config: VARConfig, upsample: st
 
 
 def layer_statistics(
-    var_params, config: VARConfig, labels_B, x_BLCv, *, upsample: str = "nearest", dtype=jnp.float32
+    var_params, config: VARConfig, labels_B, x_BLCv, *, upsample: str = "bicubic", dtype=jnp.float32
 ) -> Statistics:
     """Statistics of the teacher-forced pass on `labels_B` [B] and inputs x_BLCv [B, L − first_l, Cvae]."""
     if upsample not in UPSAMPLES:
         raise ValueError(f"unknown upsample {upsample!r}; allowed: {', '.join(UPSAMPLES)}")
-    sim_k, sim_v, density = _statistics(
+    sums = _statistics(
         var_params, jnp.asarray(labels_B, jnp.int32), x_BLCv, config=config, upsample=upsample, dtype=dtype
     )
-    return Statistics(np.asarray(sim_k), np.asarray(sim_v), np.asarray(density), int(np.shape(labels_B)[0]))
+    return Statistics(*(np.asarray(x) for x in sums), rows=int(np.shape(labels_B)[0]))
 
 
 def dispersion(density_SS: np.ndarray, first: int) -> float:
@@ -137,31 +151,38 @@ def dispersion(density_SS: np.ndarray, first: int) -> float:
 
 
 def summarise(
-    stats: Statistics, *, finer_from: int = 2, measure: str = "kv", fraction: float | None = None,
-    threshold: float | None = None,
+    stats: Statistics, *, finer_from: int = 2, measure: str = "k", similarity: str = "l2",
+    fraction: float | None = None, threshold: float | None = None,
 ) -> dict:
     """Per-layer scores, per-scale statistics and the demanding layers (lowest similarity) from summed statistics:
-    `fraction` of the layers or those below `threshold` (neither: DEMANDING_FRACTION)."""
+    `fraction` of the layers or those below `threshold` (neither: DEMANDING_FRACTION). `similarity`: "l2" (the
+    paper's: minus the ℓ2 distance) or "cosine"."""
     if fraction is None and threshold is None:
         fraction = DEMANDING_FRACTION
     depth, num_scales = stats.sim_k.shape
     if measure not in MEASURES:
         raise ValueError(f"unknown measure {measure!r}; allowed: {', '.join(MEASURES)}")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"unknown similarity {similarity!r}; allowed: {', '.join(SIMILARITIES)}")
     if not 1 <= finer_from < num_scales:
         raise ValueError(f"finer_from must be in [1, {num_scales - 1}], got {finer_from}")
-    sim_k, sim_v, density = stats.sim_k / stats.rows, stats.sim_v / stats.rows, stats.density / stats.rows
+    if similarity == "l2":
+        sim_k, sim_v = -stats.dist_k / stats.rows, -stats.dist_v / stats.rows
+    else:
+        sim_k, sim_v = stats.sim_k / stats.rows, stats.sim_v / stats.rows
+    density = stats.density / stats.rows
     score_k = sim_k[:, finer_from:].mean(1)
     score_v = sim_v[:, finer_from:].mean(1)
-    similarity = {"kv": (score_k + score_v) / 2, "k": score_k, "v": score_v}[measure]
+    scores = {"kv": (score_k + score_v) / 2, "k": score_k, "v": score_v}[measure]
     spread = [dispersion(density[layer], finer_from) for layer in range(depth)]
-    chosen = select_layers(similarity.tolist(), fraction=fraction, threshold=threshold, lowest=True)
+    chosen = select_layers(scores.tolist(), fraction=fraction, threshold=threshold, lowest=True)
 
     def per_scale(x):
         return [[None] + [float(val) for val in row[1:]] for row in x]
 
     return {
         "scores": {
-            "similarity": similarity.tolist(), "similarity_k": score_k.tolist(), "similarity_v": score_v.tolist(),
+            "similarity": scores.tolist(), "similarity_k": score_k.tolist(), "similarity_v": score_v.tolist(),
             "dispersion": spread,
         },
         "per_scale": {
@@ -172,16 +193,26 @@ def summarise(
     }
 
 
+def similarity_method(similarity: str, upsample: str, measure: str, finer_from: int) -> str:
+    """The calibration record's words for how the similarity scores were made."""
+    what = "K and V" if measure == "kv" else measure.upper()
+    per_token = ("minus the l2 distance (the paper's)" if similarity == "l2" else "cosine similarity")
+    return (f"{per_token} per token and head between scale s's K (as cached) or V and scale s-1's map upsampled "
+            f"({upsample}) to s's grid; mean over tokens, heads, rows; layer score = mean over scales s >= "
+            f"{finer_from} of {what}")
+
+
 def calibrate(
     model, samples: int, *, batch: int = 8, seed: int = 0, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
-    dtype: str = "float32", upsample: str = "nearest", measure: str = "kv", finer_from: int = 2,
-    fraction: float | None = None, threshold: float | None = None, model_name: str = "", mesh=None,
+    dtype: str = "float32", upsample: str = "bicubic", measure: str = "k", similarity: str = "l2",
+    finer_from: int = 2, fraction: float | None = None, threshold: float | None = None, model_name: str = "",
+    mesh=None,
 ) -> dict:
     """Generate `samples` images with the full cache (random classes from `seed`), measure, and return the
     calibration record (the JSON that `write` saves). `model`: a `checkpoint.Model`. `mesh`
     (`sharding.make_mesh`): generate and measure sharded over it (every batch, the last included, must divide by
     its data axis)."""
-    from amskv_jax.generate import DTYPES, generate  # generation pulls in the VQ-VAE; statistics do not need it
+    from amskv_jax.generate import generate
     from amskv_jax.vqvae import VQVAE
 
     config: ModelConfig = model.config
@@ -212,7 +243,8 @@ def calibrate(
             params["var"], c, labels_2B, jnp.repeat(x, 2, axis=0), upsample=upsample, dtype=DTYPES[dtype]
         )
         total = stats if total is None else total + stats
-    summary = summarise(total, finer_from=finer_from, measure=measure, fraction=fraction, threshold=threshold)
+    summary = summarise(total, finer_from=finer_from, measure=measure, similarity=similarity, fraction=fraction,
+                        threshold=threshold)
     selection = summary.pop("selection")
     return {
         "format": CALIBRATION_FORMAT,
@@ -225,11 +257,8 @@ def calibrate(
             "generation": {"policy": "full", "cfg": cfg, "top_k": top_k, "top_p": top_p, "seed": seed,
                            "batch": batch, "dtype": dtype},
             "rows": "conditional and unconditional (classifier-free guidance) rows, teacher-forced on the tokens",
-            "similarity": (
-                f"cosine per token and head between scale s's K (V) and scale s-1's map upsampled ({upsample}) "
-                f"to s's grid; mean over tokens, heads, rows; layer score = mean over scales s >= {finer_from} "
-                f"of {'K and V' if measure == 'kv' else measure.upper()}"
-            ),
+            "similarity": similarity_method(similarity, upsample, measure, finer_from),
+            "metric": similarity,
             "upsample": upsample,
             "measure": measure,
             "finer_from": finer_from,
@@ -239,6 +268,66 @@ def calibrate(
         },
         **summary,
     }
+
+
+def search_calibrations(
+    model, images_NHWC: np.ndarray, labels_N: np.ndarray, budgets: Sequence[float], *, samples: int = 64,
+    batch: int = 64, dtype: str = "float32", upsample: str = "bicubic", measure: str = "k", similarity: str = "l2",
+    finer_from: int = 2, fraction: float | None = None, threshold: float | None = None, model_name: str = "",
+    source: str = "", progress: bool = True,
+) -> list[dict]:
+    """One calibration record per budget (a fraction of the full cache's slots) from real images: `samples` of
+    them, evenly spaced (all when fewer), teacher-forced with both guidance rows for the similarity scores, and the
+    per-layer AMS-KV budgets searched on their NLL (`search.search_budgets`, the scores shared between budgets)."""
+    from amskv_jax.nll import encode_images
+    from amskv_jax.search import check_budget, nll_score, search_budgets
+
+    budgets = [check_budget(b) for b in budgets]
+    if samples < 1 or batch < 1:
+        raise ValueError(f"samples and batch must be >= 1, got {samples} and {batch}")
+    c = model.config.var
+    pick = np.unique(np.linspace(0, len(images_NHWC) - 1, min(samples, len(images_NHWC))).round().astype(int))
+    labels = np.asarray(labels_N)[pick]
+    gt, x = encode_images(model, images_NHWC[pick])
+    total = None
+    for start in range(0, len(pick), batch):
+        chunk = jnp.asarray(labels[start : start + batch], jnp.int32)
+        stats = layer_statistics(
+            model.params["var"], c, sampling.guidance_rows(chunk, c.num_classes),
+            jnp.repeat(jnp.asarray(x[start : start + batch]), 2, axis=0), upsample=upsample, dtype=DTYPES[dtype],
+        )
+        total = stats if total is None else total + stats
+    summary = summarise(total, finer_from=finer_from, measure=measure, similarity=similarity, fraction=fraction,
+                        threshold=threshold)
+    selection = summary.pop("selection")
+    score, memo, out = nll_score(model, gt, x, labels, batch=batch, dtype=dtype), {}, []
+    for budget in budgets:
+        result = search_budgets(c, score, budget, progress=progress, memo=memo)
+        out.append({
+            "format": CALIBRATION_FORMAT,
+            "model": model_name,
+            "depth": c.depth,
+            "patch_nums": list(c.patch_nums),
+            "samples": len(pick),
+            "demanding_layers": summary["demanding_layers"],
+            "method": {
+                "images": f"{len(pick)} real images, evenly spaced, of {source or 'the given images'}",
+                "rows": "conditional and unconditional (classifier-free guidance) rows, teacher-forced",
+                "similarity": similarity_method(similarity, upsample, measure, finer_from),
+                "metric": similarity, "upsample": upsample, "measure": measure, "finer_from": finer_from,
+                "selection": {**selection, "rule": "demanding = lowest similarity"},
+                "search": "per-layer AMS-KV budgets minimising the mean unguided teacher-forced NLL of the images "
+                          "(conditional rows) within the bound; amskv_jax/search.py",
+            },
+            **{k: v for k, v in summary.items() if k != "demanding_layers"},
+            "search": {
+                "budget": budget, "budgets": list(result.budgets), "condensed_scales": 2, "slots": result.slots,
+                "bound": result.bound, "full_slots": result.full_slots, "nll": result.nll,
+                "full_nll": result.full_nll, "levels": list(result.levels), "evaluations": result.evaluations,
+                "steps": list(result.steps), "dtype": dtype,
+            },
+        })
+    return out
 
 
 def plot(data: dict, prefix: str | Path) -> list[Path]:
@@ -257,8 +346,11 @@ def plot(data: dict, prefix: str | Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(10, 1.5 + 0.25 * depth), squeeze=False)
     for ax, name in zip(axes[0], ("similarity_k", "similarity_v")):
         values = np.array([[np.nan if x is None else x for x in row] for row in data["per_scale"][name]])
-        image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=-1, vmax=1)
-        ax.set_title(f"{name[-1].upper()}: cos(scale s, scale s-1 upsampled)")
+        cosine = data["method"].get("metric") == "cosine"
+        limits = dict(vmin=-1, vmax=1) if cosine else {}
+        image = ax.imshow(values, aspect="auto", cmap="viridis", **limits)
+        what = "cos" if cosine else "-l2"
+        ax.set_title(f"{name[-1].upper()}: {what}(scale s, scale s-1 upsampled)")
         ax.set_xlabel("scale s")
         ax.set_xticks(range(scales))
         ax.set_ylabel("layer (* demanding)")
@@ -296,25 +388,36 @@ def _png(fig) -> bytes:
 @cli.command("python -m amskv_jax.calibrate")
 def main(argv=None) -> int:
     from amskv_jax.checkpoint import load_model
-    from amskv_jax.generate import DTYPES
 
     parser = argparse.ArgumentParser(prog="python -m amskv_jax.calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a preset name (random weights) or a checkpoint dir")
-    parser.add_argument("--samples", type=int, required=True, help="images generated with the full cache")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="images generated with the full cache (required); with --search: calibration images "
+                        "used (default 64)")
     parser.add_argument("--out", required=True, help="the calibration JSON to write")
-    parser.add_argument("--batch", type=int, default=8, help="images per generation call")
+    parser.add_argument("--batch", type=int, default=8, help="images per generation (with --search: scoring) call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cfg", type=float, default=1.5)
     parser.add_argument("--top-k", type=int, default=900)
     parser.add_argument("--top-p", type=float, default=0.96)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--upsample", default="nearest", choices=UPSAMPLES, help="coarse map to the finer grid")
-    parser.add_argument("--measure", default="kv", choices=MEASURES, help="which similarity ranks the layers")
+    parser.add_argument("--similarity", default="l2", choices=SIMILARITIES,
+                        help="l2: the paper's interpolated-l2 similarity (default); cosine: cosine similarity")
+    parser.add_argument("--upsample", default="bicubic", choices=UPSAMPLES, help="coarse map to the finer grid")
+    parser.add_argument("--measure", default="k", choices=MEASURES,
+                        help="whose similarity ranks the layers: k (the paper's), v, or kv (their mean)")
     parser.add_argument("--finer-from", type=int, default=2, help="first scale s whose similarity counts")
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--fraction", type=float, default=None,
                         help=f"demanding = this fraction of layers, lowest similarity (default {DEMANDING_FRACTION})")
     choice.add_argument("--threshold", type=float, default=None, help="demanding = layers with similarity below")
+    parser.add_argument("--search", action="store_true",
+                        help="also choose every layer's AMS-KV budget by teacher-forced NLL of real images")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="--search: the cache's bound, a fraction of the full cache's slots in (0, 1]")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="--search: calibration images, one subfolder per class (default: the train split of "
+                        "the model's training data; never its held-out split)")
     parser.add_argument("--plot", action="store_true", help="also write OUT_similarity.png and OUT_density.png")
     parser.add_argument("--mesh", default=None, help="shard over the devices, e.g. data=8 or data=4,model=2")
     cli.add_verify_flag(parser)
@@ -323,6 +426,16 @@ def main(argv=None) -> int:
     compile_cache.enable(args.no_compile_cache)
 
     try:
+        if args.search:
+            if args.budget is None or not 0 < args.budget <= 1:
+                raise ValueError(f"--budget must be a fraction of the full cache in (0, 1], got {args.budget}")
+            if args.mesh:
+                raise ValueError("--search runs on one device; drop --mesh")
+            args.samples = 64 if args.samples is None else args.samples
+        elif args.budget is not None or args.images is not None:
+            raise ValueError("--budget and --images go with --search")
+        if args.samples is None:
+            raise ValueError("--samples is required (images generated with the full cache)")
         if args.samples < 1 or args.batch < 1:
             raise ValueError(f"--samples and --batch must be >= 1, got {args.samples} and {args.batch}")
         if args.fraction is not None and not 0 <= args.fraction <= 1:
@@ -338,26 +451,61 @@ def main(argv=None) -> int:
             mesh = sharding.mesh_from_text(args.mesh)
             for size in sorted({min(args.batch, args.samples - s) for s in range(0, args.samples, args.batch)}):
                 sharding.check_mesh(model.config, size, mesh)
+        if args.search:
+            images, labels, source = calibration_images(model, args.images)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    print(f"model {args.model}: {model.description}; {args.samples} samples", flush=True)
-    data = calibrate(
-        model, args.samples, batch=args.batch, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-        dtype=args.dtype, upsample=args.upsample, measure=args.measure, finer_from=args.finer_from,
-        fraction=args.fraction, threshold=args.threshold, model_name=args.model, mesh=mesh,
-    )
+    selection = dict(similarity=args.similarity, upsample=args.upsample, measure=args.measure,
+                     finer_from=args.finer_from, fraction=args.fraction, threshold=args.threshold)
+    if args.search:
+        print(f"model {args.model}: {model.description}; search at {args.budget} of the full cache on "
+              f"{min(args.samples, len(images))} of {source}", flush=True)
+        try:
+            (data,) = search_calibrations(
+                model, images, labels, [args.budget], samples=args.samples, batch=args.batch, dtype=args.dtype,
+                model_name=args.model, source=source, **selection,
+            )
+        except ValueError as err:  # a budget below what the condensed scales alone need
+            parser.error(str(err))
+    else:
+        print(f"model {args.model}: {model.description}; {args.samples} samples", flush=True)
+        data = calibrate(
+            model, args.samples, batch=args.batch, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+            dtype=args.dtype, model_name=args.model, mesh=mesh, **selection,
+        )
     out = Path(args.out)
     write_atomic(out, json.dumps(data, indent=1))
     scores = data["scores"]
     for layer in range(data["depth"]):
         mark = "  demanding" if layer in data["demanding_layers"] else ""
         k, v, spread = (scores[name][layer] for name in ("similarity_k", "similarity_v", "dispersion"))
-        print(f"layer {layer:3d}: similarity K {k:.3f} V {v:.3f}  dispersion {spread:.3f}{mark}")
+        budget = f"  budget {data['search']['budgets'][layer]} slots" if args.search else ""
+        print(f"layer {layer:3d}: similarity ({args.similarity}) K {k:.3f} V {v:.3f}  dispersion {spread:.3f}"
+              f"{mark}{budget}")
     print(f"wrote {out}: demanding layers {data['demanding_layers']}")
+    if args.search:
+        found = data["search"]
+        print(f"searched budgets: {found['slots']} of {found['full_slots']} slots "
+              f"({found['slots'] / found['full_slots']:.1%}; bound {found['bound']}), calibration NLL "
+              f"{found['nll']:.4f} against the full cache's {found['full_nll']:.4f}; {found['evaluations']} "
+              f"candidates scored. Load it with --policy amskv --calibration {out}")
     if args.plot:
         for path in plot(data, out.with_suffix("")):
             print(f"wrote {path}")
     return 0
+
+
+def calibration_images(model, directory: Path | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images in [-1, 1], labels, what they are) for the search: a folder, or the train split of the model's
+    training data (never the held-out split the frontier scores)."""
+    from amskv_jax.nll import split_images
+    from amskv_jax.train.data import load_image_folder
+
+    if directory is not None:
+        c = model.config
+        images, labels = load_image_folder(directory, c.vqvae.image_size, c.var.num_classes, model.classes)
+        return images, labels, f"the {len(images)} images of {directory}"
+    return split_images(model, "train")
 
 
 if __name__ == "__main__":

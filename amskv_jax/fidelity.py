@@ -30,7 +30,10 @@ from amskv_jax import sampling
 from amskv_jax.config import ModelConfig, VARConfig
 from amskv_jax.fid import fid
 from amskv_jax.generate import DTYPES, first_nonfinite_scale, generate
-from amskv_jax.policies import AMSKV, FullCache, Policy, choose_demanding_layers, select_layers
+from amskv_jax.policies import (
+    AMSKV, DEMANDING_FRACTION, CondensedOnly, FullCache, Ladder, Policy, ScaleBudget, SlidingWindow,
+    choose_demanding_layers, cut_fits, select_layers,
+)
 from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
 
@@ -182,35 +185,43 @@ def policy_fidelity(
     }
 
 
-def sweep_candidates(config: VARConfig, calibration: dict | None = None) -> dict[str, Policy]:
-    """The AMS-KV settings compared when choosing the default (all with the other layers condensed only unless
-    named "uniform"): dNN = that percentage of layers demanding (lowest similarity; the first layers without
-    calibration), wN = their window, cN = condensed scales (2 unless named). d20-w2 is the default ("amskv"), chosen
-    by this sweep on the embedded model over d35-w1 (the first default); "similar" takes the most similar layers
-    instead (a check of the calibration)."""
-    depth = config.depth
+# The frontier's settings: each family at several budgets (`frontier_families`); the searched family comes from
+# `calibrate.search_calibrations` at FRONTIER_SEARCH_BUDGETS.
+FRONTIER_CUTS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+FRONTIER_SEARCH_BUDGETS = (0.1, 0.25, 0.5)
 
-    def amskv(fraction, window, condensed=2, lowest=True):
-        if calibration is None or lowest:
-            layers = choose_demanding_layers(fraction, depth, calibration)
-        else:
-            layers = select_layers(calibration["scores"]["similarity"], fraction=fraction, lowest=False)
-        return AMSKV(condensed, 0, demanding_layers=layers, demanding_window=window, depth=depth)
 
-    out = {
-        "amskv-d35-w1": amskv(0.35, 1),
-        "amskv-d35-w2": amskv(0.35, 2),
-        "amskv-d35-wall": amskv(0.35, None),
-        "amskv-d20-w2": amskv(0.20, 2),
-        "amskv-d15-wall": amskv(0.15, None),
-        "amskv-d50-w1": amskv(0.50, 1),
-        "amskv-c1-d35-w1": amskv(0.35, 1, condensed=1),
-        "amskv-c3-d35-w1": amskv(0.35, 1, condensed=3),
-        "amskv-uniform-w1": AMSKV(condensed_scales=2, local_window=1),
+def frontier_families(config: VARConfig, calibration: dict | None = None) -> dict[str, dict[str, Policy]]:
+    """{family: {setting: policy}} for the memory–fidelity frontier: the paper's AMS-KV at FRONTIER_CUTS (demanding
+    layers from `calibration`'s similarity, the first layers without), sliding windows and condensed-only caches of
+    1–4 scales, ScaleKV-like budgets with 1 to depth/2 drafters (by dispersion), and ladders of span 1–3. Settings
+    that do not fit the model (too few scales, a cut below the condensed scales) are left out, as are settings
+    whose reads repeat an earlier one of the family."""
+    depth, scales = config.depth, config.num_scales
+    demanding = choose_demanding_layers(DEMANDING_FRACTION, depth, calibration)
+    paper = {f"amskv-{round(100 * cut)}": AMSKV.two_level(config.patch_nums, depth, cut, demanding)
+             for cut in FRONTIER_CUTS if cut_fits(config.patch_nums, cut)}
+
+    def drafters(count: int) -> tuple[int, ...]:
+        if calibration is None:
+            return tuple(range(count))
+        return tuple(select_layers(calibration["scores"]["dispersion"], fraction=count / depth, lowest=False))
+
+    families = {
+        "amskv (paper)": paper,
+        "sliding": {f"sliding-w{w}": SlidingWindow(w) for w in range(1, min(4, scales - 2) + 1)},
+        "condensed": {f"condensed-c{n}": CondensedOnly(n) for n in range(1, min(4, scales - 1) + 1)},
+        "scalebudget": {f"scalebudget-d{k}": ScaleBudget(drafter_layers=drafters(k), depth=depth)
+                        for k in range(1, max(1, depth // 2) + 1)},
+        "ladder": {f"ladder-s{span}": Ladder(span=span) for span in range(1, min(3, scales - 3) + 1)},
     }
-    if calibration is not None:
-        out["amskv-d35-w1-similar"] = amskv(0.35, 1, lowest=False)
-    return out
+    return {family: distinct(settings, config) for family, settings in families.items()}
+
+
+def reference_share(slots: int, config: VARConfig) -> float:
+    """`slots` against the reference's concatenated cache (every layer holding every scale, the current one
+    included: 680 tokens per layer at 256px), the convention the paper's memory figures compare with."""
+    return slots / (config.depth * sum(pn * pn for pn in config.patch_nums))
 
 
 def distinct(policies: Mapping[str, Policy], config: VARConfig) -> dict[str, Policy]:

@@ -8,7 +8,9 @@ true earlier scales. Per scale we report, in nats per token,
 * guided NLL: the same under the guided logits the sampler sees at that scale (`sampling.apply_guidance`, the
   guidance ramp `cfg·si/(S−1)`; before top-k/top-p, which would make some true tokens impossible).
 
-No sampling, so the figures are deterministic; ΔNLL against the full cache is the cost of the policy. The command
+No sampling, so the figures are deterministic; ΔNLL against the full cache is the cost of the policy. The layout
+enters as its per-layer masks (`layer_masks`, an array argument of `masked_logits`), so one compiled program scores
+every layout of a model: the budget search (`search.py`) scores hundreds. The command
 line is `python -m bench.fidelity --nll`. Image folders are read with the reference's evaluation transform
 (`amskv_jax.train.data.load_image_folder`).
 """
@@ -23,11 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from amskv_jax import sampling
-from amskv_jax.cache import CacheLayout
+from amskv_jax.cache import CacheLayout, teacher_mask
 from amskv_jax.config import ModelConfig, VARConfig
 from amskv_jax.generate import DTYPES
 from amskv_jax.policies import FullCache
 from amskv_jax.quant import check_kv_dtype, is_quantized
+from amskv_jax.train.configs import CONFIGS, TrainConfig
+from amskv_jax.train.data import load_emoji_dataset
 from amskv_jax.train.var_trainer import tokenize
 from amskv_jax.var import VAR
 
@@ -61,6 +65,23 @@ class NLL:
         return out
 
 
+def training_config(model) -> tuple[str, TrainConfig]:
+    """(name, config) of the training config here that built this model (its data is the model's training data)."""
+    matches = [(name, cfg) for name, cfg in CONFIGS.items() if cfg.model == model.config]
+    if not matches:
+        raise ValueError("this model has no known training data here; pass --images DIR (one subfolder per class)")
+    return matches[0]
+
+
+def split_images(model, split: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images in [-1, 1], labels, a line saying what they are): one split ("train" or "heldout") of the data of
+    the training config that built `model` (`train.data`'s fixed held-out split)."""
+    name, cfg = training_config(model)
+    images, labels, _ = load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, split)
+    seen = "the model trained on every image" if cfg.split == "all" else f"the model trained on the {cfg.split} split"
+    return images, labels, f"the {len(images)} {split}-split images of training config {name} ({cfg.scheme}; {seen})"
+
+
 def encode_images(model, images_NHWC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Images in [-1, 1] → (ground-truth tokens int32 [N, L], teacher-forcing inputs float32 [N, L − first_l, Cv])
     by the model's VQ-VAE (`model`: a `checkpoint.Model`)."""
@@ -80,23 +101,91 @@ def check_layout(layout: CacheLayout, config: VARConfig) -> None:
         )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layout", "dtype", "kv_dtype"))
-def _nll_sums(var_params, labels_B, gt_BL, x_BLCv, weight_B, cfg, *, config: VARConfig, layout, dtype, kv_dtype):
+def layer_masks(layout: CacheLayout) -> np.ndarray:
+    """bool [D, L, L]: every layer's teacher-forcing mask under `layout` (`cache.teacher_mask` of its kind)."""
+    return teacher_mask(layout)[np.asarray(layout.kind_of)]
+
+
+def _masked_forward(module: VAR, label_B, x_BLCv, masks_DLL, kv_dtype):
+    """`VAR.teacher_states` with per-layer masks given as an array instead of derived from a static layout, so one
+    compiled program serves every layout of a model (the search scores hundreds). Logits [B, L, V]."""
+    c = module.config
+    cond_BD = module.condition(label_B)
+    sos = cond_BD[:, None] + module.pos_start
+    x = jnp.concatenate([sos, module.word_embed(x_BLCv.astype(jnp.float32))], axis=1)
+    level = np.concatenate([np.full(pn * pn, si) for si, pn in enumerate(c.patch_nums)])
+    x = x + module.lvl_embed.embedding[level][None] + module.pos_1LC
+    block, block_cond = module._block(), module._block_cond(cond_BD)
+
+    def layer(x, xs):
+        params, mask_LL = xs
+        return block.apply({"params": params}, x, block_cond, mask_LL, kv_dtype)[0], None
+
+    x, _ = jax.lax.scan(layer, x, (module.blocks, masks_DLL))
+    return module.logits(x, cond_BD)
+
+
+def masked_logits(var_params, labels_B, x_BLCv, masks_DLL, *, config: VARConfig, dtype=jnp.float32,
+                  kv_dtype: str | None = None):
+    """Teacher-forced logits [B, L, V] with layer l attending under masks_DLL[l] (bool [D, L, L], traced): equal to
+    `VAR.apply(params, labels, x, layout)` for masks_DLL = `layer_masks(layout)`."""
+    return VAR(config, dtype=dtype).apply(var_params, labels_B, x_BLCv, masks_DLL, kv_dtype, method=_masked_forward)
+
+
+def _scale_sums(logits_BLV, gt_BL, weight_B, begin_ends) -> jax.Array:
+    """float32 [S]: per scale, the sum over rows (weighted) of the mean NLL of the true tokens."""
+    out = []
+    for begin, end in begin_ends:
+        log_p = jax.nn.log_softmax(logits_BLV[:, begin:end].astype(jnp.float32), axis=-1)
+        nll_Bl = -jnp.take_along_axis(log_p, gt_BL[:, begin:end, None], axis=-1)[..., 0]
+        out.append((nll_Bl.mean(-1) * weight_B).sum())
+    return jnp.stack(out)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "kv_dtype"))
+def _nll_sums(var_params, labels_B, gt_BL, x_BLCv, weight_B, cfg, masks_DLL, *, config: VARConfig, dtype, kv_dtype):
     """Per-scale sums over rows (weighted by weight_B, 0 for padding) of the mean unguided and guided NLL."""
     c = config
     labels_2B = sampling.guidance_rows(labels_B, c.num_classes)
-    forward = VAR(c, dtype=DTYPES[dtype])
-    extra = {} if kv_dtype is None else {"kv_dtype": kv_dtype}
-    logits_2BLV = forward.apply(var_params, labels_2B, jnp.repeat(x_BLCv, 2, axis=0), layout=layout, **extra)
-    unguided, guided = [], []
-    for si, (begin, end) in enumerate(c.begin_ends):
-        gt = gt_BL[:, begin:end, None]
-        cond = logits_2BLV[0::2, begin:end].astype(jnp.float32)
-        mixed = sampling.apply_guidance(logits_2BLV[:, begin:end], cfg, sampling.guidance_ratio(si, c.num_scales))
-        for out, logits in ((unguided, cond), (guided, mixed)):
-            nll_Bl = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), gt, axis=-1)[..., 0]
-            out.append((nll_Bl.mean(-1) * weight_B).sum())
-    return jnp.stack(unguided), jnp.stack(guided)
+    logits_2BLV = masked_logits(var_params, labels_2B, jnp.repeat(x_BLCv, 2, axis=0), masks_DLL, config=c,
+                                dtype=DTYPES[dtype], kv_dtype=kv_dtype)
+    mixed = [sampling.apply_guidance(logits_2BLV[:, b:e], cfg, sampling.guidance_ratio(si, c.num_scales))
+             for si, (b, e) in enumerate(c.begin_ends)]
+    return (_scale_sums(logits_2BLV[0::2], gt_BL, weight_B, c.begin_ends),
+            _scale_sums(jnp.concatenate(mixed, axis=1), gt_BL, weight_B, c.begin_ends))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _unguided_sums(var_params, labels_B, gt_BL, x_BLCv, weight_B, masks_DLL, *, config: VARConfig, dtype):
+    """`_nll_sums`' unguided half from the conditional rows alone: half the work, for the budget search."""
+    logits_BLV = masked_logits(var_params, labels_B, x_BLCv, masks_DLL, config=config, dtype=DTYPES[dtype])
+    return _scale_sums(logits_BLV, gt_BL, weight_B, config.begin_ends)
+
+
+def _padded_batches(n: int, batch: int):
+    """(row indices [batch], weights [batch]) covering rows 0..n-1, the last batch padded with row n-1 at weight 0,
+    so every call has one shape (one compiled program)."""
+    batch = min(batch, n)
+    for start in range(0, n, batch):
+        rows = np.arange(start, start + batch)
+        yield np.minimum(rows, n - 1), (rows < n).astype(np.float32)
+
+
+def unguided_nll(model, layout: CacheLayout, gt_NL: np.ndarray, x_NLCv: np.ndarray, labels_N: np.ndarray, *,
+                 batch: int = 64, dtype: str = "float32") -> float:
+    """The mean unguided NLL per token (scales weighted by their token counts) of these images under `layout`:
+    `policy_nll(...).mean_unguided` without the unconditional rows (the budget search's score)."""
+    c = model.config.var
+    check_layout(layout, c)
+    masks, n = jnp.asarray(layer_masks(layout)), len(gt_NL)
+    sums = np.zeros(c.num_scales)
+    for rows, weight in _padded_batches(n, batch):
+        sums += np.asarray(_unguided_sums(
+            model.params["var"], jnp.asarray(labels_N[rows], jnp.int32), jnp.asarray(gt_NL[rows]),
+            jnp.asarray(x_NLCv[rows]), jnp.asarray(weight), masks, config=c, dtype=dtype,
+        ), np.float64)
+    sizes = np.array([pn * pn for pn in c.patch_nums])
+    return float(np.dot(sums / n, sizes) / sizes.sum())
 
 
 def policy_nll(
@@ -104,8 +193,8 @@ def policy_nll(
     cfg: float = 1.5, batch: int = 64, dtype: str = "float32", kv_dtype: str | None = None,
 ) -> dict[str, NLL]:
     """Teacher-forced NLL of the tokens `gt_NL` (inputs `x_NLCv`, classes `labels_N`) under each layout, `batch`
-    images per call (the last call padded, so one program serves all). `model`: a `checkpoint.Model`; `kv_dtype`
-    reproduces a quantised cache (`quant.py`)."""
+    images per call (the last call padded; the layouts' masks are an argument, so one program serves them all).
+    `model`: a `checkpoint.Model`; `kv_dtype` reproduces a quantised cache (`quant.py`)."""
     config: ModelConfig = model.config
     c = config.var
     if check_kv_dtype(kv_dtype) is not None and not is_quantized(kv_dtype):
@@ -115,19 +204,16 @@ def policy_nll(
     n = len(gt_NL)
     if not n == len(x_NLCv) == len(labels_N):
         raise ValueError(f"tokens, inputs and labels differ in count: {n}, {len(x_NLCv)}, {len(labels_N)}")
-    batch = min(batch, n)
     full_slots = sum(FullCache().layout(c).capacities)
     out = {}
     for name, layout in layouts.items():
+        masks = jnp.asarray(layer_masks(layout))
         sums = np.zeros((2, c.num_scales))
-        for start in range(0, n, batch):
-            rows = np.arange(start, start + batch)
-            weight = (rows < n).astype(np.float32)
-            rows = np.minimum(rows, n - 1)
+        for rows, weight in _padded_batches(n, batch):
             unguided, guided = _nll_sums(
                 model.params["var"], jnp.asarray(labels_N[rows], jnp.int32), jnp.asarray(gt_NL[rows]),
-                jnp.asarray(x_NLCv[rows]), jnp.asarray(weight), jnp.float32(cfg), config=c, layout=layout,
-                dtype=dtype, kv_dtype=kv_dtype,
+                jnp.asarray(x_NLCv[rows]), jnp.asarray(weight), jnp.float32(cfg), masks, config=c, dtype=dtype,
+                kv_dtype=kv_dtype,
             )
             sums += np.stack([np.asarray(unguided, np.float64), np.asarray(guided, np.float64)])
         out[name] = NLL(

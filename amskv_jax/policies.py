@@ -7,19 +7,24 @@ its fresh K/V). `layout(config)` validates the settings against the model and tu
 query reads is never written, and slots of scales no later query reads are reused.
 
 * `FullCache`: every earlier scale (the reference's behaviour; 424 slots per layer at 256px).
-* `AMSKV`: the `condensed_scales` coarsest scales plus the `local_window` most recent ones; cache-demanding layers
-  (chosen by calibration, `calibrate.py`) get their own, larger `demanding_window` (None: everything).
-* Baselines: `SlidingWindow` (recent scales, no condensed ones), `CondensedOnly`, and `ScaleBudget` (ScaleKV-like:
-  "drafter" layers, those whose attention is spread over many earlier scales, keep a large window; "refiner" layers
-  keep only a small recent window besides the current scale).
+* `AMSKV`, the paper's form: a token budget per layer (cache slots), the `condensed_scales` coarsest scales locked
+  in, whole scales evicted first-in-first-out when the next would not fit (`fifo_reads`). Cache-demanding layers
+  (calibration, `calibrate.py`) get a large budget C_max, the others C_min (`AMSKV.two_level`); or every layer's
+  budget comes from the NLL search (`calibrate --search`, `search.py`). The paper decides during generation; here
+  the choice is made offline, because a static-shape program sizes its buffers when it compiles.
+* Baselines: `SlidingWindow` (recent scales, no condensed ones), `CondensedOnly`, `ScaleBudget` (ScaleKV-like:
+  "drafter" layers keep a large window, "refiner" layers a small one) and `Ladder` (LaCache-like: each layer a
+  window of the history shifted with its depth).
 
-`POLICIES` names the settings the command lines and benchmarks compare; `policy_from_name(name, depth, calibration)`
-builds one for a model depth. Calibration files (`calibrate.py` writes them) are read here with `read_calibration`.
+`POLICIES` names the settings the command lines and benchmarks compare; `policy_from_name(name, config,
+calibration)` builds one for a model. Calibration files (`calibrate.py` writes them) are read here with
+`read_calibration`; one made for another depth or ladder is refused.
 """
 from __future__ import annotations
 
 import abc
 import dataclasses
+import itertools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -68,6 +73,11 @@ def _check_count(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
+def _check_condensed(condensed: int, patch_nums: tuple[int, ...]) -> None:
+    if condensed > len(patch_nums):
+        raise ValueError(f"condensed_scales {condensed} exceeds the {len(patch_nums)} scales of {patch_nums}")
+
+
 def _layer_set(name: str, layers: Sequence[int]) -> tuple[int, ...]:
     if isinstance(layers, (str, bytes)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
         raise ValueError(f"{name} must be a sequence of layer indices, got {layers!r}")
@@ -97,74 +107,129 @@ class FullCache(Policy):
         return "full cache: every earlier scale"
 
 
+def fifo_reads(si: int, sizes: Sequence[int], condensed: int, budget: int | None) -> tuple[int, ...]:
+    """AMS-KV's eviction as a static rule: the scales < si that a layer with a `budget` of slots holds when scale
+    si attends. The `condensed` coarsest scales are locked in; the other written scales enter newest first while
+    they fit beside them, and the first that does not fit ends the run: its elders were evicted first-in-first-out
+    to make room for it, or it was never cached because it alone would not fit (None: every earlier scale)."""
+    kept = list(range(min(si, condensed)))
+    used = sum(sizes[s] for s in kept)
+    recent = []
+    for s in range(si - 1, condensed - 1, -1):
+        if budget is not None and used + sizes[s] > budget:
+            break
+        recent.append(s)
+        used += sizes[s]
+    return tuple(kept + recent[::-1])
+
+
+def fifo_capacity(patch_nums: Sequence[int], condensed: int, budget: int | None) -> int:
+    """The slots a layer with this budget really holds: the largest set it keeps for one scale (the kept sets are
+    nested windows, so the live tokens after each write are the next scale's kept set); always <= budget."""
+    sizes = [pn * pn for pn in patch_nums]
+    return max(sum(sizes[s] for s in fifo_reads(si, sizes, condensed, budget)) for si in range(len(sizes)))
+
+
+def budget_levels(patch_nums: Sequence[int], condensed: int = 2) -> tuple[int, ...]:
+    """Every distinct capacity a FIFO layer can have on this ladder, smallest (the condensed scales alone) to the
+    full cache's: the budgets worth choosing between (a budget between two levels holds what the lower one does)."""
+    sizes = [pn * pn for pn in patch_nums]
+    low, high = sum(sizes[:condensed]), sum(sizes[:-1])
+    return tuple(sorted({fifo_capacity(patch_nums, condensed, budget) for budget in range(low, high + 1)}))
+
+
+def cut_fits(patch_nums: Sequence[int], cut: float, condensed: int = 2) -> bool:
+    """Whether a cut of the full cache leaves every layer at least the condensed scales (`AMSKV.two_level`)."""
+    levels = budget_levels(patch_nums, condensed)
+    return levels[0] <= (1 - cut) * levels[-1] + 1e-9
+
+
 @dataclasses.dataclass(frozen=True)
 class AMSKV(Policy):
-    """Condensed + local scales; cache-demanding layers keep a larger window.
+    """AMS-KV as the paper defines it: per-layer token budgets, condensed scales locked, FIFO eviction of whole
+    scales (`fifo_reads`).
 
-    condensed_scales: the coarsest scales every layer keeps (2: 1 + 4 tokens). local_window: how many of the most
-    recent earlier scales the other layers keep (0: condensed only; their queries still see their own scale).
-    demanding_layers: the cache-demanding layers (from `AMSKV.from_calibration`); demanding_window: their window,
-    at least local_window, None for every earlier scale. depth: the depth the layers were chosen for, if any; a
-    layout for another depth is refused.
+    budgets: one per layer, in cache slots (None: unlimited); a layer holds the `condensed_scales` coarsest scales
+    and as many of the most recent scales as fit. The paper gives cache-demanding layers a large budget C_max and
+    the others a small one C_min (`AMSKV.two_level`, the named settings `amskv-70/80/90`); `calibrate --search`
+    chooses every layer's budget by teacher-forced NLL (`AMSKV.from_calibration`). patch_nums: the ladder the
+    budgets were chosen for, if any (a budget in tokens means nothing on another ladder); a layout for another
+    depth or ladder is refused.
     """
 
+    budgets: tuple[int | None, ...]
     condensed_scales: int = 2
-    local_window: int = 1
-    demanding_layers: tuple[int, ...] = ()
-    demanding_window: int | None = None
-    depth: int | None = None
+    patch_nums: tuple[int, ...] | None = None
 
     def __post_init__(self):
         _check_count("condensed_scales", self.condensed_scales)
-        _check_count("local_window", self.local_window)
-        _check_count("demanding_window", self.demanding_window, allow_none=True)
-        if self.demanding_window is not None and self.demanding_window < self.local_window:
-            raise ValueError(
-                f"demanding_window ({self.demanding_window}) must be >= local_window ({self.local_window}) or None"
-            )
-        object.__setattr__(self, "demanding_layers", _layer_set("demanding_layers", self.demanding_layers))
+        if isinstance(self.budgets, (str, bytes)) or not hasattr(self.budgets, "__iter__"):
+            raise ValueError(f"budgets must be a sequence of per-layer slot counts, got {self.budgets!r}")
+        for budget in self.budgets:
+            _check_count("every budget", budget, allow_none=True)
+        object.__setattr__(self, "budgets", tuple(self.budgets))
+        if self.patch_nums is not None:
+            object.__setattr__(self, "patch_nums", tuple(self.patch_nums))
 
     def validate(self, depth, patch_nums):
-        _validate_layers("AMSKV", "demanding_layers", self.demanding_layers, self.depth, depth)
-        if self.condensed_scales > len(patch_nums):
-            raise ValueError(
-                f"condensed_scales {self.condensed_scales} exceeds the {len(patch_nums)} scales of {patch_nums}"
-            )
+        if len(self.budgets) != depth:
+            raise ValueError(f"AMSKV was made for a model of depth {len(self.budgets)}, not {depth}")
+        if self.patch_nums is not None and self.patch_nums != tuple(patch_nums):
+            raise ValueError(f"AMSKV's budgets were chosen for the ladder {list(self.patch_nums)}, not "
+                             f"{list(patch_nums)}")
+        _check_condensed(self.condensed_scales, patch_nums)
+        condensed = sum(pn * pn for pn in patch_nums[: self.condensed_scales])
+        low = [(layer, b) for layer, b in enumerate(self.budgets) if b is not None and b < condensed]
+        if low:
+            raise ValueError(f"AMSKV: budgets {low} (layer, slots) are below the {condensed} slots of the "
+                             f"{self.condensed_scales} condensed scales, which every layer keeps")
 
     def reads(self, layer, si, depth, patch_nums):
-        window = self.demanding_window if layer in self.demanding_layers else self.local_window
-        return _kept(si, self.condensed_scales, window)
+        return fifo_reads(si, [pn * pn for pn in patch_nums], self.condensed_scales, self.budgets[layer])
 
     def describe(self) -> str:
-        text = f"AMS-KV: condensed {self.condensed_scales}, {_window_text(self.local_window)}"
-        if self.demanding_layers:
-            text += f"; demanding layers {list(self.demanding_layers)}: {_window_text(self.demanding_window)}"
-        return text
+        runs = [(b, len(list(group))) for b, group in itertools.groupby(self.budgets)]
+        text = ", ".join(("all" if b is None else str(b)) + (f" ×{n}" if n > 1 else "") for b, n in runs)
+        return f"AMS-KV: condensed {self.condensed_scales}; per-layer budgets (slots) [{text}]"
 
     @classmethod
-    def from_calibration(
-        cls,
-        path: str | Path,
-        *,
+    def two_level(
+        cls, patch_nums: Sequence[int], depth: int, cut: float, demanding_layers: Sequence[int],
         condensed_scales: int = 2,
-        local_window: int = 0,
-        demanding_window: int | None = 2,
-        fraction: float | None = None,
-        threshold: float | None = None,
     ) -> AMSKV:
-        """AMS-KV with the demanding layers of a calibration file (`python -m amskv_jax.calibrate`); the windows
-        default to the default setting's (`POLICIES["amskv"]`).
+        """The paper's allocation at a cut of the full cache's slots: every layer the largest budget C_min that
+        fits (1 − cut) of the full cache uniformly, then the demanding layers the largest C_max the rest allows."""
+        if not 0 <= cut < 1:
+            raise ValueError(f"cut must be in [0, 1), got {cut}")
+        demanding = _layer_set("demanding_layers", demanding_layers)
+        _validate_layers("AMSKV", "demanding_layers", demanding, None, depth)
+        levels = budget_levels(patch_nums, condensed_scales)
+        total = math.floor((1 - cut) * depth * levels[-1] + 1e-9)
+        fitting = [c for c in levels if depth * c <= total]
+        if not fitting:
+            raise ValueError(f"a {cut:.0%} cut leaves {total} slots; the condensed scales alone need "
+                             f"{depth * levels[0]} ({depth} layers × {levels[0]})")
+        c_min = fitting[-1]
+        k = len(demanding)
+        c_max = max((c for c in levels if k * c + (depth - k) * c_min <= total), default=c_min) if k else c_min
+        budgets = tuple(c_max if layer in demanding else c_min for layer in range(depth))
+        return cls(budgets=budgets, condensed_scales=condensed_scales, patch_nums=tuple(patch_nums))
 
-        The layers are the file's own choice unless `fraction` or `threshold` redo it from the recorded per-layer
-        scores (lowest inter-scale similarity first)."""
-        data = read_calibration(path)
+    @classmethod
+    def from_calibration(cls, path: str | Path | dict, *, cut: float = 0.8, fraction: float | None = None,
+                         threshold: float | None = None) -> AMSKV:
+        """AMS-KV from a calibration file (`python -m amskv_jax.calibrate`): the searched per-layer budgets when
+        the file holds a search (`calibrate --search`), else the paper's two-level allocation at `cut` with the
+        file's demanding layers (or those `fraction` / `threshold` picks from its similarity scores)."""
+        data = read_calibration(path) if isinstance(path, (str, Path)) else path
+        patch_nums = tuple(data["patch_nums"])
+        if "search" in data and fraction is None and threshold is None:
+            return cls(budgets=tuple(data["search"]["budgets"]), condensed_scales=data["search"]["condensed_scales"],
+                       patch_nums=patch_nums)
         layers = data["demanding_layers"]
         if fraction is not None or threshold is not None:
             layers = select_layers(data["scores"]["similarity"], fraction=fraction, threshold=threshold, lowest=True)
-        return cls(
-            condensed_scales=condensed_scales, local_window=local_window, demanding_layers=tuple(layers),
-            demanding_window=demanding_window, depth=data["depth"],
-        )
+        return cls.two_level(patch_nums, data["depth"], cut, layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,10 +258,7 @@ class CondensedOnly(Policy):
         _check_count("condensed_scales", self.condensed_scales)
 
     def validate(self, depth, patch_nums):
-        if self.condensed_scales > len(patch_nums):
-            raise ValueError(
-                f"condensed_scales {self.condensed_scales} exceeds the {len(patch_nums)} scales of {patch_nums}"
-            )
+        _check_condensed(self.condensed_scales, patch_nums)
 
     def reads(self, layer, si, depth, patch_nums):
         return _kept(si, self.condensed_scales, 0)
@@ -264,6 +326,34 @@ class ScaleBudget(Policy):
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Ladder(Policy):
+    """LaCache's ladder (Shi et al. 2025) on scales: every layer keeps the `condensed_scales` coarsest scales and a
+    window of `span` other earlier scales, placed along the history by depth: layer 0 reads the oldest ones, the
+    last layer the most recent, the layers between evenly shifted in between. Together the layers read the whole
+    history while each holds a window (plus the scales it will read later, which the capacity counts)."""
+
+    span: int = 1
+    condensed_scales: int = 2
+
+    def __post_init__(self):
+        _check_count("span", self.span)
+        _check_count("condensed_scales", self.condensed_scales)
+
+    def validate(self, depth, patch_nums):
+        _check_condensed(self.condensed_scales, patch_nums)
+
+    def reads(self, layer, si, depth, patch_nums):
+        history = list(range(self.condensed_scales, si))
+        start = 0
+        if len(history) > self.span:
+            start = round(layer * (len(history) - self.span) / max(depth - 1, 1))
+        return tuple(range(min(si, self.condensed_scales))) + tuple(history[start : start + self.span])
+
+    def describe(self) -> str:
+        return f"ladder: condensed {self.condensed_scales}, span {self.span}, shifted from oldest (layer 0) to newest"
+
+
 # --- calibration files -------------------------------------------------------------------------------------------
 
 CALIBRATION_FORMAT = "amskv-calibration/1"
@@ -291,7 +381,7 @@ def layer_count(fraction: float, depth: int) -> int:
 
 
 def read_calibration(path: str | Path) -> dict:
-    """A calibration file's contents, checked for the fields policies use."""
+    """A calibration file's contents, checked for the fields policies use (and a search's budgets, if any)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such calibration file (write one with python -m amskv_jax.calibrate)")
@@ -302,18 +392,21 @@ def read_calibration(path: str | Path) -> dict:
     for key in ("similarity", "dispersion"):
         if len(data["scores"][key]) != depth:
             raise ValueError(f"{path}: scores[{key!r}] has {len(data['scores'][key])} entries for depth {depth}")
+    if "search" in data and len(data["search"]["budgets"]) != depth:
+        raise ValueError(f"{path}: search budgets has {len(data['search']['budgets'])} entries for depth {depth}")
     return data
 
 
 # --- the named settings ------------------------------------------------------------------------------------------
 
-# The default AMS-KV: 20% of layers (lowest inter-scale similarity) cache-demanding, keeping the 2 most recent scales
-# besides the condensed ones; the rest condensed only. Chosen on the embedded model by `python -m bench.fidelity
-# --sweep`: it beat the 35%-of-layers, window-1 setting on every fidelity figure with less memory (bench/RESULTS.md).
+# The paper's settings: 20% of layers (lowest inter-scale similarity) cache-demanding with budget C_max, the rest C_min,
+# at a 70%, 80% or 90% cut of the full cache's slots (`AMSKV.two_level`).
 DEMANDING_FRACTION = 0.20
-DEMANDING_WINDOW = 2
-AGGRESSIVE_FRACTION = 0.15  # amskv-aggressive: 15% of layers demanding, window 1
-AGGRESSIVE_WINDOW = 1
+PAPER_CUTS = {"amskv-70": 0.70, "amskv-80": 0.80, "amskv-90": 0.90}
+# `amskv`, the default: the best setting at a cut of at least 75% on the embedded model (bench/RESULTS.md, "Issue 22"),
+# which is the searched one: a calibration file holding a search (`calibrate --search`; emoji32 ships one at 25%)
+# gives its budgets. Without one, the paper's allocation at the cut that did best of 75/80/85/90% there.
+DEFAULT_CUT = 0.85
 
 
 def choose_demanding_layers(fraction: float, depth: int, calibration: dict | None) -> tuple[int, ...]:
@@ -324,14 +417,24 @@ def choose_demanding_layers(fraction: float, depth: int, calibration: dict | Non
     return tuple(select_layers(calibration["scores"]["similarity"], fraction=fraction, lowest=True))
 
 
-def _amskv(fraction: float, window: int) -> Callable[[VARConfig, dict | None], Policy]:
+def _paper(cut: float) -> Callable[[VARConfig, dict | None], Policy]:
+    """The paper's setting at `cut`; on a ladder too short for the cut (the condensed scales alone exceed it, as in
+    the 3-scale test presets) every layer keeps the condensed scales alone, the smallest AMS-KV."""
+
     def make(config: VARConfig, calibration: dict | None) -> Policy:
-        layers = choose_demanding_layers(fraction, config.depth, calibration)
-        return AMSKV(
-            condensed_scales=2, local_window=0, demanding_layers=layers, demanding_window=window, depth=config.depth
-        )
+        if not cut_fits(config.patch_nums, cut):
+            floor = budget_levels(config.patch_nums)[0]
+            return AMSKV(budgets=(floor,) * config.depth, patch_nums=config.patch_nums)
+        layers = choose_demanding_layers(DEMANDING_FRACTION, config.depth, calibration)
+        return AMSKV.two_level(config.patch_nums, config.depth, cut, layers)
 
     return make
+
+
+def _default(config: VARConfig, calibration: dict | None) -> Policy:
+    if calibration is not None and "search" in calibration:
+        return AMSKV.from_calibration(calibration)
+    return _paper(DEFAULT_CUT)(config, calibration)
 
 
 def _scale_budget(config: VARConfig, calibration: dict | None) -> Policy:
@@ -349,22 +452,33 @@ def _scale_budget(config: VARConfig, calibration: dict | None) -> Policy:
 
 POLICIES: dict[str, Callable[[VARConfig, dict | None], Policy]] = {
     "full": lambda config, calibration: FullCache(),
-    "amskv": _amskv(DEMANDING_FRACTION, DEMANDING_WINDOW),
-    "amskv-aggressive": _amskv(AGGRESSIVE_FRACTION, AGGRESSIVE_WINDOW),
+    "amskv": _default,
+    **{name: _paper(cut) for name, cut in PAPER_CUTS.items()},
     "sliding": lambda config, calibration: SlidingWindow(window=1),
     "condensed": lambda config, calibration: CondensedOnly(condensed_scales=2),
     "scalebudget": _scale_budget,
+    "ladder": lambda config, calibration: Ladder(span=1, condensed_scales=2),
 }
 DEFAULT_POLICY = "amskv"
 
 
 def policy_from_name(name: str, config: VARConfig, calibration: str | Path | dict | None = None) -> Policy:
     """The named setting for a model (`config`: its depth and ladder); `calibration` (a file or its contents)
-    picks the demanding / drafter layers, else the first layers stand in."""
+    picks the demanding / drafter layers (and, holding a search, `amskv`'s budgets), else the first layers stand
+    in. A calibration made for another depth or ladder is refused."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; known policies: {', '.join(POLICIES)}")
     if isinstance(calibration, (str, Path)):
         calibration = read_calibration(calibration)
-    if calibration is not None and calibration["depth"] != config.depth:
-        raise ValueError(f"the calibration is for a model of depth {calibration['depth']}, not {config.depth}")
+    if calibration is not None:
+        check_calibration(calibration, config)
     return POLICIES[name](config, calibration)
+
+
+def check_calibration(calibration: dict, config: VARConfig) -> None:
+    """Raise ValueError when a calibration's model (depth, ladder) is not `config`'s."""
+    if calibration["depth"] != config.depth:
+        raise ValueError(f"the calibration is for a model of depth {calibration['depth']}, not {config.depth}")
+    if tuple(calibration["patch_nums"]) != tuple(config.patch_nums):
+        raise ValueError(f"the calibration is for the ladder {list(calibration['patch_nums'])}, not "
+                         f"{list(config.patch_nums)}")

@@ -1,14 +1,20 @@
 """How far each cache policy drifts from the full cache: the table and the side-by-side grid.
 
-    python -m bench.fidelity [--model emoji32] [--samples 64] [--policies full,amskv,...] [--sweep]
+    python -m bench.fidelity [--model emoji32] [--samples 64] [--policies full,amskv,...]
         [--calibration layers.json] [--kv-dtypes default,int8,float8_e4m3fn] [--out DIR]
     python -m bench.fidelity --nll [--images DIR] [--model ...] [--policies ...] [--kv-dtypes ...] [--out DIR]
+    python -m bench.fidelity --frontier [--model ...] [--search-budgets 0.1,0.25,0.5] [--search-samples 64]
+        [--fid-samples 400] [--images HELDOUT_DIR] [--search-images DIR] [--out DIR]
 
 `--nll` instead scores real images: each policy's teacher-forced NLL per token, unguided and guided, per scale, with
 ΔNLL against the full cache (`amskv_jax.nll`; deterministic). Images: `--images DIR` (one subfolder per class,
 resized with the reference's transform), by default the model's training data when it is one of ours (emoji32 saw
 all of its images in training, so that NLL is not held out, and the output says so). It writes `DIR/nll.md` and
 `DIR/nll.json`.
+
+`--frontier` draws the memory–fidelity frontier (`bench/frontier.py`): held-out ΔNLL of every policy family at
+several budgets, the searched per-layer budgets among them, with FID and class accuracy at the 75% cut; it writes
+`DIR/frontier.md`, `frontier.json`, `frontier.png` and the searches, `DIR/search-<budget>.json`.
 
 For the same labels and PRNG keys, every policy generates independently of the full cache; per policy it reports
 the cache's size against the full cache, per-scale token agreement and logit KL (`amskv_jax.fidelity`), and PSNR
@@ -29,15 +35,15 @@ import jax
 import numpy as np
 
 from amskv_jax import cli, compile_cache
+from bench import frontier
 from amskv_jax.checkpoint import DEFAULT_MODEL, EMBEDDED, load_model
 from amskv_jax.classifier import load_classifier
 from amskv_jax.fid import fid
-from amskv_jax.fidelity import distinct, format_table, policy_fidelity, sweep_candidates
+from amskv_jax.fidelity import format_table, policy_fidelity
 from amskv_jax.generate import DTYPES, default_top_k, image_grid
-from amskv_jax.nll import encode_images, format_nll_table, policy_nll
+from amskv_jax.nll import encode_images, format_nll_table, policy_nll, training_config
 from amskv_jax.policies import POLICIES, FullCache, policy_from_name, read_calibration
 from amskv_jax.quant import KV_DTYPES
-from amskv_jax.train.configs import CONFIGS, TrainConfig
 from amskv_jax.train.data import load_emoji_dataset, load_image_folder
 
 
@@ -131,14 +137,6 @@ def real_reference(args, model) -> RealReference:
     return RealReference(classifier, reference, floor, text, train, train_labels)
 
 
-def training_config(model) -> tuple[str, TrainConfig]:
-    """(name, config) of the training config here that built this model (its data is the model's training data)."""
-    matches = [(name, cfg) for name, cfg in CONFIGS.items() if cfg.model == model.config]
-    if not matches:
-        raise ValueError("this model has no known training data here; pass --images DIR (one subfolder per class)")
-    return matches[0]
-
-
 def compared_models(args, model) -> dict:
     """{row-name prefix: model}: the model, and with --finetuned its fine-tuned copy ("finetuned/")."""
     models = {"": model}
@@ -183,8 +181,6 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16, help="images per generation call")
     parser.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated of: {', '.join(POLICIES)}")
-    parser.add_argument("--sweep", action="store_true",
-                        help="also the AMS-KV candidates for the default setting (duplicates on this model dropped)")
     parser.add_argument("--calibration", default=None,
                         help="a calibration JSON choosing the demanding layers (default: the model's layers.json)")
     parser.add_argument("--seed", type=int, default=0)
@@ -205,25 +201,50 @@ def main(argv=None) -> int:
                         help="a fine-tuned copy of --model (python -m amskv_jax.train finetune): its rows too")
     parser.add_argument("--nll", action="store_true", help="teacher-forced NLL of real images per policy instead")
     parser.add_argument("--images", type=Path, default=None,
-                        help="--nll: image folder, one subfolder per class (default: the model's training data)")
+                        help="--nll: image folder, one subfolder per class (default: the model's training data); "
+                        "--frontier: the held-out images (default: the held-out split of its training data)")
+    parser.add_argument("--frontier", action="store_true",
+                        help="the memory-fidelity frontier of every policy family (held-out NLL; FID at the 75%% cut)")
+    parser.add_argument("--search-budgets", default=frontier.default_search_budgets(),
+                        help="--frontier: fractions of the full cache in (0, 1] to search per-layer budgets at")
+    parser.add_argument("--search-samples", type=int, default=64, help="--frontier: calibration images searched on")
+    parser.add_argument("--search-images", type=Path, default=None,
+                        help="--frontier: calibration images (default: the train split of the model's training data)")
+    parser.add_argument("--fid-samples", type=int, default=400,
+                        help="--frontier: samples for FID and class accuracy at the 75%% cut (0: skip)")
     cli.add_verify_flag(parser)
     compile_cache.add_flag(parser)
     args = parser.parse_args(argv)
     compile_cache.enable(args.no_compile_cache)
     if args.samples < 1 or args.batch < 1:
         parser.error(f"--samples and --batch must be >= 1, got {args.samples} and {args.batch}")
+    if args.frontier:
+        try:
+            args.search_budgets = [float(b) for b in args.search_budgets.split(",") if b]
+        except ValueError:
+            parser.error(f"--search-budgets must be fractions in (0, 1], got {args.search_budgets!r}")
+        bad = [b for b in args.search_budgets if not 0 < b <= 1]
+        if bad or not args.search_budgets or args.search_samples < 1 or args.fid_samples < 0:
+            parser.error(f"--search-budgets must be fractions in (0, 1] (got {bad or 'none'}), --search-samples "
+                         f">= 1 (got {args.search_samples}), --fid-samples >= 0 (got {args.fid_samples})")
     model = load_model(args.model, verify=args.verify)
     try:
         c = model.config.var
         calibration = read_calibration(args.calibration) if args.calibration else model.calibration
         names = [n for n in args.policies.split(",") if n]
         policies = {name: policy_from_name(name, c, calibration) for name in names}
-        if args.sweep:
-            policies = distinct({**policies, **sweep_candidates(c, calibration)}, c)
         kv_dtypes = [None if k == "default" else k for k in args.kv_dtypes.split(",") if k]
         unknown = [k for k in kv_dtypes if k is not None and k not in KV_DTYPES]
         if unknown or not kv_dtypes:
             raise ValueError(f"--kv-dtypes: unknown {unknown}; allowed: default, {', '.join(KV_DTYPES)}")
+        if args.frontier:
+            reference = real_reference(args, model) if args.fid_samples else None
+            points, sources = frontier.measure_frontier(model, args)
+            frontier.write_frontier(args, model, points, sources)
+            if reference is not None and reference.classifier is not None:
+                points = frontier.with_sample_quality(model, args, points, sources["policies"], reference)
+                frontier.write_frontier(args, model, points, sources)
+            return 0
         if args.nll:
             images, labels, source = nll_images(model, args.images)
         distance = None if args.nll or args.no_lpips else lpips_distance()

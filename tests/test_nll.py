@@ -2,6 +2,7 @@
 fine-tuning lowers the policy's own loss and writes a loadable model."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -11,8 +12,9 @@ import pytest
 from PIL import Image
 
 from amskv_jax.checkpoint import Model, init_params, load_model
-from amskv_jax.nll import encode_images, policy_nll
-from amskv_jax.policies import CondensedOnly, FullCache
+from amskv_jax.nll import encode_images, layer_masks, masked_logits, policy_nll, unguided_nll
+from amskv_jax.policies import AMSKV, CondensedOnly, FullCache
+from amskv_jax.var import VAR
 from amskv_jax.train.configs import OptimConfig, get_config
 from amskv_jax.train.data import load_image_folder, reference_transform, render
 from amskv_jax.train.finetune import finetune, save_finetuned
@@ -114,3 +116,28 @@ def test_finetuning_under_a_policy_lowers_its_teacher_forced_loss_and_writes_a_l
     assert after < before - 0.1, (before, after)
     with pytest.raises(FileExistsError):
         save_finetuned(tmp_path, model, params, {})
+
+
+def test_masks_as_an_argument_give_the_layouts_logits_and_the_unguided_nll():
+    """`masked_logits` with `layer_masks(layout)` equals the layout's own teacher-forced forward (kinds interleaved,
+    one kind, the full cache), and `unguided_nll` equals policy_nll's unguided mean."""
+    model = random_tiny16()
+    c = dataclasses.replace(model.config.var, depth=3)
+    inner = model.params["var"]["params"]
+    blocks = jax.tree.map(lambda a: jnp.concatenate([a, a * 0.5, a * -1.0]), inner["blocks"])  # 1 block -> 3
+    var_params = {**model.params["var"], "params": {**inner, "blocks": blocks}}
+    model = Model(dataclasses.replace(model.config, var=c), {**model.params, "var": var_params}, "depth 3")
+    labels = jnp.array([1, 4], jnp.int32)
+    x = jax.random.normal(jax.random.key(1), (2, c.seq_len - c.first_l, c.cvae))
+    layouts = [AMSKV(budgets=(5, 1, 5), condensed_scales=1).layout(c), CondensedOnly(1).layout(c),
+               FullCache().layout(c)]
+    for layout in layouts:
+        want = VAR(c).apply(model.params["var"], labels, x, layout)
+        got = masked_logits(model.params["var"], labels, x, jnp.asarray(layer_masks(layout)), config=c)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    gt = np.asarray(jax.random.randint(jax.random.key(2), (3, c.seq_len), 0, c.vocab_size))
+    x3, labels3 = np.asarray(jnp.concatenate([x, x[:1]])), np.array([1, 4, 2], np.int32)
+    for layout in layouts:
+        full = policy_nll(model, {"p": layout}, gt, x3, labels3, batch=2)["p"].mean_unguided
+        assert unguided_nll(model, layout, gt, x3, labels3, batch=2) == pytest.approx(full, rel=1e-6)
+    assert unguided_nll(model, layouts[0], gt, x3, labels3) > unguided_nll(model, layouts[2], gt, x3, labels3)

@@ -15,27 +15,65 @@ from amskv_jax.checkpoint import Model, init_params
 from amskv_jax.config import PRESETS, get_preset
 from amskv_jax.generate import generate
 from amskv_jax.policies import (
-    AMSKV, DEFAULT_POLICY, POLICIES, CondensedOnly, FullCache, ScaleBudget, SlidingWindow, policy_from_name,
+    AMSKV, DEFAULT_POLICY, POLICIES, CondensedOnly, FullCache, Ladder, ScaleBudget, SlidingWindow, budget_levels,
+    fifo_reads, policy_from_name,
 )
 
 LADDER = get_preset("tiny-ladder256").var
-EXTRA = [AMSKV(2, 2), AMSKV(1, 0, demanding_layers=(0,), demanding_window=3), SlidingWindow(3), CondensedOnly(3)]
+EXTRA = [SlidingWindow(3), CondensedOnly(3), Ladder(span=2), Ladder(span=1, condensed_scales=0)]
 
 
 def _all_policies(config):
-    return [policy_from_name(name, config) for name in POLICIES] + EXTRA
+    """Every named policy, some more settings, and AMS-KV with budgets between and at the ladder's levels."""
+    levels = budget_levels(config.patch_nums)
+    budgets = [levels[(i * 7) % len(levels)] + (i % 3) for i in range(config.depth)]  # off-level budgets too
+    return [policy_from_name(name, config) for name in POLICIES] + EXTRA + [
+        AMSKV(budgets=budgets), AMSKV(budgets=(None,) * config.depth, condensed_scales=1)
+    ]
 
 
-def test_condensed_two_plus_window_one_needs_174_slots_per_layer_at_256px():
-    assert AMSKV(condensed_scales=2, local_window=1).layout(LADDER).capacities == (174, 174)
+def test_condensed_two_plus_the_latest_scale_needs_174_slots_per_layer_at_256px():
+    assert AMSKV(budgets=(174, 174)).layout(LADDER).capacities == (174, 174)
+    assert AMSKV(budgets=(173, 173)).layout(LADDER).capacities == (169, 169)  # scale 8 no longer fits beside 0, 1
     assert FullCache().layout(LADDER).capacities == (424, 424)  # the reference concatenates 680
 
 
-def test_amskv_keeps_condensed_and_local_scales_and_demanding_layers_their_window():
-    policy = AMSKV(condensed_scales=2, local_window=1, demanding_layers=(1,), demanding_window=3)
-    layout = policy.layout(LADDER)
-    assert layout.layers[0].reads[9] == (0, 1, 8) and layout.layers[1].reads[9] == (0, 1, 6, 7, 8)
-    assert layout.layers[0].reads[2] == (0, 1)
+def test_amskv_locks_the_condensed_scales_and_evicts_whole_scales_first_in_first_out():
+    sizes = [pn * pn for pn in LADDER.patch_nums]  # 1 4 9 16 25 36 64 100 169 256
+    assert fifo_reads(9, sizes, 2, 5 + 169 + 100) == (0, 1, 7, 8)
+    assert fifo_reads(9, sizes, 2, 5 + 169 + 100 - 1) == (0, 1, 8)  # scale 7 evicted whole, never in part
+    assert fifo_reads(8, sizes, 2, 5 + 100 + 64) == (0, 1, 6, 7)
+    assert fifo_reads(9, sizes, 2, 100) == (0, 1)  # scale 8 alone does not fit: nothing older is kept past it
+    assert fifo_reads(1, sizes, 2, 5) == (0,) and fifo_reads(4, sizes, 2, None) == (0, 1, 2, 3)
+    layout = AMSKV(budgets=(174, 274)).layout(LADDER)
+    assert layout.layers[0].reads[9] == (0, 1, 8) and layout.layers[1].reads[9] == (0, 1, 7, 8)
+    assert layout.layers[0].reads[2] == (0, 1) and layout.capacities == (174, 274)
+
+
+def test_budget_levels_are_the_capacities_budgets_can_reach_and_two_level_fills_the_cut():
+    levels = budget_levels(LADDER.patch_nums)
+    assert levels[0] == 5 and levels[-1] == 424 and 174 in levels and 173 not in levels
+    for budget in range(5, 425, 7):  # every budget holds exactly its highest level below it
+        held = max(level for level in levels if level <= budget)
+        assert AMSKV(budgets=(budget, budget)).layout(LADDER).capacities == (held, held)
+    d30 = get_preset("d30").var
+    for cut in (0.7, 0.8, 0.9):
+        policy = AMSKV.two_level(d30.patch_nums, 30, cut, demanding_layers=range(6))
+        c_max, c_min = policy.budgets[0], policy.budgets[-1]
+        assert set(policy.budgets[:6]) == {c_max} and set(policy.budgets[6:]) == {c_min} and c_max >= c_min
+        slots = sum(policy.layout(d30).capacities)
+        assert slots <= (1 - cut) * 30 * 424
+        next_min = levels[levels.index(c_min) + 1]  # one level more for every layer would not fit
+        assert 30 * next_min > (1 - cut) * 30 * 424
+
+
+def test_ladder_windows_shift_from_the_oldest_scales_in_layer_0_to_the_newest_in_the_last_layer():
+    config = dataclasses.replace(LADDER, depth=4)
+    layout = Ladder(span=2).layout(config)
+    assert [plan.reads[9] for plan in layout.layers] == [(0, 1, 2, 3), (0, 1, 4, 5), (0, 1, 5, 6), (0, 1, 7, 8)]
+    assert all(plan.reads[3] == (0, 1, 2) for plan in layout.layers)  # history shorter than the span: all of it
+    assert set().union(*(plan.reads[9] for plan in layout.layers)) == set(range(9))  # together: the whole history
+    assert sum(layout.capacities) < 0.5 * sum(FullCache().layout(config).capacities)
     condensed = CondensedOnly(2).layout(LADDER).layers[0]
     assert [condensed.written(si) for si in range(10)] == [True, True] + [False] * 8  # never read, never written
     assert SlidingWindow(2).layout(LADDER).layers[0].reads[9] == (7, 8)
@@ -85,8 +123,8 @@ def _cached_vs_gathered_error(layout, qkv, scale_mul):
 
 @pytest.mark.parametrize(
     "policy",
-    [AMSKV(2, 1, demanding_layers=(1,), demanding_window=2), ScaleBudget(drafter_layers=(0,))],
-    ids=["amskv-demanding-layer", "scalebudget-empty-refiner"],
+    [AMSKV(budgets=(14, 30)), ScaleBudget(drafter_layers=(0,)), Ladder(span=1)],
+    ids=["amskv-two-budgets", "scalebudget-empty-refiner", "ladder"],
 )
 def test_masked_attention_over_the_cache_equals_attention_over_the_gathered_kept_tokens(policy):
     """Random per-scale K/V written through the layout (slot reuse included); every scale's cached attention
@@ -108,10 +146,10 @@ def random_model(preset: str, seed: int = 0) -> Model:
     return Model(config, params, f"preset {preset}, N(0, 0.05^2) weights (seed {seed})")
 
 
-def test_amskv_with_windows_keeping_everything_gives_exactly_the_full_cache_tokens_and_logits():
+def test_amskv_with_budgets_keeping_everything_gives_exactly_the_full_cache_tokens_and_logits():
     model = random_model("tiny")
     config = model.config.var
-    everything = AMSKV(condensed_scales=0, local_window=3, demanding_layers=(1,), demanding_window=None)
+    everything = AMSKV(budgets=(14, None), condensed_scales=0)
     full, same = FullCache().layout(config), everything.layout(config)
     assert [p.reads for p in same.layers] == [p.reads for p in full.layers]
     assert [p.writes for p in same.layers] == [p.writes for p in full.layers]
@@ -129,21 +167,27 @@ def test_named_policies_meet_the_memory_goals_and_the_baselines_fit_the_default_
     slots = {name: sum(policy_from_name(name, config).layout(config).capacities) for name in POLICIES}
     assert DEFAULT_POLICY == "amskv"
     assert slots["full"] == 30 * 424
-    assert 1 - slots["amskv"] / slots["full"] >= 0.80 and 1 - slots["amskv-aggressive"] / slots["full"] >= 0.90
+    for name, cut in (("amskv", 0.75), ("amskv-70", 0.70), ("amskv-80", 0.80), ("amskv-90", 0.90)):
+        assert 1 - slots[name] / slots["full"] >= cut, name
     assert slots["scalebudget"] <= slots["amskv"] < slots["scalebudget"] + 424
 
 
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: AMSKV(local_window=-1), "local_window must be an integer >= 0, got -1"),
-        (lambda: AMSKV(condensed_scales=-2), "condensed_scales must be an integer >= 0"),
-        (lambda: AMSKV(local_window=2, demanding_window=1), r"demanding_window \(1\) must be >= local_window"),
+        (lambda: AMSKV(budgets=(5, -1)), "every budget must be an integer >= 0 or None"),
+        (lambda: AMSKV(budgets=(5, 5), condensed_scales=-2), "condensed_scales must be an integer >= 0"),
+        (lambda: AMSKV(budgets=5), "budgets must be a sequence of per-layer slot counts, got 5"),
+        (lambda: AMSKV(budgets=(5, 4)).layout(LADDER), r"budgets \[\(1, 4\)\] .* below the 5 slots of the 2 condensed"),
+        (lambda: AMSKV(budgets=(5, 5), patch_nums=(1, 2)).layout(LADDER), r"chosen for the ladder \[1, 2\], not"),
+        (lambda: AMSKV.two_level(LADDER.patch_nums, 2, 1.0, ()), r"cut must be in \[0, 1\), got 1.0"),
+        (lambda: AMSKV.two_level(LADDER.patch_nums, 2, 0.995, ()), "the condensed scales alone need 10"),
+        (lambda: Ladder(span=-1), "span must be an integer >= 0"),
         (lambda: SlidingWindow(window=-1), "window must be an integer >= 0"),
         (lambda: ScaleBudget(refiner_window=-1), "refiner_window must be an integer >= 0"),
-        (lambda: AMSKV(demanding_layers=(2,)).layout(LADDER), r"demanding_layers \[2\] out of range.*layers 0..1"),
+        (lambda: AMSKV.two_level(LADDER.patch_nums, 2, 0.5, (2,)), r"demanding_layers \[2\] out of range.*0..1"),
         (lambda: ScaleBudget(drafter_layers=(-1,)).layout(LADDER), r"drafter_layers \[-1\] out of range"),
-        (lambda: AMSKV(depth=30).layout(LADDER), "made for a model of depth 30, not 2"),
+        (lambda: AMSKV(budgets=(5,) * 30).layout(LADDER), "made for a model of depth 30, not 2"),
         (lambda: CondensedOnly(11).layout(LADDER), "condensed_scales 11 exceeds the 10 scales"),
         (lambda: policy_from_name("h2o", LADDER), "unknown policy 'h2o'; known policies: full, amskv"),
     ],

@@ -277,7 +277,7 @@ def test_teacher_forcing_with_a_quantised_cache_reproduces_quantised_generation(
     unquantised teacher forcing must be an order of magnitude further away."""
     model = random_model("tiny")
     c = model.config.var
-    layout = AMSKV(condensed_scales=1, local_window=1, demanding_layers=(1,), demanding_window=None).layout(c)
+    layout = AMSKV(budgets=(10, None), condensed_scales=1).layout(c)  # 10 slots: scale 0 and the latest one
     labels = jnp.arange(4) % c.num_classes
     out = generate(model.params, labels, jax.random.key(0), config=model.config, layout=layout, top_k=0, top_p=0.0,
                    return_logits=True, kv_dtype=kv_dtype)

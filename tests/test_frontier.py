@@ -1,0 +1,65 @@
+"""`bench.fidelity --frontier`: every family on held-out NLL with both memory shares, the searches written and
+loadable, the plot drawn; bad input refused in one line with nothing written."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+import bench.fidelity
+from amskv_jax.config import get_preset
+from amskv_jax.policies import AMSKV
+from test_nll import emoji_folder  # noqa: F401 (a fixture)
+from test_policies import random_model
+
+TINY = get_preset("tiny").var  # 2 layers, scales 1 2 3 4: 14 slots per layer, 30 tokens in the reference's cache
+
+
+@pytest.fixture
+def tiny_model(monkeypatch):
+    monkeypatch.setattr(bench.fidelity, "load_model", lambda spec, verify=None: random_model("tiny"))
+
+
+def test_the_frontier_covers_every_family_with_both_memory_shares(tmp_path, emoji_folder, tiny_model):
+    out = tmp_path / "frontier"
+    argv = ["--frontier", "--model", "tiny", "--images", str(emoji_folder), "--search-images", str(emoji_folder),
+            "--search-budgets", "0.7,1", "--search-samples", "3", "--fid-samples", "0", "--batch", "4",
+            "--out", str(out)]
+    assert bench.fidelity.main(argv) == 0
+    points = {p["name"]: p for p in json.loads((out / "frontier.json").read_text())["points"]}
+    families = {p["family"] for p in points.values()}
+    assert families == {"full", "amskv (paper)", "sliding", "condensed", "scalebudget", "ladder", "searched"}
+    assert points["full"]["delta"] == 0 and points["full"]["share"] == 1
+    assert points["full"]["reference_share"] == pytest.approx(28 / 60)  # 2 × 14 slots of 2 × 30 tokens
+    assert points["condensed-c2"]["share"] == pytest.approx(10 / 28)
+    assert points["searched-0.7"]["share"] <= 0.7 and points["searched-1"]["delta"] == pytest.approx(0, abs=1e-9)
+    assert points["condensed-c1"]["delta"] > 0  # a lossy cache costs held-out NLL
+    search = json.loads((out / "search-0.7.json").read_text())
+    assert list(AMSKV.from_calibration(search).budgets) == search["search"]["budgets"]
+    table = (out / "frontier.md").read_text()
+    assert "| searched | searched-0.7 |" in table and "vs reference (incl. current scale)" in table
+    assert (out / "frontier.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--search-budgets", "0.25,1.5"], r"--search-budgets must be fractions in \(0, 1\] \(got \[1.5\]\)"),
+        (["--search-budgets", "0"], r"--search-budgets must be fractions in \(0, 1\] \(got \[0.0\]\)"),
+        (["--search-budgets", "x"], r"--search-budgets must be fractions in \(0, 1\], got 'x'"),
+        (["--search-images", "EMPTY"], "no images"),
+    ],
+)
+def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, capsys, emoji_folder, tiny_model, extra, message):
+    empty = tmp_path / "empty"
+    (empty / "faces").mkdir(parents=True)
+    out = tmp_path / "out"
+    argv = ["--frontier", "--model", "tiny", "--images", str(emoji_folder), "--fid-samples", "0", "--out", str(out)]
+    argv += [str(empty) if x == "EMPTY" else x for x in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        bench.fidelity.main(argv)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and last.startswith("python -m bench.fidelity: error:")
+    assert re.search(message, last), last
+    assert not out.exists()

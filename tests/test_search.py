@@ -1,0 +1,136 @@
+"""The budgeted search: optimal for separable scores, never past its bound, deterministic, sharing its scores, and
+the command line's file loaded back; bad budgets refused in one line."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+
+import numpy as np
+import pytest
+
+from amskv_jax import calibrate, checkpoint
+from amskv_jax.config import get_preset
+from amskv_jax.policies import AMSKV, FullCache, budget_levels, policy_from_name, read_calibration
+from amskv_jax.search import check_budget, search_budgets
+from test_nll import emoji_folder  # noqa: F401 (a fixture)
+from test_policies import random_model
+
+CONFIG = dataclasses.replace(get_preset("tiny-ladder256").var, depth=3, patch_nums=(1, 2, 3, 4, 5, 6))
+LEVELS = budget_levels(CONFIG.patch_nums)  # 5 14 21 30 41 46 55
+WEIGHTS = np.array([3.0, 1.0, 2.0])  # layer 0 gains most from cache, layer 1 least
+
+
+def separable(policy: AMSKV) -> float:
+    """A score that falls with every layer's budget, at a different rate per layer, with diminishing returns."""
+    return float(sum(w * np.exp(-b / 20) for w, b in zip(WEIGHTS, policy.budgets, strict=True)))
+
+
+def brute_force(score, bound: int) -> float:
+    return min(score(AMSKV(budgets=combo)) for combo in itertools.product(LEVELS, repeat=3) if sum(combo) <= bound)
+
+
+@pytest.mark.parametrize("budget", [0.15, 0.3, 0.55, 1.0])
+def test_a_separable_score_gets_the_optimum_within_the_bound(budget):
+    result = search_budgets(CONFIG, separable, budget, progress=False)
+    full = sum(FullCache().layout(CONFIG).capacities)
+    assert result.bound == int(budget * full) and result.slots <= result.bound
+    assert sum(AMSKV(budgets=result.budgets).layout(CONFIG).capacities) == result.slots  # as memory counts them
+    assert result.nll == pytest.approx(brute_force(separable, result.bound))
+    assert result.full_nll == pytest.approx(separable(AMSKV(budgets=(LEVELS[-1],) * 3)))
+
+
+def test_local_moves_correct_what_the_marginal_table_misses():
+    """Layer 1's cache helps only beside a large one in layer 0: from the base its table entry is zero, so the
+    knapsack gives everything to layer 0; a move of one level from layer 0 to layer 1 then pays."""
+
+    def coupled(policy: AMSKV) -> float:
+        b = policy.budgets
+        return float(np.exp(-b[0] / 30) - 0.5 * (b[0] >= 21 and b[1] >= 14))
+
+    result = search_budgets(CONFIG, coupled, 0.4, progress=False)
+    assert result.steps[0] == {"step": "knapsack", "budgets": [55, 5, 5], "nll": pytest.approx(np.exp(-55 / 30))}
+    assert result.budgets == (46, 14, 5) and result.nll == pytest.approx(np.exp(-46 / 30) - 0.5)
+
+
+def test_the_search_is_deterministic_and_shares_its_scores_between_bounds():
+    calls = []
+
+    def counted(policy):
+        calls.append(policy.budgets)
+        return separable(policy)
+
+    memo = {}
+    first = search_budgets(CONFIG, counted, 0.3, progress=False, memo=memo)
+    table_calls = len(calls)
+    again = search_budgets(CONFIG, counted, 0.3, progress=False, memo=memo)
+    assert again == first and len(calls) == table_calls  # nothing scored twice
+    search_budgets(CONFIG, counted, 0.5, progress=False, memo=memo)
+    assert len(calls) - table_calls < 3 * len(LEVELS)  # the table is shared: only the new bound's moves
+    assert len(set(calls)) == len(calls)
+
+
+@pytest.mark.parametrize("budget", [0, -0.1, 1.5, float("nan"), "0.25", True])
+def test_budgets_outside_0_1_are_refused(budget):
+    with pytest.raises(ValueError, match=r"budget must be a fraction of the full cache in \(0, 1\]"):
+        check_budget(budget)
+
+
+def test_a_budget_below_the_condensed_scales_names_the_smallest_allowed():
+    with pytest.raises(ValueError, match=r"condensed scales alone need 15 .* allowed budgets are >= 0\.0909"):
+        search_budgets(CONFIG, separable, 0.05, progress=False)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, emoji_folder):
+    """`calibrate --search` on the tiny random model over four emoji (16 px)."""
+    out = tmp_path_factory.mktemp("search") / "search.json"
+    with pytest.MonkeyPatch.context() as patch:  # fast random weights instead of running the initialisers
+        patch.setattr(checkpoint, "load_model", lambda spec, verify=None: random_model(spec))
+        argv = ["--model", "tiny", "--search", "--budget", "0.7", "--images", str(emoji_folder),
+                "--samples", "3", "--batch", "3", "--out", str(out)]
+        assert calibrate.main(argv) == 0
+    return out
+
+
+def test_the_search_file_is_a_calibration_that_amskv_loads(searched):
+    data = read_calibration(searched)
+    config = get_preset("tiny").var
+    found = data["search"]
+    assert data["samples"] == 3 and data["method"]["metric"] == "l2" and found["budget"] == 0.7
+    assert found["slots"] <= found["bound"] == int(0.7 * 2 * 14) and sorted(found["budgets"]) == [5, 14]
+    policy = AMSKV.from_calibration(searched)
+    assert policy.budgets == tuple(found["budgets"]) and sum(policy.layout(config).capacities) == found["slots"]
+    assert policy_from_name("amskv", config, searched) == policy  # --policy amskv --calibration F
+    with pytest.raises(ValueError, match="calibration is for the ladder"):
+        policy_from_name("amskv", dataclasses.replace(config, patch_nums=(1, 2, 4)), searched)
+    with pytest.raises(ValueError, match="calibration is for a model of depth 2, not 16"):
+        policy_from_name("amskv", get_preset("d16").var, searched)
+    with pytest.raises(ValueError, match="made for a model of depth 2, not 16"):
+        policy.layout(get_preset("d16").var)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--budget", "0"], r"--budget must be a fraction of the full cache in \(0, 1\], got 0.0"),
+        (["--budget", "1.5"], r"--budget must be a fraction of the full cache in \(0, 1\], got 1.5"),
+        ([], r"--budget must be a fraction of the full cache in \(0, 1\], got None"),
+        (["--budget", "0.7", "--images", "EMPTY"], "no images"),
+        (["--budget", "0.3", "--images", "EMOJI"], r"budget 0.3 leaves 8 slots; the condensed scales alone need 10"),
+    ],
+)
+def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, capsys, emoji_folder, extra, message):
+    empty = tmp_path / "empty"
+    (empty / "faces").mkdir(parents=True)
+    out = tmp_path / "out.json"
+    argv = ["--model", "tiny", "--search", "--samples", "2", "--out", str(out)]
+    argv += [{"EMPTY": str(empty), "EMOJI": str(emoji_folder)}.get(x, x) for x in extra]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint, "load_model", lambda spec, verify=None: random_model(spec))
+        with pytest.raises(SystemExit) as exit_info:
+            calibrate.main(argv)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and last.startswith("python -m amskv_jax.calibrate: error:")
+    assert re.search(message, last), last
+    assert not out.exists()
