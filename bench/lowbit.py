@@ -2,6 +2,7 @@
 under each storage dtype, per policy, against the full cache in the compute dtype.
 
     python -m bench.lowbit [--model emoji32] [--kv-dtypes int8,int4,int2] [--policies full,amskv] [--batch 64]
+        [--splits all,heldout]
 
 Teacher forcing under a quantised `kv_dtype` reads earlier scales' K/V as that cache stores them (`quant.py`), so
 the figures are those of cached generation under that storage (`tests/test_quant.py` checks the match). Prints one
@@ -17,7 +18,7 @@ from amskv_jax.checkpoint import DEFAULT_MODEL, load_model
 from amskv_jax.nll import encode_images, format_nll_table, policy_nll
 from amskv_jax.policies import FullCache, policy_from_name
 from amskv_jax.quant import KV_DTYPES, check_kv_dtype
-from amskv_jax.train.data import load_emoji_dataset
+from amskv_jax.train.data import SPLITS, load_emoji_dataset
 from bench.fidelity import training_config
 
 
@@ -29,18 +30,18 @@ def main(argv=None) -> int:
     parser.add_argument("--policies", default="full", help="comma-separated policy names")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--cfg", type=float, default=1.5)
+    parser.add_argument("--splits", default="all,heldout", help=f"comma-separated data splits: {', '.join(SPLITS)}")
     args = parser.parse_args(argv)
     model = load_model(args.model)
     c = model.config.var
-    try:
-        kv_dtypes = [check_kv_dtype(k, c.head_dim) for k in args.kv_dtypes.split(",") if k]
-        layouts = {name: policy_from_name(name, c, model.calibration).layout(c)
-                   for name in args.policies.split(",") if name}
-        name, cfg = training_config(model)
-    except ValueError as err:
-        parser.error(str(err))
+    kv_dtypes = [check_kv_dtype(k, c.head_dim) for k in args.kv_dtypes.split(",") if k]
+    layouts = {name: policy_from_name(name, c, model.calibration).layout(c) for name in args.policies.split(",") if name}
+    name, cfg = training_config(model)
+    splits = [s for s in args.splits.split(",") if s]
+    if not splits or set(splits) - set(SPLITS):
+        raise ValueError(f"--splits: {args.splits!r}; allowed: comma-separated of {', '.join(SPLITS)}")
     layouts = {"full": FullCache().layout(c), **layouts}
-    for split in ("all", "heldout"):
+    for split in splits:
         images, labels, _ = load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, split)
         gt, x = encode_images(model, images)
         results = dict(policy_nll(model, layouts, gt, x, labels, cfg=args.cfg, batch=args.batch))
