@@ -13,10 +13,11 @@ every slot's content at every step is a compile-time fact:
   `slot_scale`, the scale each slot holds (-1 when empty). `KindCache.layer(i)` is one layer's `LayerCache`. A
   query's mask is `slot_scale ∈ reads[si]`, so a stale slot can never be read even though its bytes stay. Kinds
   keep the bytes exact (no layer is padded to another's capacity) while the model scans over its layers.
-* Quantised storage (`init_cache(..., kv_dtype="int8" | "float8_e4m3fn")`, see `quant.py`) adds float32 scales:
-  `v_scale` per slot and head, `k_scale` per channel for each written scale ("group"). Groups are planned like
-  slots (`LayerLayout.group(si)`, `group_capacity`, `slot_groups(si)`): a scale's group is reused once no later
-  query reads that scale.
+* Quantised storage (`init_cache(..., kv_dtype="int8" | "float8_e4m3fn" | "int4" | "int2")`, see `quant.py`) adds
+  float32 scales, one `quant.KVScales` value: V's per slot and head, K's per channel for each written scale
+  ("group"), and for int4 / int2 their minima; int4 / int2 codes are packed into uint8 along the head dim. Groups
+  are planned like slots (`LayerLayout.group(si)`, `group_capacity`, `slot_groups(si)`): a scale's group is reused
+  once no later query reads that scale.
 
 Layouts are frozen and hashable: they are `jax.jit` static arguments. Policies (`policies.py`) build them.
 """
@@ -208,15 +209,14 @@ def _segments(slots: np.ndarray) -> tuple[Segment, ...]:
 @flax.struct.dataclass
 class LayerCache:
     """One layer's buffers (a view of its kind's stack, `KindCache.layer`). k, v: [rows, capacity, H, Dh] (k
-    L2-normalised, as the reference caches it); slot_scale: int32 [capacity], the scale each slot holds, -1 when
-    empty. Quantised storage only (else None): k_scale float32 [rows, group_capacity, H, Dh], per channel per
-    written scale; v_scale float32 [rows, capacity, H], per token."""
+    L2-normalised, as the reference caches it; int4 / int2: uint8 [rows, capacity, H, Dh / P], packed codes);
+    slot_scale: int32 [capacity], the scale each slot holds, -1 when empty. Quantised storage only (else None):
+    scales, the `quant.KVScales` of k and v."""
 
     k: jax.Array
     v: jax.Array
     slot_scale: jax.Array
-    k_scale: jax.Array | None = None
-    v_scale: jax.Array | None = None
+    scales: quant.KVScales | None = None
 
     def read_mask(self, reads: tuple[int, ...]) -> jax.Array:
         """bool [capacity]: slots holding one of the scales in `reads`."""
@@ -228,23 +228,22 @@ class LayerCache:
 @flax.struct.dataclass
 class KindCache:
     """The stacked buffers of the n layers of one kind (one `LayerLayout`): `LayerCache`'s fields with a leading
-    layer axis. k, v: [n, rows, capacity, H, Dh]; slot_scale: int32 [n, capacity]; quantised only: k_scale float32
-    [n, rows, group_capacity, H, Dh], v_scale float32 [n, rows, capacity, H]."""
+    layer axis. k, v: [n, rows, capacity, H, Dh or Dh / P]; slot_scale: int32 [n, capacity]; quantised only:
+    scales, the stacked `quant.KVScales`."""
 
     k: jax.Array
     v: jax.Array
     slot_scale: jax.Array
-    k_scale: jax.Array | None = None
-    v_scale: jax.Array | None = None
+    scales: quant.KVScales | None = None
 
     @property
     def quantized(self) -> bool:
-        return self.k_scale is not None
+        return self.scales is not None
 
     def layer(self, index) -> LayerCache:
         """Layer `index` (an int or a traced int32) of the stack."""
-        take = lambda x: None if x is None else jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False)  # noqa: E731
-        return LayerCache(*(take(x) for x in (self.k, self.v, self.slot_scale, self.k_scale, self.v_scale)))
+        take = lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False)  # noqa: E731
+        return LayerCache(**{f.name: jax.tree.map(take, getattr(self, f.name)) for f in dataclasses.fields(self)})
 
     def write(
         self, index, segments: tuple[Segment, ...], si: int, k_BlHD: jax.Array, v_BlHD: jax.Array,
@@ -255,30 +254,38 @@ class KindCache:
 
         Quantised storage quantises here (K per channel over the scale's tokens, into K-scale group `group`, the
         layout's `LayerLayout.group(si)`; V per token); `group` is unused otherwise."""
-        k, v, slot_scale, k_scale, v_scale = self.k, self.v, self.slot_scale, self.k_scale, self.v_scale
+        k, v, slot_scale, scales = self.k, self.v, self.slot_scale, self.scales
         index = jnp.asarray(index, jnp.int32)
 
         def put(buffer, update, slot: int):
-            """update [rows, length, ...] into buffer[index, :, slot:slot + length]."""
+            """update [rows, length, ...] into buffer[index, :, slot:slot + length] (None: no buffer)."""
+            if buffer is None:
+                return None
             start = (index, 0, slot) + (0,) * (buffer.ndim - 3)
             return jax.lax.dynamic_update_slice(buffer, update[None].astype(buffer.dtype), start)
 
         if self.quantized:
-            if group is None or not 0 <= group < k_scale.shape[2]:
-                raise ValueError(f"a quantised cache needs the scale's K-scale group in [0, {k_scale.shape[2]}), "
+            if group is None or not 0 <= group < scales.k.shape[2]:
+                raise ValueError(f"a quantised cache needs the scale's K-scale group in [0, {scales.k.shape[2]}), "
                                  f"got {group}")
-            k_BlHD, k_scale_BHD = quant.quantize_k(k_BlHD, k.dtype)
-            v_BlHD, v_scale_BlH = quant.quantize_v(v_BlHD, v.dtype)
-            k_scale = put(k_scale, k_scale_BHD[:, None], group)
+            k_BlHD, k_scale_BHD, k_min_BHD = quant.quantize_k(k_BlHD, scales.kv_dtype)
+            v_BlHD, v_scale_BlH, v_min_BlH = quant.quantize_v(v_BlHD, scales.kv_dtype)
+            scales = scales.replace(
+                k=put(scales.k, k_scale_BHD[:, None], group),
+                k_min=put(scales.k_min, None if k_min_BHD is None else k_min_BHD[:, None], group),
+            )
         for seg in segments:
             src = slice(seg.token, seg.token + seg.length)
             k = put(k, k_BlHD[:, src], seg.slot)
             v = put(v, v_BlHD[:, src], seg.slot)
             if self.quantized:
-                v_scale = put(v_scale, v_scale_BlH[:, src], seg.slot)
+                scales = scales.replace(
+                    v=put(scales.v, v_scale_BlH[:, src], seg.slot),
+                    v_min=put(scales.v_min, None if v_min_BlH is None else v_min_BlH[:, src], seg.slot),
+                )
             held = jnp.full((1, seg.length), si, jnp.int32)
             slot_scale = jax.lax.dynamic_update_slice(slot_scale, held, (index, jnp.int32(seg.slot)))
-        return KindCache(k=k, v=v, slot_scale=slot_scale, k_scale=k_scale, v_scale=v_scale)
+        return KindCache(k=k, v=v, slot_scale=slot_scale, scales=scales)
 
 
 @flax.struct.dataclass
@@ -298,19 +305,29 @@ def init_cache(
 ) -> KVCache:
     """Empty buffers for `rows` sequences (2·batch under classifier-free guidance), one stack per layout kind.
 
-    dtype: the model's compute dtype; kv_dtype: the storage dtype (`quant.KV_DTYPES`), None for `dtype`. int8 and
-    float8_e4m3fn add the float32 scales."""
+    dtype: the model's compute dtype; kv_dtype: the storage dtype (`quant.KV_DTYPES`), None for `dtype`. The
+    quantised ones add their float32 scales (`quant.KVScales`; int4 / int2 also the minima) and int4 / int2 pack
+    their codes into uint8 [.., head_dim / P]."""
+    quant.check_kv_dtype(kv_dtype, head_dim)
     store = quant.storage_dtype(kv_dtype, dtype)
-    scaled = quant.is_quantized(store)
+    width = head_dim // quant.chunks(kv_dtype)
+    asymmetric = kv_dtype in quant.ASYMMETRIC
+
+    def scales(n: int, plan: LayerLayout) -> quant.KVScales | None:
+        if not quant.is_quantized(kv_dtype):
+            return None
+        k = lambda: jnp.zeros((n, rows, plan.group_capacity, num_heads, head_dim), quant.SCALE_DTYPE)  # noqa: E731
+        v = lambda: jnp.zeros((n, rows, plan.capacity, num_heads), quant.SCALE_DTYPE)  # noqa: E731
+        return quant.KVScales(k=k(), v=v(), k_min=k() if asymmetric else None, v_min=v() if asymmetric else None,
+                              kv_dtype=kv_dtype)
+
     return KVCache(
         kinds=tuple(
             KindCache(
-                k=jnp.zeros((n, rows, plan.capacity, num_heads, head_dim), store),
-                v=jnp.zeros((n, rows, plan.capacity, num_heads, head_dim), store),
+                k=jnp.zeros((n, rows, plan.capacity, num_heads, width), store),
+                v=jnp.zeros((n, rows, plan.capacity, num_heads, width), store),
                 slot_scale=jnp.full((n, plan.capacity), -1, jnp.int32),
-                k_scale=jnp.zeros((n, rows, plan.group_capacity, num_heads, head_dim), quant.SCALE_DTYPE)
-                if scaled else None,
-                v_scale=jnp.zeros((n, rows, plan.capacity, num_heads), quant.SCALE_DTYPE) if scaled else None,
+                scales=scales(n, plan),
             )
             for plan, n in zip(layout.kinds, layout.kind_sizes, strict=True)
         )
@@ -318,13 +335,14 @@ def init_cache(
 
 
 def cache_bytes(
-    layout: CacheLayout, rows: int, num_heads: int, head_dim: int, itemsize: int, *, quantized: bool = False
+    layout: CacheLayout, rows: int, num_heads: int, head_dim: int, dtype=jnp.bfloat16, kv_dtype: str | None = None
 ) -> int:
-    """Exact bytes of the K/V buffers of `init_cache` (slot_scale's few bytes included); `quantized` adds the
-    float32 scales of int8 / float8 storage (K: per group and channel, V: per slot and head)."""
+    """Exact bytes of the buffers of `init_cache` with the same arguments (slot_scale's few bytes included): K and V
+    at `quant.value_bits` per element (int4 / int2 packed), plus for quantised storage the float32 scales (K: per
+    group and channel, V: per slot and head), twice for int4 / int2 (scale and minimum)."""
     slots = sum(layout.capacities)
-    total = 2 * rows * slots * num_heads * head_dim * itemsize + 4 * slots
-    if quantized:
-        scale = jnp.dtype(quant.SCALE_DTYPE).itemsize
-        total += scale * rows * num_heads * (sum(layout.group_capacities) * head_dim + slots)
+    total = 2 * rows * slots * num_heads * head_dim * quant.value_bits(kv_dtype, dtype) // 8 + 4 * slots
+    if quant.is_quantized(kv_dtype):
+        per_scale = jnp.dtype(quant.SCALE_DTYPE).itemsize * (2 if kv_dtype in quant.ASYMMETRIC else 1)
+        total += per_scale * rows * num_heads * (sum(layout.group_capacities) * head_dim + slots)
     return total

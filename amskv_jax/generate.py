@@ -72,7 +72,7 @@ def validate(
     check_impl(impl)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
-    check_kv_dtype(kv_dtype)
+    check_kv_dtype(kv_dtype, config.var.head_dim)
     if not 0 <= top_k <= config.var.vocab_size:
         raise ValueError(f"top_k must be in [0, {config.var.vocab_size}] (0 = off), got {top_k}")
     if isinstance(top_p, (int, float)) and not 0 <= top_p <= 1:
@@ -105,7 +105,8 @@ def generate(
     keeps the program out of the persistent compilation cache: `compile_cache`);
     `return_logits` also returns each scale's guided logits (memory: B·L·V floats).
     `kv_dtype` is how the cache stores K/V (`quant.py`): None follows `dtype`; "bfloat16", "int8" (K per channel,
-    V per token, float32 scales), "float8_e4m3fn"; the model still computes in `dtype`.
+    V per token, float32 scales), "float8_e4m3fn", "int4" / "int2" (packed, scale and minimum); the model still
+    computes in `dtype`.
     `mesh` (`sharding.make_mesh`): run SPMD over its devices, batch over "data", heads and MLP over "model"
     (params are placed with `sharding.shard_params`; results equal the single-device run's). It is the ambient mesh
     (`jax.set_mesh`) while tracing, so every attention impl runs sharded: the Pallas kernels inside a shard_map.

@@ -8,9 +8,10 @@ transient is one layer's K and V of the largest scale. The reference (VAR's `mod
 concatenates every scale's K/V, the current one included: L tokens per layer at the last scale, and under
 autocast its K are float32 (cached after `F.normalize`), 1.5 times the bfloat16 figure.
 
-`--kv-dtype` (one or more of default, bfloat16, int8, float8_e4m3fn; `quant.py`) sets how the cache stores K/V:
-"default" is the compute dtype `--dtype`; int8 and float8 count their float32 scales too (K per channel per written
-scale, V per slot and head). The fresh K/V of the transient stay in the compute dtype. `reduction_vs_full` is always
+`--kv-dtype` (one or more of default, bfloat16, int8, float8_e4m3fn, int4, int2; `quant.py`) sets how the cache
+stores K/V: "default" is the compute dtype `--dtype`; the quantised ones count their float32 scales too (K per channel
+per written scale, V per slot and head; int4 and int2 a minimum beside each scale, and their codes packed, 2 and 4
+per byte). The fresh K/V of the transient stay in the compute dtype. `reduction_vs_full` is always
 against the full cache stored in the compute dtype, so a quantised row's cut includes the storage saving.
 
     python -m amskv_jax.memory --model d30 --batch 128 --dtype bfloat16 [--json] [--calibration layers.json]
@@ -63,10 +64,10 @@ def itemsize(dtype: str) -> int:
     return jnp.dtype(dtype).itemsize
 
 
-def storage_dtype(kv_dtype: str | None, dtype: str) -> jnp.dtype:
-    """The cache's storage dtype: `kv_dtype`, or the compute dtype `dtype` for None."""
+def storage_name(kv_dtype: str | None, dtype: str) -> str:
+    """The cache's storage dtype by name: `kv_dtype`, or the compute dtype `dtype` for None."""
     itemsize(dtype)  # validates dtype
-    return quant.storage_dtype(kv_dtype, dtype)
+    return quant.check_kv_dtype(kv_dtype) or dtype
 
 
 def transient_kv_bytes(config: VARConfig, rows: int, dtype: str) -> int:
@@ -78,12 +79,10 @@ def layout_bytes(
     layout: CacheLayout, config: VARConfig, batch: int, dtype: str, kv_dtype: str | None = None
 ) -> tuple[int, int]:
     """(cache_bytes, peak_kv_bytes) of a layout for `batch` images (2·batch rows), the cache stored in `kv_dtype`
-    (None: `dtype`; int8 / float8 with their scales); the transient stays in the compute dtype `dtype`."""
+    (None: `dtype`; quantised with their scales, int4 / int2 packed); the transient stays in the compute dtype
+    `dtype`."""
     rows = 2 * batch
-    store = storage_dtype(kv_dtype, dtype)
-    static = cache_bytes(
-        layout, rows, config.num_heads, config.head_dim, store.itemsize, quantized=quant.is_quantized(store)
-    )
+    static = cache_bytes(layout, rows, config.num_heads, config.head_dim, storage_name(None, dtype), kv_dtype)
     return static, static + transient_kv_bytes(config, rows, dtype)
 
 
@@ -109,7 +108,7 @@ def memory_table(
     layouts = {}
     stores = []
     for kv_dtype in kv_dtypes:
-        store = storage_dtype(kv_dtype, dtype).name
+        store = storage_name(kv_dtype, dtype)
         if store in stores:  # None and the compute dtype's name are the same storage
             continue
         stores.append(store)

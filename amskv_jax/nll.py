@@ -29,7 +29,7 @@ from amskv_jax.cache import CacheLayout, teacher_mask
 from amskv_jax.config import ModelConfig, VARConfig
 from amskv_jax.generate import DTYPES
 from amskv_jax.policies import FullCache
-from amskv_jax.quant import check_kv_dtype, is_quantized
+from amskv_jax.quant import KV_DTYPES, check_kv_dtype, is_quantized
 from amskv_jax.train.configs import CONFIGS, TrainConfig
 from amskv_jax.train.data import load_emoji_dataset
 from amskv_jax.train.var_trainer import tokenize
@@ -197,8 +197,9 @@ def policy_nll(
     `model`: a `checkpoint.Model`; `kv_dtype` reproduces a quantised cache (`quant.py`)."""
     config: ModelConfig = model.config
     c = config.var
-    if check_kv_dtype(kv_dtype) is not None and not is_quantized(kv_dtype):
-        raise ValueError(f"kv_dtype {kv_dtype!r}: teacher forcing reproduces int8 / float8_e4m3fn caches (or None)")
+    if check_kv_dtype(kv_dtype, c.head_dim) is not None and not is_quantized(kv_dtype):
+        raise ValueError(f"kv_dtype {kv_dtype!r}: teacher forcing reproduces quantised caches "
+                         f"({', '.join(k for k in KV_DTYPES if is_quantized(k))}) or None")
     for layout in layouts.values():
         check_layout(layout, c)
     n = len(gt_NL)

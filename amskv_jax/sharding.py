@@ -176,8 +176,8 @@ def shard_params(params, mesh: Mesh, config: ModelConfig | VARConfig | None = No
 
 # --- KV cache and activations -----------------------------------------------------------------------------------
 def cache_spec(x) -> P:
-    """By rank, for a kind's stacked buffers: [n, rows, slots, H, Dh] (k, v; quantised k_scale) and [n, rows, slots,
-    H] (v_scale) split rows over "data" and heads over "model"; slot_scale [n, capacity] replicated."""
+    """By rank, for a kind's stacked buffers: [n, rows, slots, H, Dh] (k, v; a quantised cache's K scales and minima)
+    and [n, rows, slots, H] (V's) split rows over "data" and heads over "model"; slot_scale [n, capacity] replicated."""
     return {5: CACHE_KV, 4: P(None, "data", None, "model")}.get(np.ndim(x), REPLICATED)
 
 

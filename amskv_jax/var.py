@@ -94,7 +94,7 @@ class SelfAttention(nn.Module):
         mask = layer.read_mask(plan.reads[si])
         # A quantised cache (its storage dtype is the cache's own; see quant.py) brings its scales.
         scales = (
-            dict(k_scale=layer.k_scale, v_scale=layer.v_scale, k_group=plan.slot_groups(si)) if cache.quantized else {}
+            dict(scales=layer.scales, k_group=plan.slot_groups(si)) if cache.quantized else {}
         )
         o = cached_attention(
             q, k, v, layer.k, layer.v, mask, self._scale_mul_H(), impl=self.impl, static_mask=plan.read_mask(si),
@@ -238,8 +238,8 @@ class VAR(nn.Module):
 
         layout None: the block-causal mask. With a cache layout, at layer l a token of scale s attends to the scales
         `layout.layers[l].reads[s]` plus its own: exactly what cached generation under that layout attends to.
-        kv_dtype "int8" / "float8_e4m3fn": the K/V read from earlier scales are those a cache of that storage holds
-        (quantised per written scale as `LayerCache.write` does; `quant.fake_quantize_kv`)."""
+        A quantised kv_dtype (int8, float8_e4m3fn, int4, int2): the K/V read from earlier scales are those a cache of
+        that storage holds (quantised per written scale as `KindCache.write` does; `quant.fake_quantize_kv`)."""
         return self.teacher_states(label_B, x_BLCv_wo_first_l, layout, keep=False, kv_dtype=kv_dtype)[0]
 
     def teacher_states(

@@ -291,9 +291,9 @@ print(json.dumps(errors))
 """
 
 
-def test_pallas_kernel_runs_per_shard_under_a_mesh_with_the_unsharded_result():
-    """8 host devices (a child process: the device count is fixed when jax starts), the GPU kernel interpreted: under
-    `jax.set_mesh`, the dispatch runs it in a shard_map over rows and heads; each mesh gives the unsharded result."""
+def run_on_host_devices(code: str, devices: int):
+    """Run `code` in a child process with `devices` host CPU devices (the device count is fixed when jax starts),
+    the tests directory as its argv[1]; returns the JSON its last printed line holds."""
     import json
     import os
     import subprocess
@@ -301,12 +301,18 @@ def test_pallas_kernel_runs_per_shard_under_a_mesh_with_the_unsharded_result():
     from pathlib import Path
 
     tests = Path(__file__).parent
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", MESH_CHILD, str(tests)], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", code, str(tests)], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_pallas_kernel_runs_per_shard_under_a_mesh_with_the_unsharded_result():
+    """8 host devices (a child process: the device count is fixed when jax starts), the GPU kernel interpreted: under
+    `jax.set_mesh`, the dispatch runs it in a shard_map over rows and heads; each mesh gives the unsharded result."""
+    errors = run_on_host_devices(MESH_CHILD, 8)
     assert set(errors) == {"data8_model1", "data4_model2", "data2_model4"}
     for name, (err, spec) in errors.items():
         assert err < 1e-5, (name, err)

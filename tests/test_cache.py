@@ -66,4 +66,4 @@ def test_cache_bytes_matches_the_buffers():
     layout = FullCache().layout(get_preset("tiny").var)
     cache = init_cache(layout, rows=4, num_heads=2, head_dim=64, dtype=jnp.bfloat16)
     actual = sum(x.size * x.dtype.itemsize for kind in cache.kinds for x in (kind.k, kind.v, kind.slot_scale))
-    assert cache_bytes(layout, rows=4, num_heads=2, head_dim=64, itemsize=2) == actual
+    assert cache_bytes(layout, rows=4, num_heads=2, head_dim=64, dtype=jnp.bfloat16) == actual

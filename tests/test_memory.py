@@ -21,7 +21,7 @@ def _nbytes(tree) -> int:
     return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "int4"])
 def test_cache_bytes_are_exactly_the_cache_arguments_of_the_compiled_programs(kv_dtype):
     """XLA's `memory_analysis()` of a program taking the cache counts exactly `cache_bytes` for it, for every
     policy; and the generation's last-scale step program takes exactly params + inputs + `cache_bytes`. For int8
@@ -33,7 +33,7 @@ def test_cache_bytes_are_exactly_the_cache_arguments_of_the_compiled_programs(kv
     for name in POLICIES:
         layout = policy_from_name(name, LADDER).layout(LADDER)
         cache = jax.eval_shape(lambda: make(layout))
-        assert (cache.kinds[0].k_scale is not None) == (kv_dtype == "int8")
+        assert (cache.kinds[0].scales is not None) == (kv_dtype is not None)
         reader = jax.jit(lambda c: jax.tree.map(lambda a: a.astype(jnp.float32).sum(), c)).lower(cache).compile()
         static, _ = layout_bytes(layout, LADDER, rows // 2, "bfloat16", kv_dtype)
         assert reader.memory_analysis().argument_size_in_bytes == static == _nbytes(cache), name
@@ -119,7 +119,7 @@ def test_json_with_several_storage_dtypes_repeats_the_policies_per_dtype(capsys)
 @pytest.mark.parametrize(
     "argv, message",
     [(["--batch", "0"], "--batch must be >= 1"), (["--model", "d17"], "neither a preset"),
-     (["--dtype", "int8"], "invalid choice"), (["--kv-dtype", "int4"], "invalid choice")],
+     (["--dtype", "int8"], "invalid choice"), (["--kv-dtype", "int3"], "invalid choice")],
 )
 def test_bad_arguments_fail_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -15,8 +15,8 @@
 
 The platform is `jax.default_backend()` at trace time.
 
-Quantised caches (`quant.py`) pass `k_scale`, `v_scale` and the static `k_group`: the XLA path, the reference and
-the GPU kernel dequantise as they read, the TPU path and cuDNN dequantise first (see each module).
+Quantised caches (`quant.py`) pass `scales` (one `quant.KVScales`) and the static `k_group`: the XLA path, the
+reference and the GPU kernel dequantise as they read, the TPU path and cuDNN dequantise first (see each module).
 """
 from __future__ import annotations
 
@@ -84,8 +84,7 @@ def cached_attention(
     q, k, v, cache_k, cache_v, cache_mask, scale_mul_H, *,
     impl: str = "xla",
     static_mask: np.ndarray | tuple[bool, ...] | None = None,
-    k_scale=None,
-    v_scale=None,
+    scales=None,
     k_group: np.ndarray | tuple[int, ...] | None = None,
 ):
     """Attention of this scale's queries over the cache (masked) plus their own fresh K/V.
@@ -93,28 +92,31 @@ def cached_attention(
     q, k, v: [B, l, H, D] raw projections; cache_k, cache_v: [B, S, H, D]; cache_mask: bool [S] (dynamic);
     scale_mul_H: [H] (None without L2 norm); static_mask: the layout's bool [S] read mask, known at trace time
     (numpy or a tuple, which is hashable), a superset of cache_mask: the kernels skip key blocks it leaves empty;
-    None skips nothing. A quantised cache (int8 / float8_e4m3fn) adds k_scale [B, G, H, D], v_scale [B, S, H] and
-    the static slot -> group map k_group [S] (`LayerLayout.slot_groups(si)`). Returns [B, l, H, D] in cache_v's
+    None skips nothing. A quantised cache (int8 / float8_e4m3fn / int4 / int2; int4 / int2 codes packed, cache_k/cache_v
+    [B, S, H, D / P]) adds its `quant.KVScales` and the static slot -> group map k_group [S]
+    (`LayerLayout.slot_groups(si)`). Returns [B, l, H, D] in cache_v's
     dtype (in v's dtype for a quantised cache).
     """
     impl = resolve_impl(impl)
     args = (q, k, v, cache_k, cache_v, cache_mask, scale_mul_H)
-    scales = dict(k_scale=k_scale, v_scale=v_scale, k_group=k_group)
+    quantized = dict(scales=scales, k_group=k_group)
     if impl == "xla":
-        return xla.cached_attention(*args, static_mask=static_mask, **scales)
+        return xla.cached_attention(*args, static_mask=static_mask, **quantized)
     if impl == "cudnn":
-        cache_k, cache_v = dequantize_cache(cache_k, cache_v, k_scale, v_scale, k_group, v.dtype)
+        cache_k, cache_v = dequantize_cache(cache_k, cache_v, scales, k_group, v.dtype)
         return cudnn_attention(q, k, v, cache_k, cache_v, cache_mask, scale_mul_H)
     kernel = functools.partial(PALLAS_KERNELS[jax.default_backend()], static_mask=static_mask)
-    return _per_shard(kernel, *args, **(scales if k_scale is not None else {}))
+    return _per_shard(kernel, *args, **(quantized if scales is not None else {}))
 
 
 # Where each argument of a kernel is split on a ("data", "model") mesh: rows over "data", heads over "model".
 _SHARD_AXES = {
     "q": ("data", None, "model", None), "k": ("data", None, "model", None), "v": ("data", None, "model", None),
     "cache_k": ("data", None, "model", None), "cache_v": ("data", None, "model", None), "cache_mask": (),
-    "scale_mul_H": ("model",), "k_scale": ("data", None, "model", None), "v_scale": ("data", None, "model"),
+    "scale_mul_H": ("model",),
 }
+# A quantised cache's `quant.KVScales` by rank: k (and k_min) [B, G, H, D], v (and v_min) [B, S, H].
+_SCALE_AXES = {4: ("data", None, "model", None), 3: ("data", None, "model")}
 
 
 def _per_shard(kernel, q, k, v, cache_k, cache_v, cache_mask, scale_mul_H, *, k_group=None, **scales):
@@ -130,9 +132,13 @@ def _per_shard(kernel, q, k, v, cache_k, cache_v, cache_mask, scale_mul_H, *, k_
     if mesh.empty:
         return kernel(**arrays, **static)
     spec = lambda axes: P(*(a if a in mesh.axis_names else None for a in axes))  # noqa: E731
+    specs = {
+        name: jax.tree.map(lambda a: spec(_SCALE_AXES[a.ndim]), x) if name == "scales" else spec(_SHARD_AXES[name])
+        for name, x in arrays.items()
+    }
     return jax.shard_map(
         lambda kw: kernel(**{"scale_mul_H": None, **kw}, **static), mesh=mesh,
-        in_specs=({name: spec(_SHARD_AXES[name]) for name in arrays},), out_specs=spec(_SHARD_AXES["q"]),
+        in_specs=(specs,), out_specs=spec(_SHARD_AXES["q"]),
         check_vma=False,
     )(arrays)
 

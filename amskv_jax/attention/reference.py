@@ -7,8 +7,9 @@ it the softmax scale is 0.25/√Dh. Scores, softmax and accumulation are float32
 Shapes: q [B, l, H, D] (this scale's queries), k/v [B, l, H, D] (their fresh keys/values, raw), cache_k/cache_v
 [B, S, H, D] (cached keys already normalised), cache_mask bool [S] or [l, S] (the slots these queries may read).
 
-Quantised caches (`quant.py`: int8 / float8_e4m3fn storage) come with `k_scale` [B, G, H, D] (per channel, per
-written scale), `v_scale` [B, S, H] (per token) and `k_group`, the static int [S] group of each slot
+Quantised caches (`quant.py`: int8 / float8_e4m3fn / int4 / int2 storage) come with `scales` (`quant.KVScales`: K's
+[B, G, H, D] per channel per written scale, V's [B, S, H] per token, and for int4 / int2 the minima; their codes
+packed, cache_k/cache_v [B, S, H, D / P]) and `k_group`, the static int [S] group of each slot
 (`LayerLayout.slot_groups(si)`). They are dequantised here before the same computation: K to float32 (the dtype the
 scores use anyway), V to the fresh values' dtype (the compute dtype), which is then the output's dtype.
 """
@@ -63,21 +64,21 @@ def masked_attention(
     return out.astype(v.dtype)
 
 
-def dequantize_cache(cache_k, cache_v, k_scale, v_scale, k_group, dtype):
-    """(float32 keys, values in `dtype`) of a quantised cache; an unquantised one (k_scale None) unchanged."""
-    if k_scale is None:
+def dequantize_cache(cache_k, cache_v, scales: quant.KVScales | None, k_group, dtype):
+    """(float32 keys, values in `dtype`) of a quantised cache; an unquantised one (scales None) unchanged."""
+    if scales is None:
         return cache_k, cache_v
-    if v_scale is None or k_group is None:
-        raise ValueError("a quantised cache needs k_scale, v_scale and k_group together")
-    return quant.dequantize_k(cache_k, k_scale, k_group), quant.dequantize_v(cache_v, v_scale, dtype)
+    if k_group is None:
+        raise ValueError("a quantised cache needs its scales and k_group together")
+    return scales.dequantize_k(cache_k, k_group), scales.dequantize_v(cache_v, dtype)
 
 
 def cached_attention_reference(
-    q, k, v, cache_k, cache_v, cache_mask, scale_mul_H, k_scale=None, v_scale=None, k_group=None
+    q, k, v, cache_k, cache_v, cache_mask, scale_mul_H, scales: quant.KVScales | None = None, k_group=None
 ):
     """This scale's queries against [cache (masked), own fresh K/V (all valid)]. Returns [B, l, H, D] in
     cache_v's dtype (v's dtype for a quantised cache, dequantised first: see the module docstring)."""
-    cache_k, cache_v = dequantize_cache(cache_k, cache_v, k_scale, v_scale, k_group, v.dtype)
+    cache_k, cache_v = dequantize_cache(cache_k, cache_v, scales, k_group, v.dtype)
     q, k = prepare_qk(q, k, scale_mul_H)
     l, capacity = q.shape[1], cache_k.shape[1]
     mask = jnp.concatenate(

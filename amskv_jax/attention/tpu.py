@@ -22,8 +22,8 @@ single key sequence), the keys it reads are f32 (twice the bytes of a bf16 cache
 before the kernel rather than fused. Without a TPU in reach neither cost has been measured, so no TPU kernel of our
 own is written.
 
-Quantised caches (int8 / float8_e4m3fn, `quant.py`) are dequantised *before* splash attention, which takes no
-scales: K to float32 (the dtype the keys enter splash in anyway), V to the compute dtype, as the reference does. The
+Quantised caches (int8 / float8_e4m3fn / int4 / int2, `quant.py`) are dequantised *before* splash attention, which
+takes no scales (int4 / int2 codes unpacked): K to float32 (the dtype the keys enter splash in anyway), V to the compute dtype, as the reference does. The
 cache is then read in its quantised form once, but the kernel reads a dequantised copy; dequantising in a kernel of
 our own would save that copy (see above for why there is none).
 
@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
+from amskv_jax import quant
 from amskv_jax.attention.reference import dequantize_cache, prepare_qk
 
 BLOCK_KV = 128
@@ -67,18 +68,17 @@ def _kernel(mask_bytes: bytes, lq: int, nk: int, num_heads: int, block_q: int, b
 def cached_attention(
     q, k, v, cache_k, cache_v, cache_mask, scale_mul_H, *,
     static_mask: np.ndarray | tuple[bool, ...] | None = None,
-    k_scale=None,
-    v_scale=None,
+    scales: quant.KVScales | None = None,
     k_group: np.ndarray | tuple[int, ...] | None = None,
     interpret: bool = False,
 ):
     """Splash attention over [cache | fresh]; same arguments and result as `cached_attention_reference`.
 
     static_mask: bool [S] known at trace time (numpy array or tuple), a superset of the slots `cache_mask` may set;
-    key blocks with no slot set are skipped. None reads every block. k_scale, v_scale, k_group: a quantised cache's
-    scales (dequantised before the kernel).
+    key blocks with no slot set are skipped. None reads every block. scales, k_group: a quantised cache's scales and
+    static slot -> group map (dequantised before the kernel).
     """
-    cache_k, cache_v = dequantize_cache(cache_k, cache_v, k_scale, v_scale, k_group, v.dtype)
+    cache_k, cache_v = dequantize_cache(cache_k, cache_v, scales, k_group, v.dtype)
     B, l, H, D = q.shape
     capacity = cache_k.shape[1]
     static_mask = np.ones(capacity, bool) if static_mask is None else np.asarray(static_mask, bool)

@@ -17,9 +17,10 @@ masked or not. Here:
   summed in. This is the reference's softmax split by columns, so the probabilities are rounded to the value
   dtype after normalising, as there.
 
-Quantised caches (int8 / float8_e4m3fn, `quant.py`): a run is also cut where the K-scale group changes
-(`k_group`, static), so each run takes one group's per-channel scales by a static index; K is dequantised to
-float32 and V to the fresh values' dtype, slice by slice, as the reference does for the whole cache.
+Quantised caches (int8 / float8_e4m3fn / int4 / int2, `quant.py`): a run is also cut where the K-scale group
+changes (`k_group`, static), so each run takes one group's per-channel scales (and minima) by a static index; K is
+dequantised to float32 and V to the fresh values' dtype, slice by slice (packed codes unpacked), as the reference
+does for the whole cache.
 """
 from __future__ import annotations
 
@@ -42,8 +43,7 @@ def live_runs(static_mask: np.ndarray, k_group: np.ndarray | None = None) -> tup
 def cached_attention(
     q, k, v, cache_k, cache_v, cache_mask, scale_mul_H, *,
     static_mask: np.ndarray | tuple[bool, ...] | None = None,
-    k_scale=None,
-    v_scale=None,
+    scales: quant.KVScales | None = None,
     k_group: np.ndarray | tuple[int, ...] | None = None,
 ):
     """Attention over the static live slices of the cache plus the fresh K/V (see the module docstring).
@@ -54,9 +54,9 @@ def cached_attention(
     static_mask = np.ones(capacity, bool) if static_mask is None else np.asarray(static_mask, bool)
     if static_mask.shape != (capacity,):
         raise ValueError(f"static_mask must have shape ({capacity},) like the cache, got {static_mask.shape}")
-    quantized = k_scale is not None
-    if quantized and (v_scale is None or k_group is None):
-        raise ValueError("a quantised cache needs k_scale, v_scale and k_group together")
+    quantized = scales is not None
+    if quantized and k_group is None:
+        raise ValueError("a quantised cache needs its scales and k_group together")
     k_group = np.asarray(k_group, np.int32) if quantized else None
     out_dtype = v.dtype if quantized else cache_v.dtype
     q, k = prepare_qk(q, k, scale_mul_H)
@@ -65,8 +65,9 @@ def cached_attention(
     for start, stop in live_runs(static_mask, k_group):
         keys, values = cache_k[:, start:stop], cache_v[:, start:stop]
         if quantized:
-            keys = keys.astype(jnp.float32) * k_scale[:, int(k_group[start])][:, None]
-            values = quant.dequantize_v(values, v_scale[:, start:stop], out_dtype)
+            k_scale, k_min = scales.k_group(int(k_group[start]))  # [B, H, D] each
+            keys = quant.dequantize(keys, k_scale[:, None], None if k_min is None else k_min[:, None], scales.kv_dtype)
+            values = scales.dequantize_v(values, out_dtype, slice(start, stop))
         valid = jnp.broadcast_to(cache_mask[..., start:stop], (l, stop - start))
         sources.append((keys, values, valid))
     sources.append((k, v.astype(out_dtype), None))
