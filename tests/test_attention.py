@@ -18,10 +18,14 @@ from amskv_jax.attention.reference import cached_attention_reference as _referen
 from amskv_jax.cache import build_layout
 from amskv_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, get_preset
 from amskv_jax.var import VAR
-from test_var import cached_logits
+from test_var import cached_logits, random_like
 
 SCALE_SIZES = sorted({pn * pn for pn in PATCH_NUMS_256 + PATCH_NUMS_512})  # 1, 4, 9, ..., 1024
-TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+# bfloat16: one unit in the last place of the largest output (2^-7 of it), the output's own rounding. The GPU kernel
+# meets it only because it splits the scaled queries into hi + lo bf16 parts (pallas_gpu.py): with one bf16 q its
+# error here was 1.5e-2 to 2.7e-2 (interpreted, the inputs below); with the split 2.9e-3 to 7.8e-3.
+BF16_ULP = 2.0**-7
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: BF16_ULP * 1.001}
 TINY = get_preset("tiny")
 
 
@@ -106,7 +110,7 @@ def test_xla_path_and_gpu_kernel_match_reference_for_structured_masks(kernel, ma
 
 @pytest.mark.parametrize("kernel", ["xla", "gpu"])
 @pytest.mark.parametrize("l", [1, 100, 256])
-def test_xla_path_and_gpu_kernel_in_bfloat16_stay_within_2e_2(kernel, l):
+def test_xla_path_and_gpu_kernel_in_bfloat16_stay_within_one_ulp_of_the_output(kernel, l):
     _check_against_reference(kernel, l, 300, _masks(300)["condensed_local"], jnp.bfloat16, rows=2, seed=l)
 
 
@@ -221,18 +225,10 @@ CONDENSED_LOCAL = build_layout(
 )
 
 
-def _random_like(module, seed: int, *args):
-    """Variables of `module` drawn as N(0, 0.05) from their shapes (no init run: initialising on CPU is slow, and
-    at init AdaLN gates are zero so attention would not matter)."""
-    leaves, tree = jax.tree.flatten(jax.eval_shape(module.init, jax.random.key(0), *args))
-    rng = np.random.default_rng(seed)
-    return jax.tree.unflatten(tree, [jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype) for x in leaves])
-
-
 @pytest.fixture(scope="module")
 def var_params():
     c = TINY.var
-    return _random_like(VAR(c), 1, jnp.zeros((1,), jnp.int32), jnp.zeros((1, c.seq_len - c.first_l, c.cvae)))
+    return random_like(VAR(c), 1, jnp.zeros((1,), jnp.int32), jnp.zeros((1, c.seq_len - c.first_l, c.cvae)))
 
 
 def _stepped_logits(model: VAR, params, labels, x_BLCv):
@@ -257,57 +253,82 @@ def test_tiny_generation_with_pallas_gives_the_tokens_of_xla(var_params):
     from amskv_jax.vqvae import VQVAE
 
     size = TINY.vqvae.image_size
-    params = {"var": var_params, "vqvae": _random_like(VQVAE(TINY.vqvae), 2, jnp.zeros((1, size, size, 3)))}
+    params = {"var": var_params, "vqvae": random_like(VQVAE(TINY.vqvae), 2, jnp.zeros((1, size, size, 3)))}
     run = functools.partial(generate, params, [1, 7], jax.random.key(3), config=TINY, layout=CONDENSED_LOCAL, top_k=20)
     expected, got = run(impl="xla"), run(impl="pallas")
     for x, y in zip(expected.tokens, got.tokens, strict=True):
         np.testing.assert_array_equal(x, y)
 
 
-# --- the Pallas kernels under a mesh ------------------------------------------------------------------------------
-MESH_CHILD = """
-import json, sys
-import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
-sys.path.insert(0, sys.argv[1])
-from amskv_jax import attention, sharding
-from amskv_jax.attention.reference import cached_attention_reference
-from test_attention import _inputs, _masks, _relative_error
-assert jax.device_count() == 8, jax.devices()
-mask = _masks(100)["random"]
-q, k, v, cache_k, cache_v, scale_mul_H = _inputs(0, 8, 25, 100, jnp.float32, heads=4)
-ref = cached_attention_reference(q, k, v, cache_k, cache_v, jnp.asarray(mask), scale_mul_H)
-fn = jax.jit(lambda *a: attention.cached_attention(*a, impl="pallas", static_mask=mask))
-errors = {}
-for data, model in ((8, 1), (4, 2), (2, 4)):
-    mesh = sharding.make_mesh(data=data, model=model)
-    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
-    heads = P("data", None, "model", None)
-    args = [put(x, heads) for x in (q, k, v, cache_k, cache_v)] + [put(jnp.asarray(mask), P()), put(scale_mul_H, P("model"))]
-    with jax.set_mesh(mesh):
-        out = fn(*args)
-    errors[f"data{data}_model{model}"] = [_relative_error(out, ref), list(out.sharding.spec)]
-print(json.dumps(errors))
-"""
+# --- a quantised cache through the dispatch; the kernels' argument errors --------------------------------------------
+def quantised_inputs(seed: int, rows: int, l: int, capacity: int, heads: int = 2, groups: int = 3):
+    """`_inputs` (float32) with the cache stored as int8: K per channel over each of `groups` equal runs of slots (as
+    if each run were one written scale), V per slot. Returns (q, k, v, cache_k, cache_v, scale_mul_H, quantised),
+    `quantised` the keyword arguments the kernels take (k_scale, v_scale, k_group)."""
+    from amskv_jax import quant
+
+    q, k, v, cache_k, cache_v, scale_mul_H = _inputs(seed, rows, l, capacity, jnp.float32, heads=heads)
+    k_group = np.arange(capacity) * groups // capacity
+    parts = [quant.quantize_k(cache_k[:, k_group == g], "int8") for g in range(groups)]
+    cache_kq = jnp.concatenate([values for values, _ in parts], axis=1)
+    cache_vq, v_scale = quant.quantize_v(cache_v, "int8")
+    quantised = dict(k_scale=jnp.stack([scale for _, scale in parts], axis=1), v_scale=v_scale, k_group=k_group)
+    return q, k, v, cache_kq, cache_vq, scale_mul_H, quantised
 
 
-def test_pallas_kernel_runs_per_shard_under_a_mesh_with_the_unsharded_result():
-    """8 host devices (a child process: the device count is fixed when jax starts), the GPU kernel interpreted: under
-    `jax.set_mesh`, the dispatch runs it in a shard_map over rows and heads; each mesh gives the unsharded result."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+@pytest.mark.parametrize("mask_name", ["condensed_local", "empty"])
+@pytest.mark.parametrize("scale_mul", [True, False])
+def test_pallas_over_an_int8_cache_through_the_dispatch_matches_the_reference(mask_name, scale_mul):
+    """impl="pallas" (on CPU the GPU kernel, interpreted) with a quantised cache: with live blocks and with none
+    (the kernel's dummy-slot path), with and without L2 norm."""
+    mask = _masks(300)[mask_name]
+    q, k, v, cache_k, cache_v, scale_mul_H, quantised = quantised_inputs(7, 2, 25, 300)
+    scale_mul_H = scale_mul_H if scale_mul else None
+    out = jax.jit(lambda *a: attention.cached_attention(*a, impl="pallas", static_mask=mask, **quantised))(
+        q, k, v, cache_k, cache_v, jnp.asarray(mask), scale_mul_H)
+    ref = _reference(q, k, v, cache_k, cache_v, jnp.asarray(mask), scale_mul_H, **quantised)
+    assert out.dtype == jnp.float32 and _relative_error(out, ref) < 1e-5
 
-    tests = Path(__file__).parent
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", MESH_CHILD, str(tests)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(errors) == {"data8_model1", "data4_model2", "data2_model4"}
-    for name, (err, spec) in errors.items():
-        assert err < 1e-5, (name, err)
-        assert spec[0] == "data" and spec[2] in ("model", None), (name, spec)
+
+def test_kernels_refuse_arguments_that_do_not_fit_with_the_value_and_what_fits():
+    q, k, v, cache_k, cache_v, scale_mul_H, quantised = quantised_inputs(8, 1, 4, 100)
+    args = (q, k, v, cache_k, cache_v, jnp.ones(100, bool), scale_mul_H)
+    gpu = functools.partial(pallas_gpu.cached_attention, interpret=True)
+    with pytest.raises(ValueError, match=r"static_mask must have shape \(100,\) like the cache, got \(99,\)"):
+        gpu(*args, static_mask=np.ones(99, bool))
+    with pytest.raises(ValueError, match=r"static_mask must have shape \(100,\) like the cache, got \(99,\)"):
+        tpu.cached_attention(*args, static_mask=np.ones(99, bool), interpret=True)
+    with pytest.raises(ValueError, match="a quantised cache needs k_scale, v_scale and k_group together"):
+        gpu(*args, k_scale=quantised["k_scale"], k_group=quantised["k_group"])
+    with pytest.raises(ValueError, match="a quantised cache needs k_scale, v_scale and k_group together"):
+        gpu(*args, k_scale=quantised["k_scale"], v_scale=quantised["v_scale"])
+    with pytest.raises(ValueError, match=r"k_group must have shape \(100,\) like the cache, got \(50,\)"):
+        gpu(*args, **{**quantised, "k_group": quantised["k_group"][:50]})
+    narrow = [x[..., :48] for x in args[:5]]
+    with pytest.raises(ValueError, match="needs a power-of-two head dim >= 16, got 48"):
+        gpu(*narrow, *args[5:])
+
+
+def test_tpu_path_runs_again_in_a_new_trace_with_the_same_mask():
+    """The splash kernel is cached per mask across traces (a new jit, a new batch size, `generate --compare`): the
+    cached kernel must hold no array of the trace that built it."""
+    mask = _masks(300)["condensed_local"]
+    q, k, v, cache_k, cache_v, scale_mul_H = _inputs(6, 2, 16, 300, jnp.float32)
+    ref = reference(q, k, v, cache_k, cache_v, jnp.asarray(mask), scale_mul_H)
+    for _ in range(2):
+        out = jax.jit(functools.partial(KERNELS["tpu"], static_mask=mask))(
+            q, k, v, cache_k, cache_v, jnp.asarray(mask), scale_mul_H)
+        assert _relative_error(out, ref) < 1e-5
+
+
+def test_tiny_model_with_an_int8_cache_gives_the_logits_of_xla_on_the_pallas_path(var_params):
+    """VAR(impl="pallas") with kv_dtype="int8": the model passes the quantised cache's scales and groups through the
+    dispatch to the kernel (interpreted) at every scale, scale 0's empty cache included."""
+    c = TINY.var
+    labels = jnp.array([2, 5], jnp.int32)
+    x = jax.random.normal(jax.random.key(4), (2, c.seq_len - c.first_l, c.cvae))
+    run = lambda impl: jax.jit(lambda p, lab, x_: cached_logits(  # noqa: E731
+        VAR(c, impl=impl), p, lab, x_, CONDENSED_LOCAL, kv_dtype="int8"))(var_params, labels, x)
+    (expected, cache), (got, _) = run("xla"), run("pallas")
+    assert cache.kinds[0].k.dtype == jnp.int8
+    assert _relative_error(got, expected) < 1e-5
