@@ -206,6 +206,9 @@ def test_attention_over_quantised_caches_reference_xla_path_and_kernel(dtype):
     kernel = functools.partial(pallas_gpu.cached_attention, static_mask=static_mask, interpret=True)
     live = jax.jit(functools.partial(_attend, functools.partial(xla.cached_attention, static_mask=static_mask)))
     base = reference(fresh, caches[None], scale_mul_H)
+    # bfloat16: one unit in the last place of the largest output; the kernel's hi + lo split of the dequantised K
+    # keeps it there (4.0e-3 measured; 3.1e-2 with K as one bf16 part)
+    tolerance = 1e-5 if dtype == jnp.float32 else 2.0**-7 * 1.001
     for kv, (tol_mild, tol_sharp) in [("int8", (0.01, 0.03)), ("float8_e4m3fn", (0.03, 0.1))]:
         ref = reference(fresh, caches[kv], scale_mul_H)
         assert ref.dtype == dtype
@@ -213,11 +216,11 @@ def test_attention_over_quantised_caches_reference_xla_path_and_kernel(dtype):
         assert errors[0] < tol_mild and errors[1] < tol_sharp, (kv, errors)
         out = live(fresh, caches[kv], scale_mul_H)
         assert out.dtype == dtype
-        assert _rel(out, ref) < (1e-5 if dtype == jnp.float32 else 2e-2), kv
+        assert _rel(out, ref) < tolerance, kv
         if kv == "int8" or dtype == jnp.float32:  # the kernel is dtype-agnostic in its storage: one float8 case
             out = jax.jit(functools.partial(_attend, kernel))(fresh, caches[kv], scale_mul_H)
             assert out.dtype == dtype
-            assert _rel(out, ref) < (1e-5 if dtype == jnp.float32 else 2e-2), kv
+            assert _rel(out, ref) < tolerance, kv
 
 
 @pytest.mark.parametrize("dtype", KV)
@@ -251,21 +254,26 @@ def test_bad_kv_dtype_and_missing_group_fail_with_a_message():
 # --- whole generations ----------------------------------------------------------------------------------------------
 
 
-def test_greedy_generation_with_int8_storage_agrees_with_bf16_storage():
-    """A random-weights tiny model, AMS-KV's default policy, float32 compute, 20 images greedy: the tokens of each
-    scale with an int8 cache against a bf16 one. Measured: 100 % at every scale (and 100/100/100/99.4 % with the
-    full cache; float8: 99.4-98.8 % at the last scale); an early flip changes every later scale's input, so the floor
-    is set per scale at 95 %."""
+def test_greedy_generation_with_int8_storage_stays_as_close_to_float32_storage_as_bf16_storage():
+    """A random-weights tiny model, AMS-KV's default policy, float32 compute, 20 images greedy: per scale, the share of
+    tokens equal to those of a float32 cache. Measured: int8 storage 100/100/100/99.4 %, bf16 storage
+    100/97.5/100/99.4 %, int8 against bf16 100/97.5/100/100 % (one flipped token of one image at scale 1, which
+    appears twice among the labels): storing K/V as int8 costs no more greedy agreement than storing them as bf16."""
     model = random_model("tiny")
     config = model.config.var
     layout = policy_from_name("amskv", config).layout(config)
     run = functools.partial(generate, model.params, list(range(10)) * 2, jax.random.key(0), config=model.config,
                             layout=layout, top_k=1, top_p=0.0)
-    bf16, int8 = run(kv_dtype="bfloat16"), run(kv_dtype="int8")
-    agreement = [float((np.asarray(a) == np.asarray(b)).mean()) for a, b in zip(bf16.tokens, int8.tokens, strict=True)]
-    print("per-scale token agreement int8 vs bf16:", [f"{a:.3f}" for a in agreement])
-    assert min(agreement) >= 0.95, agreement
-    assert agreement[0] == 1.0  # scale 0 reads no cache
+    f32, bf16, int8 = run(kv_dtype=None), run(kv_dtype="bfloat16"), run(kv_dtype="int8")
+
+    def agreement(a, b):
+        return [float((np.asarray(x) == np.asarray(y)).mean()) for x, y in zip(a.tokens, b.tokens, strict=True)]
+
+    to_f32 = {"int8": agreement(int8, f32), "bfloat16": agreement(bf16, f32)}
+    print("per-scale token agreement with a float32 cache:", to_f32)
+    assert all(i >= b for i, b in zip(to_f32["int8"], to_f32["bfloat16"], strict=True)), to_f32
+    against_bf16 = agreement(int8, bf16)
+    assert against_bf16[0] == 1.0 and min(against_bf16) >= 0.975, against_bf16  # scale 0 reads no cache
 
 
 @pytest.mark.parametrize("kv_dtype, bound", [("int8", 2e-4), ("float8_e4m3fn", 3e-3)])
