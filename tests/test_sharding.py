@@ -1,7 +1,8 @@
-"""Sharded generation on 8 simulated CPU devices: the same tokens and images as one device, the intended shardings,
-and clear errors for meshes that do not fit.
+"""Sharded generation on 8 simulated CPU devices: the same tokens and images as one device (full cache, AMS-KV's
+several cache kinds, an int8 cache, the Pallas kernel), the intended shardings, the kernels run per shard, and clear
+errors for meshes that do not fit.
 
-The device count is fixed when jax starts, so the checks that need 8 devices run once, in a child process started
+The device count is fixed when jax starts, so the checks that need 8 devices run once, in one child process started
 with XLA_FLAGS=--xla_force_host_platform_device_count=8 (this file run as a script); it saves its results to a
 temporary directory that the tests below read. Mesh parsing needs no devices and runs here.
 """
@@ -23,6 +24,10 @@ MESHES = {"data8": (8, 1), "data4_model2": (4, 2)}
 # survives the filter, so the "greedy" run is greedy (as top_k=1 would be) while the other one samples.
 RUNS = {"greedy": dict(top_k=20, top_p=1e-3, cfg=1.5), "sampled": dict(top_k=20, top_p=0.9, cfg=2.0)}
 LABELS = [0, 3, 5, 9, 1, 1, 7, 2]
+# Greedy generations with AMS-KV's layout of two cache kinds (layer 1 demanding), single device and data=4,model=2:
+# the kinds' stacked caches, an int8 cache with its scales, and the Pallas kernel (interpreted) under the mesh.
+KIND_RUNS = {"kinds_int8": dict(kv_dtype="int8"), "kinds_pallas": dict(impl="pallas")}
+KIND_MESH = "data4_model2"
 COLLECTIVE = r"= \S+ (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter|collective-broadcast)\("
 
 
@@ -33,7 +38,7 @@ def _child(out_dir: Path) -> None:
 
     from amskv_jax import checkpoint, generate as gen_module, sharding
     from amskv_jax.config import get_preset
-    from amskv_jax.policies import FullCache
+    from amskv_jax.policies import AMSKV, FullCache
 
     assert jax.device_count() == DEVICES, jax.devices()
     # a persistent cache in the temporary directory lets the `.lower().compile()` below reuse generate's executable
@@ -58,6 +63,10 @@ def _child(out_dir: Path) -> None:
 
     for run_name, kwargs in RUNS.items():
         run(f"single/{run_name}", None, **kwargs)
+    kinds = AMSKV(condensed_scales=1, local_window=1, demanding_layers=(1,), demanding_window=None).layout(config.var)
+    report["kinds"] = len(kinds.kinds)
+    for run_name, kwargs in KIND_RUNS.items():
+        run(f"single/{run_name}", None, layout=kinds, **RUNS["greedy"], **kwargs)
     for mesh_name, (data, model) in MESHES.items():
         mesh = sharding.make_mesh(data=data, model=model)
         specs = report["specs"][mesh_name] = {}
@@ -69,6 +78,12 @@ def _child(out_dir: Path) -> None:
         # new labels and key: the compiled program is reused
         gen_module.generate(params, LABELS[::-1], jax.random.key(9), config=config, mesh=mesh, **RUNS["sampled"])
         report["compiles"][mesh_name] = gen_module._generate._cache_size()
+        if mesh_name == KIND_MESH:
+            for run_name, kwargs in KIND_RUNS.items():
+                run(f"{mesh_name}/{run_name}", mesh, layout=kinds, **RUNS["greedy"], **kwargs)
+            cache = sharding.init_sharded_cache(kinds, len(LABELS), config, mesh, jnp.float32, kv_dtype="int8")
+            specs["kinds_int8_cache"] = [{name: list(getattr(kind, name).sharding.spec)
+                                          for name in ("k", "v", "k_scale", "v_scale")} for kind in cache.kinds]
         # the collectives XLA put in the program (same arguments as generate passes: a cache hit)
         hlo = gen_module._generate.lower(
             sharding.shard_params(params, mesh), sharding.place_rows(jnp.asarray(LABELS, jnp.int32), mesh),
@@ -125,8 +140,52 @@ def _child(out_dir: Path) -> None:
         report["errors"]["cli"] = None
     except SystemExit as exit_:
         report["errors"]["cli"] = exit_.code
+    report["kernel"] = _kernels_under_meshes()
     np.savez(out_dir / "arrays.npz", **arrays)
     (out_dir / "report.json").write_text(json.dumps(report))
+
+
+def _kernels_under_meshes() -> dict:
+    """The Pallas kernel (the GPU one, interpreted) through the dispatch under `jax.set_mesh`, which runs it in a
+    shard_map over rows and heads: {case: [relative error against the unsharded reference, the output's spec]}."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from amskv_jax import attention, sharding
+    from amskv_jax.attention.reference import cached_attention_reference
+    from test_attention import _inputs, _masks, _relative_error, quantised_inputs
+
+    heads = P("data", None, "model", None)
+    specs = {"k_scale": heads, "v_scale": P("data", None, "model")}
+    cases = {  # name: (data, model, mask, quantised, L2 norm)
+        **{f"data{d}_model{m}": (d, m, "random", False, True) for d, m in ((8, 1), (4, 2), (2, 4))},
+        "int8_no_l2_data4_model2": (4, 2, "random", True, False),
+        "int8_empty_data2_model4": (2, 4, "empty", True, True),
+    }
+    out = {}
+    for name, (data, model, mask_name, quantised, l2) in cases.items():
+        mask = _masks(100)[mask_name]
+        if quantised:
+            q, k, v, cache_k, cache_v, scale_mul_H, scales = quantised_inputs(0, 8, 25, 100, heads=4)
+        else:
+            (q, k, v, cache_k, cache_v, scale_mul_H), scales = _inputs(0, 8, 25, 100, jnp.float32, heads=4), {}
+        scale_mul_H = scale_mul_H if l2 else None
+        ref = cached_attention_reference(q, k, v, cache_k, cache_v, jnp.asarray(mask), scale_mul_H, **scales)
+        mesh = sharding.make_mesh(data=data, model=model)
+        put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+        k_group = scales.pop("k_group", None)
+        args = [put(x, heads) for x in (q, k, v, cache_k, cache_v)] + [put(jnp.asarray(mask), P())]
+        args.append(None if scale_mul_H is None else put(scale_mul_H, P("model")))
+        placed = {key: put(x, specs[key]) for key, x in scales.items()}
+        fn = jax.jit(functools.partial(attention.cached_attention, impl="pallas", static_mask=mask,
+                                       **({} if k_group is None else {"k_group": k_group})))
+        with jax.set_mesh(mesh):
+            result = fn(*args, **placed)
+        out[name] = [_relative_error(result, ref), list(result.sharding.spec)]
+    return out
 
 
 # --- the tests -------------------------------------------------------------------------------------------------------
@@ -136,7 +195,7 @@ def child(tmp_path_factory):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}".strip()
     result = subprocess.run(
-        [sys.executable, __file__, str(out_dir)], env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, __file__, str(out_dir)], env=env, capture_output=True, text=True, timeout=1800,
         cwd=Path(__file__).parent.parent,
     )
     assert result.returncode == 0, f"child failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
@@ -155,6 +214,39 @@ def test_sharded_generation_equals_the_single_device_run(child, mesh, run):
     for si in range(scales):
         np.testing.assert_array_equal(arrays[f"{mesh}/{run}/tokens{si}"], arrays[f"single/{run}/tokens{si}"])
     np.testing.assert_allclose(arrays[f"{mesh}/{run}/images"], arrays[f"single/{run}/images"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("run", list(KIND_RUNS))
+def test_sharded_generation_with_cache_kinds_int8_and_pallas_equals_the_single_device_run(child, run):
+    report, arrays, _ = child
+    assert report["kinds"] == 2
+    for si in range(4):
+        np.testing.assert_array_equal(arrays[f"{KIND_MESH}/{run}/tokens{si}"], arrays[f"single/{run}/tokens{si}"])
+    np.testing.assert_allclose(arrays[f"{KIND_MESH}/{run}/images"], arrays[f"single/{run}/images"], rtol=0,
+                               atol=1e-4)
+    # the settings matter: each run differs from the full cache's greedy one somewhere
+    assert any((arrays[f"single/{run}/tokens{si}"] != arrays[f"single/greedy/tokens{si}"]).any() for si in range(4))
+
+
+def test_a_sharded_int8_cache_splits_every_kind_and_its_scales_by_rows_and_heads(child):
+    report, _, _ = child
+    kinds = report["specs"][KIND_MESH]["kinds_int8_cache"]
+    assert len(kinds) == 2
+    for kind in kinds:
+        assert kind["k"] == kind["v"] == kind["k_scale"] == [None, "data", None, "model", None]
+        assert kind["v_scale"] == [None, "data", None, "model"]
+
+
+def test_pallas_kernel_runs_per_shard_under_a_mesh_with_the_unsharded_result(child):
+    """The GPU kernel interpreted, under `jax.set_mesh`: the dispatch runs it in a shard_map over rows and heads; each
+    mesh gives the unsharded result, with an int8 cache, without L2 norm, and with no live cache block."""
+    report, _, _ = child
+    assert set(report["kernel"]) == {"data8_model1", "data4_model2", "data2_model4", "int8_no_l2_data4_model2",
+                                     "int8_empty_data2_model4"}
+    for name, (err, spec) in report["kernel"].items():
+        assert err < 1e-5, (name, err)
+        model = int(name.rsplit("model", 1)[1])
+        assert spec[:2] == ["data", None] and spec[2] in (("model",) if model > 1 else ("model", None)), (name, spec)
 
 
 def test_sampled_runs_really_sample(child):
