@@ -75,7 +75,8 @@ def test_make_checkpoint_writes_a_torch_zip_the_converter_reads(tiny_published, 
 
 
 def test_convert_memory_converts_in_a_child_and_reports_sizes(tiny_published, tmp_path, capsys):
-    assert convert_memory.main(["--preset", "tiny", "--dir", str(tmp_path), "--json"]) == 0
+    # no watchdog: the tiny conversion needs little, and a busy machine's memory must not abort it
+    assert convert_memory.main(["--preset", "tiny", "--dir", str(tmp_path), "--min-available-gb", "0", "--json"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["status"] == "ok" and record["preset"] == "tiny" and record["dtype"] == "float32"
     files = [tmp_path / "var_tiny.pth", tmp_path / f"{make_checkpoint.VAE_NAME}.pth"]
