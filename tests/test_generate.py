@@ -94,19 +94,56 @@ def test_main_job_writes_one_grid_row_per_class_with_the_embedded_model(tmp_path
 
 
 def test_compare_writes_the_full_cache_row_above_the_policy_row_for_the_same_seeds(tmp_path, capsys):
+    """The --compare grid against two separate runs on the same labels and seed, one per cache: its rows must be,
+    label by label, the full-cache run's row and then the policy run's row (same programs, so bit-identical)."""
     from PIL import Image
 
-    out = tmp_path / "compare.png"
-    assert gen_module.main(["--labels", "0,1", "--batch", "2", "--policy", "sliding", "--compare",
-                            "--out", str(out)]) == 0
-    grid = np.asarray(Image.open(out))
-    side = (grid.shape[1] - 2) // 2 - 2
-    assert grid.shape[:2] == (4 * (side + 2) + 2, 2 * (side + 2) + 2)  # label 0: full, sliding; label 1: full, sliding
+    def grid_rows(*argv):
+        out = tmp_path / f"{len(list(tmp_path.iterdir()))}.png"
+        assert gen_module.main(["--labels", "0,1", "--batch", "2", *argv, "--out", str(out)]) == 0
+        grid = np.asarray(Image.open(out))
+        side = (grid.shape[1] - 2) // 2 - 2  # two columns
+        assert (grid.shape[0] - 2) % (side + 2) == 0
+        return [grid[2 + r * (side + 2): 2 + r * (side + 2) + side] for r in range((grid.shape[0] - 2) // (side + 2))]
 
-    def row(r):
-        return grid[2 + r * (side + 2): 2 + r * (side + 2) + side].astype(int)
-
-    # scale 0 never reads the cache, and sliding keeps one scale: rows differ, but the same draw starts each column
-    assert np.abs(row(0) - row(1)).mean() > 0 or np.abs(row(2) - row(3)).mean() > 0
+    compared = grid_rows("--policy", "sliding", "--compare")
     printed = capsys.readouterr().out
     assert "full cache:" in printed and "rows alternate: full cache, then" in printed
+    full, sliding = grid_rows("--policy", "full"), grid_rows("--policy", "sliding")
+    assert len(compared) == 4 and len(full) == len(sliding) == 2
+    for label in range(2):
+        np.testing.assert_array_equal(compared[2 * label], full[label])
+        np.testing.assert_array_equal(compared[2 * label + 1], sliding[label])
+    assert any(not np.array_equal(f, s) for f, s in zip(full, sliding))  # the policy changes the images
+
+
+def test_generated_logits_under_a_lossy_policy_are_teacher_forcing_under_its_layout():
+    """generate(return_logits=True) under AMS-KV with two cache kinds (no quantisation) against the teacher-forced
+    forward pass under the same layout on the generated tokens, guided the same way: equal up to float32 rounding;
+    the unmasked teacher-forced pass is far away (the layout changes what is attended)."""
+    import jax.numpy as jnp
+
+    from amskv_jax import sampling
+    from amskv_jax.policies import AMSKV
+    from amskv_jax.var import VAR
+    from amskv_jax.vqvae import VQVAE
+    from test_policies import random_model
+
+    model = random_model("tiny")
+    c = model.config.var
+    layout = AMSKV(condensed_scales=1, local_window=1, demanding_layers=(1,), demanding_window=None).layout(c)
+    assert len(layout.kinds) == 2
+    labels = jnp.arange(4) % c.num_classes
+    out = generate(model.params, labels, jax.random.key(0), config=model.config, layout=layout, cfg=2.0, top_k=0,
+                   top_p=0.9, return_logits=True)
+    x = VQVAE(model.config.vqvae).apply(model.params["vqvae"], out.tokens, method=VQVAE.idx_to_var_input)
+    rows = sampling.guidance_rows(labels, c.num_classes)
+    errors = {}
+    for name, forced_layout in (("layout", layout), ("unmasked", None)):
+        logits = VAR(c).apply(model.params["var"], rows, jnp.repeat(x, 2, axis=0), layout=forced_layout)
+        errors[name] = max(
+            float(np.abs(sampling.apply_guidance(logits[:, b:e], 2.0, sampling.guidance_ratio(si, c.num_scales))
+                         - ref).max() / np.abs(ref).max())
+            for si, ((b, e), ref) in enumerate(zip(c.begin_ends, out.logits, strict=True))
+        )
+    assert errors["layout"] < 1e-5 and errors["unmasked"] > 1e-3, errors

@@ -3,6 +3,8 @@ stacked block params; config validation."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -15,15 +17,17 @@ from amskv_jax.policies import AMSKV, POLICIES, FullCache, policy_from_name
 from amskv_jax.var import VAR, block_causal_mask, stack_blocks, unstack_blocks
 
 
+def random_like(module, seed: int, *args):
+    """Variables of `module` drawn as N(0, 0.05²) from their shapes (`jax.eval_shape` of its init, numpy draws: no
+    initialiser runs, which on CPU is slow; and at init AdaLN gates are zero, so attention would not matter)."""
+    leaves, tree = jax.tree.flatten(jax.eval_shape(module.init, jax.random.key(0), *args))
+    rng = np.random.default_rng(seed)
+    return jax.tree.unflatten(tree, [jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype) for x in leaves])
+
+
 def _random_var_params(cfg: VARConfig, seed: int = 0):
-    model = VAR(cfg)
     x = jnp.zeros((1, cfg.seq_len - cfg.first_l, cfg.cvae))
-    params = model.init(jax.random.key(seed), jnp.zeros((1,), jnp.int32), x)
-    # Perturb every weight so that AdaLN gates and biases matter (init leaves many at zero).
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
-    return jax.tree.unflatten(tree, leaves)
+    return random_like(VAR(cfg), seed, jnp.zeros((1,), jnp.int32), x)
 
 
 def cached_logits(model: VAR, params, labels, x_BLCv, layout, dtype=jnp.float32, kv_dtype=None):
@@ -76,6 +80,22 @@ def _policy_layouts(cfg: VARConfig):
     return layouts
 
 
+def _teacher_under_masks(model: VAR, params, labels, x, masks_DLL):
+    """Teacher forcing with per-layer masks [D, L, L] given as an array, so that one compiled program serves every
+    layout: `VAR.__call__` builds its masks from the layout with `cache.teacher_mask` and picks layer l's by
+    `layout.kind_of[l]`; here a stand-in layout has one kind per layer and its masks are the argument."""
+    import amskv_jax.var as var_module
+
+    depth = model.config.depth
+    stand_in = types.SimpleNamespace(kind_of=tuple(range(depth)))
+    original = var_module.teacher_mask
+    var_module.teacher_mask = lambda layout: masks_DLL if layout is stand_in else original(layout)
+    try:
+        return model.apply(params, labels, x, stand_in)
+    finally:
+        var_module.teacher_mask = original
+
+
 def test_teacher_forcing_under_each_policy_equals_its_cached_steps():
     """At every layer, the policy-masked teacher-forced logits equal the cached per-scale logits on the same tokens
     (float32): the teacher mask is exactly what generation under that layout attends to."""
@@ -84,17 +104,26 @@ def test_teacher_forcing_under_each_policy_equals_its_cached_steps():
     params = _random_var_params(cfg)
     labels = jnp.array([3, 7], jnp.int32)
     x = jax.random.normal(jax.random.key(5), (2, cfg.seq_len - cfg.first_l, cfg.cvae))
-    teacher = jax.jit(lambda p, layout: model.apply(p, labels, x, layout), static_argnums=1)
+    teacher = jax.jit(functools.partial(_teacher_under_masks, model))
     stepped = jax.jit(cached_logits, static_argnums=(0, 4))
-    unmasked = teacher(params, None)
+    unmasked = model.apply(params, labels, x)
     layouts = _policy_layouts(cfg)
     for name, layout in layouts.items():
-        masked = teacher(params, layout)
+        masks = teacher_mask(layout)[np.asarray(layout.kind_of)]  # per layer
+        masked = teacher(params, labels, x, masks)
+        if name == "full":  # the stand-in gives the model's own teacher forcing
+            np.testing.assert_allclose(masked, unmasked, rtol=0, atol=1e-5 * float(jnp.abs(unmasked).max()))
         cached, _ = stepped(model, params, labels, x, layout)
         rel = float(jnp.abs(cached - masked).max() / jnp.abs(masked).max())
         assert rel < 1e-5, (name, rel)
         if [p.reads for p in layout.layers] != [p.reads for p in layouts["full"].layers]:  # the masks matter
             assert float(jnp.abs(masked - unmasked).max()) > 1e-3, name
+    assert teacher._cache_size() == 1
+    # and the model's own entry point under a layout with several kinds gives the same
+    interleaved = layouts["amskv-interleaved"]
+    per_layer = teacher_mask(interleaved)[np.asarray(interleaved.kind_of)]
+    own = model.apply(params, labels, x, interleaved)
+    np.testing.assert_allclose(teacher(params, labels, x, per_layer), own, rtol=0, atol=1e-6 * float(jnp.abs(own).max()))
 
 
 def test_teacher_mask_of_the_full_cache_is_block_causal_and_kinds_follow_the_layers():

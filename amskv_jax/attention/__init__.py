@@ -130,7 +130,7 @@ def _per_shard(kernel, q, k, v, cache_k, cache_v, cache_mask, scale_mul_H, *, k_
     arrays = {name: x for name, x in arrays.items() if x is not None}
     static = dict(k_group=k_group) if k_group is not None else {}
     if mesh.empty:
-        return kernel(**arrays, **static)
+        return kernel(**{"scale_mul_H": None, **arrays}, **static)
     spec = lambda axes: P(*(a if a in mesh.axis_names else None for a in axes))  # noqa: E731
     specs = {
         name: jax.tree.map(lambda a: spec(_SCALE_AXES[a.ndim]), x) if name == "scales" else spec(_SHARD_AXES[name])

@@ -1,0 +1,181 @@
+"""The command lines on input a user gets wrong: status 2 and one line `PROG: error: ...` that names the problem, before
+anything is compiled; and `train finetune` end to end (a model directory `generate --model DIR` loads)."""
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from amskv_jax import checkpoint
+from amskv_jax import generate as gen_module
+from amskv_jax.calibrate import main as calibrate_main
+from amskv_jax.train.__main__ import main as train_main
+from convert import from_torch
+
+EMOJI32_CALIBRATION = checkpoint.EMBEDDED["emoji32"] / "layers.json"  # depth 6; the tiny preset has depth 2
+
+
+def _error(main, argv, capsys, prog: str) -> str:
+    """Run a command line that must fail on its input; returns its error message (the last line of stderr), after
+    checking the status (2), the `PROG: error: ` form and that nothing else was printed on that line's behalf."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors and parser.error
+        code = exit_.code
+    assert code == 2, argv
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    last = err.rstrip("\n").splitlines()[-1]
+    found = re.match(rf"{re.escape(prog)}( [a-z]+)?: error: ", last)  # a subcommand's argparse names itself too
+    assert found, err
+    return last[found.end():]
+
+
+# --- python -m amskv_jax.generate --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--labels", "1,x"], "--labels must be comma-separated integers, got '1,x'"),
+        (["--labels", "1,2,1"], "--labels repeats a class ('1,2,1'); use --batch for more images per class"),
+        (["--labels", "3,10"], "labels [10] out of range; allowed: 0..9"),
+        (["--labels", "1", "--batch", "0"], "--batch must be >= 1, got 0"),
+        (["--labels", "1", "--top-p", "2"], "top_p must be in [0, 1]"),
+        (["--labels", "1", "--policy", "amskv", "--calibration", "missing.json"],
+         "missing.json: no such calibration file (write one with python -m amskv_jax.calibrate)"),
+        (["--labels", "1", "--policy", "amskv", "--calibration", str(EMOJI32_CALIBRATION)],
+         "calibration is for a model of depth 6, not 2"),
+        (["--labels", "1", "--mesh", "data=2"], "needs 2 devices, but only 1 are available"),
+        (["--labels", "1", "--policy", "fastest"], "invalid choice: 'fastest'"),
+    ],
+)
+def test_generate_rejects_bad_input_before_compiling(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gen_module._generate.clear_cache()
+    assert message in _error(gen_module.main, ["--model", "tiny", *argv, "--out", "grid.png"], capsys,
+                             "python -m amskv_jax.generate")
+    assert gen_module._generate._cache_size() == 0 and not (tmp_path / "grid.png").exists()
+
+
+def test_generate_rejects_a_calibration_file_of_another_format(capsys, tmp_path):
+    bad = tmp_path / "layers.json"
+    bad.write_text(json.dumps({**json.loads(EMOJI32_CALIBRATION.read_text()), "format": "something else"}))
+    message = _error(gen_module.main, ["--model", "tiny", "--labels", "1", "--policy", "amskv", "--calibration",
+                                       str(bad), "--out", str(tmp_path / "grid.png")], capsys,
+                     "python -m amskv_jax.generate")
+    assert f"{bad}: format 'something else' is not" in message
+
+
+def test_generate_names_a_missing_model_directory(capsys, tmp_path):
+    message = _error(gen_module.main, ["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "grid.png")],
+                     capsys, "python -m amskv_jax.generate")
+    assert str(tmp_path / "nowhere") in message
+
+
+# --- python -m amskv_jax.calibrate -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--samples", "0"], "--samples and --batch must be >= 1, got 0 and 8"),
+        (["--samples", "2", "--batch", "-1"], "--samples and --batch must be >= 1, got 2 and -1"),
+        (["--samples", "2", "--fraction", "1.5"], "--fraction must be in [0, 1], got 1.5"),
+        (["--samples", "2", "--fraction", "0.5", "--threshold", "0.2"], "not allowed with argument --fraction"),
+        (["--samples", "2", "--finer-from", "4"], "--finer-from must be in [1, 3], got 4"),
+        (["--samples", "2", "--finer-from", "0"], "--finer-from must be in [1, 3], got 0"),
+        (["--samples", "4", "--batch", "2", "--mesh", "data=2"], "needs 2 devices, but only 1 are available"),
+        (["--samples", "2", "--mesh", "pipe=2"], "bad mesh axis 'pipe=2'"),
+        (["--samples", "2", "--measure", "q"], "invalid choice: 'q'"),
+    ],
+)
+def test_calibrate_rejects_bad_input_before_writing(argv, message, capsys, tmp_path):
+    out = tmp_path / "layers.json"
+    assert message in _error(calibrate_main, ["--model", "tiny", *argv, "--out", str(out)], capsys,
+                             "python -m amskv_jax.calibrate")
+    assert not out.exists()
+
+
+def test_calibrate_names_a_missing_model_directory(capsys, tmp_path):
+    message = _error(calibrate_main, ["--model", str(tmp_path / "nowhere"), "--samples", "2", "--out",
+                                      str(tmp_path / "layers.json")], capsys, "python -m amskv_jax.calibrate")
+    assert str(tmp_path / "nowhere") in message
+
+
+# --- python -m convert.from_torch --------------------------------------------------------------------------------
+def test_convert_refuses_a_hostile_checkpoint_without_running_it(capsys, tmp_path):
+    """A torch zip checkpoint whose pickle calls os.system: refused (status 2, one line), the command never runs."""
+    marker = tmp_path / "ran"
+    command = f"touch {marker}"
+    pkl = b"\x80\x02cos\nsystem\nX" + len(command).to_bytes(4, "little") + command.encode() + b"\x85R."
+    path = tmp_path / "var_d16.pth"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pkl)
+        zf.writestr("archive/byteorder", "little")
+        zf.writestr("archive/version", "3\n")
+    message = _error(from_torch.main, [str(path), "--out", str(tmp_path / "out")], capsys,
+                     "python -m convert.from_torch")
+    assert str(path) in message and "os.system" in message
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+# --- python -m amskv_jax.train finetune ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny16_model(tmp_path_factory):
+    """A tiny16 model directory (random N(0, 0.05²) weights, no initialisers run) and an image folder for it."""
+    from amskv_jax.train.configs import get_config
+
+    root = tmp_path_factory.mktemp("finetune")
+    config = get_config("tiny16").model
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(lambda: checkpoint.init_params(config))
+    params = jax.tree.map(lambda s: np.asarray(0.05 * rng.standard_normal(s.shape), s.dtype), shapes)
+    checkpoint.save_checkpoint(root / "model", config, params)
+    for label in (0, 3):
+        (root / "images" / str(label)).mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "images" / str(label) / f"{i}.png")
+    return root
+
+
+def test_finetune_writes_a_model_directory_that_generate_loads(tiny16_model, capsys):
+    out = tiny16_model / "tuned"
+    argv = ["finetune", "--model", str(tiny16_model / "model"), "--policy", "condensed", "--images",
+            str(tiny16_model / "images"), "--steps", "2", "--batch-size", "4", "--out", str(out)]
+    assert train_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "under condensed" in printed and "4 images, 2 steps, batch 4" in printed and f"wrote {out}" in printed
+    source, tuned = checkpoint.load_model(str(tiny16_model / "model")), checkpoint.load_model(str(out))
+    assert tuned.config == source.config
+    for a, b in zip(jax.tree.leaves(source.params["vqvae"]), jax.tree.leaves(tuned.params["vqvae"]), strict=True):
+        np.testing.assert_array_equal(a, b)  # the VQ-VAE is frozen
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(source.params["var"]),
+                                                         jax.tree.leaves(tuned.params["var"]), strict=True)]
+    assert sum(changed) > len(changed) // 2  # the VAR trained
+    provenance = json.loads((out / "finetune.json").read_text())
+    assert provenance["policy"] == "condensed" and provenance["optim"]["steps"] == 2
+    assert provenance["images"] == str(tiny16_model / "images")
+    assert len((out / "run" / "loss_log.csv").read_text().strip().splitlines()) == 1 + 2  # header, two steps
+
+    # ... and refuses to write over it
+    message = _error(train_main, argv, capsys, "python -m amskv_jax.train")
+    assert message == f"{out}/params exists; remove it or pick another --out"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "tiny"], "no training data is known for tiny; pass --images DIR (one subfolder per class)"),
+        (["--model", "tiny", "--images", "missing"], "missing: no such image folder"),
+        (["--model", "tiny", "--calibration", str(EMOJI32_CALIBRATION)],
+         "calibration is for a model of depth 6, not 2"),
+        (["--model", "tiny", "--policy", "fastest"], "invalid choice: 'fastest'"),
+    ],
+)
+def test_finetune_rejects_bad_input_before_training(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert message in _error(train_main, ["finetune", *argv, "--out", "out"], capsys, "python -m amskv_jax.train")
+    assert not (tmp_path / "out").exists()
