@@ -15,7 +15,7 @@ from amskv_jax.checkpoint import init_params
 from amskv_jax.config import get_preset
 from amskv_jax.generate import generate
 from amskv_jax.policies import AMSKV, FullCache
-from amskv_jax.var import per_layer_blocks
+from amskv_jax.var import VAR, per_layer_blocks
 from bench import compile_time
 
 TINY = get_preset("tiny")
@@ -69,6 +69,15 @@ def test_scan_and_unrolled_layer_loops_generate_the_same(params, policy, kv_dtyp
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         for a, b in zip(scan.logits, out.logits, strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_forcing_with_per_layer_params_equals_the_scan(params):
+    model, layout = VAR(CONFIG.var), LAYOUTS["amskv"]
+    labels = jnp.array([3, 7], jnp.int32)
+    x = jax.random.normal(jax.random.key(1), (2, CONFIG.var.seq_len - CONFIG.var.first_l, CONFIG.var.cvae))
+    stacked = model.apply(params["var"], labels, x, layout)
+    per_layer = model.apply(per_layer_blocks(params["var"]), labels, x, layout)
+    np.testing.assert_allclose(np.asarray(per_layer), np.asarray(stacked), rtol=1e-5, atol=1e-5)
 
 
 def test_per_layer_params_refuse_the_scan(params):
