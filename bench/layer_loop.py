@@ -6,8 +6,8 @@
 For every policy, `generate` (jitted, float32 by default, the reference's sampling settings) is timed with each
 layer loop (`generate.LAYER_LOOPS`; `--loops`, all three by default): `scan` (stacked block params), `unrolled` fed
 the stacked params (split into per-layer weights inside the program, as `bench.run` feeds them) and `per-layer`, the
-unrolled loop fed per-layer params made once (`var.per_layer_blocks`). Each figure is the median of `--reps` synchronised calls after a warm-up, the loops
-interleaved within every repetition. With `--torch-reference` (a FoundationVision/VAR checkout; needs torch) the
+unrolled loop fed per-layer params made once (`var.per_layer_blocks`). Each figure is the median of `--reps`
+synchronised calls after a warm-up, the loops interleaved within every repetition. With `--torch-reference` (a FoundationVision/VAR checkout; needs torch) the
 reference's own generation is timed first, with the same weights (`bench.run.torch_reference_times`), and every row
 gets its speed ratio (reference seconds ÷ ours). One JSON record per line, then a markdown table; the 1-minute load
 average is recorded, since only ratios from one run on one machine compare.
