@@ -96,8 +96,10 @@ def test_chunks_of_rows_generate_the_same_as_all_rows(params, policy, kv_dtype, 
     whole, chunked = run(), run(row_chunk=row_chunk)
     for a, b in zip(whole.tokens, chunked.tokens, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # float rounding of matmuls over fewer rows; int8 can turn it into one quantisation step of a cached value
+    tol = 1e-5 if kv_dtype is None else 1e-3
     for a, b in zip(whole.logits, chunked.logits, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
     np.testing.assert_allclose(np.asarray(whole.images), np.asarray(chunked.images), atol=1e-5)
 
 
