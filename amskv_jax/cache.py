@@ -240,29 +240,44 @@ class KindCache:
     def quantized(self) -> bool:
         return self.scales is not None
 
-    def layer(self, index) -> LayerCache:
-        """Layer `index` (an int or a traced int32) of the stack."""
-        take = lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False)  # noqa: E731
+    def layer(self, index, rows: tuple | None = None) -> LayerCache:
+        """Layer `index` (an int or a traced int32) of the stack; `rows` (start, count): only those rows (start may
+        be traced)."""
+
+        def take(x):
+            x = jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False)
+            return x if rows is None or x.ndim == 1 else jax.lax.dynamic_slice_in_dim(x, rows[0], rows[1], 0)
+
         return LayerCache(**{f.name: jax.tree.map(take, getattr(self, f.name)) for f in dataclasses.fields(self)})
 
     def write(
         self, index, segments: tuple[Segment, ...], si: int, k_BlHD: jax.Array, v_BlHD: jax.Array,
-        group: int | None = None,
+        group: int | None = None, active: jax.Array | None = None, row=0, mark: bool = True,
     ) -> KindCache:
         """Store scale si's tokens into layer `index`'s planned segments: only those slots are updated
         (`dynamic_update_slice` at static slot offsets; in place under jit).
 
         Quantised storage quantises here (K per channel over the scale's tokens, into K-scale group `group`, the
-        layout's `LayerLayout.group(si)`; V per token); `group` is unused otherwise."""
+        layout's `LayerLayout.group(si)`; V per token); `group` is unused otherwise. `active` (a traced bool; None:
+        always) writes the new tokens where it is true and writes back what the segments hold where it is false: a
+        scanned layer loop writes every kind's stack at every layer (no `lax.switch` branch returns a stack, which
+        would make XLA copy it), and this costs a segment-sized read and write, not a copy of the stack. `row` (an int
+        or a traced int32): the first cache row the tokens' rows go to (a chunk of rows, `VAR.step(row_chunk=...)`).
+        `mark=False` leaves `slot_scale` as it is, for `mark` to set once every row is written (a later chunk of rows
+        still reads the slots by what they held before the scale)."""
         k, v, slot_scale, scales = self.k, self.v, self.slot_scale, self.scales
-        index = jnp.asarray(index, jnp.int32)
+        index, row = jnp.asarray(index, jnp.int32), jnp.asarray(row, jnp.int32)
 
         def put(buffer, update, slot: int):
-            """update [rows, length, ...] into buffer[index, :, slot:slot + length] (None: no buffer)."""
+            """update [rows, length, ...] into buffer[index, row:row + rows, slot:slot + length] (slot_scale: update
+            [length] into buffer[index, slot:slot + length]), where `active` (None: no buffer)."""
             if buffer is None:
                 return None
-            start = (index, 0, slot) + (0,) * (buffer.ndim - 3)
-            return jax.lax.dynamic_update_slice(buffer, update[None].astype(buffer.dtype), start)
+            start = (index, slot) if buffer.ndim == 2 else (index, row, slot) + (0,) * (buffer.ndim - 3)
+            update = update[None].astype(buffer.dtype)
+            if active is not None:
+                update = jnp.where(active, update, jax.lax.dynamic_slice(buffer, start, update.shape))
+            return jax.lax.dynamic_update_slice(buffer, update, start)
 
         if self.quantized:
             if group is None or not 0 <= group < scales.k.shape[2]:
@@ -283,9 +298,16 @@ class KindCache:
                     v=put(scales.v, v_scale_BlH[:, src], seg.slot),
                     v_min=put(scales.v_min, None if v_min_BlH is None else v_min_BlH[:, src], seg.slot),
                 )
-            held = jnp.full((1, seg.length), si, jnp.int32)
-            slot_scale = jax.lax.dynamic_update_slice(slot_scale, held, (index, jnp.int32(seg.slot)))
+            if mark:
+                slot_scale = put(slot_scale, jnp.full((seg.length,), si, jnp.int32), seg.slot)
         return KindCache(k=k, v=v, slot_scale=slot_scale, scales=scales)
+
+    def mark(self, segments: tuple[Segment, ...], si: int) -> KindCache:
+        """Mark the segments' slots as holding scale si in every layer of the stack (after `write(mark=False)`)."""
+        slot_scale = self.slot_scale
+        for seg in segments:
+            slot_scale = slot_scale.at[:, seg.slot : seg.slot + seg.length].set(si)
+        return self.replace(slot_scale=slot_scale)
 
 
 @flax.struct.dataclass
@@ -298,6 +320,19 @@ class KVCache:
     def layer(self, layout: CacheLayout, l: int) -> LayerCache:
         """Layer l's buffers."""
         return self.kinds[layout.kind_of[l]].layer(layout.kind_index[l])
+
+
+def empty_v(dtype) -> float | int:
+    """What an empty slot of V holds: -0.0 (int8: -128; int4 / int2's packed uint8: 255; both times the slot's zero
+    scale and minimum), read as 0 like K's empty 0.
+
+    Not 0 only because K and V would then be the same constant: XLA makes one buffer of the two and copies it to
+    get the second, a copy of a whole stack. -128 is no value an int8 write stores (`quant` clips to ±127)."""
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        return -0.0
+    info = jnp.iinfo(dtype)
+    return int(info.min) if info.min < 0 else int(info.max)
 
 
 def init_cache(
@@ -325,7 +360,7 @@ def init_cache(
         kinds=tuple(
             KindCache(
                 k=jnp.zeros((n, rows, plan.capacity, num_heads, width), store),
-                v=jnp.zeros((n, rows, plan.capacity, num_heads, width), store),
+                v=jnp.full((n, rows, plan.capacity, num_heads, width), empty_v(store), store),
                 slot_scale=jnp.full((n, plan.capacity), -1, jnp.int32),
                 scales=scales(n, plan),
             )

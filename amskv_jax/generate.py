@@ -26,10 +26,15 @@ from amskv_jax.checkpoint import MissingVQVAEError
 from amskv_jax.quant import KV_DTYPES, check_kv_dtype
 from amskv_jax.config import ModelConfig
 from amskv_jax.policies import FullCache
-from amskv_jax.var import VAR
+from amskv_jax.var import VAR, per_layer_blocks
 from amskv_jax.vqvae import VQVAE
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# How the blocks run (`VAR.step`): "scan", one scanned body over the stacked block params (compile time flat in
+# depth; GPU, TPU, meshes); "unrolled", a Python loop over per-layer params (`var.per_layer_blocks`), where XLA:CPU's
+# matmuls read each layer's weights in place instead of copying them out of the stacks; "auto", unrolled on one CPU
+# device, else the scan.
+LAYER_LOOPS = ("auto", "scan", "unrolled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +64,18 @@ def default_top_k(config: ModelConfig) -> int:
     return min(900, config.var.vocab_size)
 
 
+def resolve_layer_loop(layer_loop: str, mesh: jax.sharding.Mesh | None = None) -> str:
+    """The loop ("scan" or "unrolled") that `layer_loop` runs on this platform (see `LAYER_LOOPS`)."""
+    if layer_loop not in LAYER_LOOPS:
+        raise ValueError(f"unknown layer_loop {layer_loop!r}; allowed: {', '.join(LAYER_LOOPS)}")
+    if layer_loop != "auto":
+        return layer_loop
+    return "unrolled" if mesh is None and jax.default_backend() == "cpu" else "scan"
+
+
 def validate(
-    config: ModelConfig, labels, *, top_k: int, top_p, dtype: str, impl: str = "xla", kv_dtype: str | None = None
+    config: ModelConfig, labels, *, top_k: int, top_p, dtype: str, impl: str = "xla", kv_dtype: str | None = None,
+    layer_loop: str = "auto",
 ) -> None:
     """Boundary checks with messages that say what is allowed (labels only when concrete)."""
     if np.ndim(labels) != 1 or np.shape(labels)[0] == 0:
@@ -73,6 +88,7 @@ def validate(
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     check_kv_dtype(kv_dtype, config.var.head_dim)
+    resolve_layer_loop(layer_loop)
     if not 0 <= top_k <= config.var.vocab_size:
         raise ValueError(f"top_k must be in [0, {config.var.vocab_size}] (0 = off), got {top_k}")
     if isinstance(top_p, (int, float)) and not 0 <= top_p <= 1:
@@ -96,6 +112,8 @@ def generate(
     progress: bool = False,
     return_logits: bool = False,
     mesh: jax.sharding.Mesh | None = None,
+    layer_loop: str = "auto",
+    row_chunk: int | None = None,
 ) -> Generation:
     """Generate len(labels) images. params = {"var": ..., "vqvae": ...}; layout defaults to the full cache.
 
@@ -110,9 +128,17 @@ def generate(
     `mesh` (`sharding.make_mesh`): run SPMD over its devices, batch over "data", heads and MLP over "model"
     (params are placed with `sharding.shard_params`; results equal the single-device run's). It is the ambient mesh
     (`jax.set_mesh`) while tracing, so every attention impl runs sharded: the Pallas kernels inside a shard_map.
+    `layer_loop` (`LAYER_LOOPS`): "auto" runs the blocks as a Python loop over per-layer weights on one CPU device
+    and as one scanned body elsewhere; both give the same tokens. Unrolled, stacked block params are split into
+    per-layer ones here (a copy of the block weights per call; pass `var.per_layer_blocks` params to skip it) and
+    compile time grows with depth.
+    `row_chunk` (a divisor of 2·len(labels), the rows under guidance; None: all): each scale's blocks run over
+    chunks of that many rows, one after the other, against the whole cache (`VAR.step`), so their activations stop
+    growing with the batch; same tokens. Not with a mesh (a device's rows are already a share of the batch).
     """
     top_k = default_top_k(config) if top_k is None else top_k
-    validate(config, labels, top_k=top_k, top_p=top_p, dtype=dtype, impl=impl, kv_dtype=kv_dtype)
+    validate(config, labels, top_k=top_k, top_p=top_p, dtype=dtype, impl=impl, kv_dtype=kv_dtype,
+             layer_loop=layer_loop)
     if "vqvae" not in params:
         raise MissingVQVAEError(
             f"params hold {', '.join(map(repr, params))} but no 'vqvae': a checkpoint converted without --vae cannot "
@@ -124,15 +150,26 @@ def generate(
             f"layout for {len(layout.layers)} layers and ladder {layout.patch_nums} does not fit a model of depth "
             f"{config.var.depth} with ladder {config.var.patch_nums}"
         )
+    rows = 2 * np.shape(labels)[0]
+    if row_chunk is not None and (mesh is not None or isinstance(row_chunk, bool) or not isinstance(row_chunk, int)
+                                  or row_chunk < 1 or rows % row_chunk):
+        raise ValueError(f"row_chunk must be None or a divisor of the {rows} rows (2 per image), without a mesh; got "
+                         f"{row_chunk!r}" + (" with a mesh" if mesh is not None else ""))
+    unrolled = resolve_layer_loop(layer_loop, mesh) == "unrolled"
+    if not unrolled and isinstance(params["var"]["params"]["blocks"], tuple):
+        raise ValueError(f"layer_loop {layer_loop!r} runs the scan over stacked block params, but these are per-layer "
+                         "(var.per_layer_blocks); pass the stacked params or layer_loop='unrolled'")
     if mesh is not None:
         sharding.check_mesh(config, np.shape(labels)[0], mesh)
         params = sharding.shard_params(params, mesh)
         labels, key = sharding.place_rows(jnp.asarray(labels, jnp.int32), mesh), sharding.replicate(key, mesh)
+    if unrolled:
+        params = {**params, "var": per_layer_blocks(params["var"])}
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):  # the Pallas kernels shard over it
         return _generate(
             params, jnp.asarray(labels, jnp.int32), key, jnp.float32(cfg), jnp.float32(top_p),
             config=config, layout=layout, top_k=top_k, more_smooth=more_smooth, dtype=dtype, impl=impl,
-            kv_dtype=kv_dtype, progress=progress, return_logits=return_logits, mesh=mesh,
+            kv_dtype=kv_dtype, progress=progress, return_logits=return_logits, mesh=mesh, row_chunk=row_chunk,
         )
 
 
@@ -144,11 +181,12 @@ def _report_scale(si: int, num_scales: int, pn: int, _tokens) -> None:
     jax.jit,
     static_argnames=(
         "config", "layout", "top_k", "more_smooth", "dtype", "impl", "progress", "return_logits", "mesh", "kv_dtype",
+        "row_chunk",
     ),
 )
 def _generate(
     params, labels_B, key, cfg, top_p, *, config, layout, top_k, more_smooth, dtype, impl, progress, return_logits,
-    mesh=None, kv_dtype=None,
+    mesh=None, kv_dtype=None, row_chunk=None,
 ):
     c = config.var
     var = VAR(c, dtype=DTYPES[dtype], impl=impl)
@@ -164,7 +202,7 @@ def _generate(
     f_hat = jnp.zeros((batch, pn_last, pn_last, c.cvae), jnp.float32)
     tokens, guided, finite = [], [], []
     for si, pn in enumerate(c.patch_nums):
-        logits, cache = var.apply(params["var"], x, cond_BD, cache, si, layout, method=VAR.step)
+        logits, cache = var.apply(params["var"], x, cond_BD, cache, si, layout, row_chunk, method=VAR.step)
         logits, cache = sharding.constrain(logits, mesh), sharding.constrain_cache(cache, mesh)
         ratio = sampling.guidance_ratio(si, c.num_scales)
         logits = sampling.apply_guidance(logits, cfg, ratio)

@@ -12,12 +12,15 @@ Module and parameter names follow the reference's state-dict keys (see `convert/
 The blocks' params are stacked on a leading depth axis (`blocks`, mat_qkv kernel [D, C, 3, H, Dh]) and both entry
 points run the layers as one `jax.lax.scan`, so trace and compile time do not grow with depth. `stack_blocks`
 turns the per-block layout (torch's `blocks.{i}`, this package's checkpoints before the scan) into this one.
+`per_layer_blocks` turns it into a tuple of per-layer blocks, which both entry points run as a Python loop (for
+XLA:CPU, whose matmuls would copy a layer's weights out of the stacks; `generate.LAYER_LOOPS`).
 
 Embeddings, LayerNorms, softmax, the head and its AdaLN run in float32 as the reference does; the blocks' matmuls
 run in `dtype` (float32 or bfloat16). Shapes: B rows, l tokens of one scale, L all tokens, C width, V vocabulary.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import flax.linen as nn
@@ -27,7 +30,7 @@ import numpy as np
 
 from amskv_jax import quant
 from amskv_jax.attention import cached_attention, masked_attention, prepare_qk
-from amskv_jax.cache import CacheLayout, KindCache, KVCache, LayerLayout, teacher_mask
+from amskv_jax.cache import CacheLayout, KindCache, KVCache, teacher_mask
 from amskv_jax.config import VARConfig
 
 
@@ -43,6 +46,76 @@ def block_causal_mask(patch_nums: tuple[int, ...]) -> np.ndarray:
     """bool [L, L]: token t may attend token u iff level[u] <= level[t]."""
     level = np.concatenate([np.full(pn * pn, si) for si, pn in enumerate(patch_nums)])
     return level[None, :] <= level[:, None]
+
+
+def cache_reader(
+    kinds: tuple[KindCache, ...], layout: CacheLayout, si: int, kind, indices, impl: str, rows: tuple | None = None,
+):
+    """attend(q, k, v, scale_mul_H) -> (o [B, l, H, Dh], (k_cached, v)): one layer's attention over its kind's
+    stacked cache at scale si, and the K/V it leaves to write (`cache_write`; k L2-normalised, as cached).
+
+    kind: the layer's kind, a Python int (its stack is known at trace time) or a traced int32 (a scanned layer loop:
+    `lax.switch` picks the kind's read; each branch returns the attention output only, never a stack, which XLA
+    would copy). indices[j]: the layer's index in kind j's stack (only its own kind's is read). rows: (start, count),
+    the cache rows the B query rows are (None: all)."""
+
+    def read(j: int):
+        plan = layout.kinds[j]
+
+        def attention(q, k, v, scale_mul_H, kinds, indices):
+            layer = kinds[j].layer(indices[j], rows)
+            # A quantised cache (its storage dtype is the cache's own; see quant.py) brings its scales.
+            scales = (
+                dict(scales=layer.scales, k_group=plan.slot_groups(si))
+                if kinds[j].quantized else {}
+            )
+            return cached_attention(
+                q, k, v, layer.k, layer.v, layer.read_mask(plan.reads[si]), scale_mul_H, impl=impl,
+                static_mask=plan.read_mask(si), **scales,
+            )
+
+        return attention
+
+    def attend(q, k, v, scale_mul_H):
+        operands = (q, k, v, scale_mul_H, kinds, indices)
+        if isinstance(kind, int):
+            o = read(kind)(*operands)
+        else:
+            o = jax.lax.switch(kind, [read(j) for j in range(len(layout.kinds))], *operands)
+        return o, (prepare_qk(q, k, scale_mul_H)[1], v)
+
+    return attend
+
+
+def cache_write(
+    kinds: tuple[KindCache, ...], layout: CacheLayout, si: int, kind, indices, k_BlHD, v_BlHD, after: jax.Array,
+    row=0,
+) -> tuple[KindCache, ...]:
+    """Scale si's K/V [B, l, H, Dh] written to the layer's kind (`kind`, `indices` as in `cache_reader`) at cache
+    rows [row, row + B). With a traced kind every kind written at si takes a masked write
+    (`KindCache.write(active=...)`). The slots' `slot_scale` is left to `VAR.step`, which marks it once every layer
+    and row is written.
+
+    `after`, the layer's output, orders the writes after the layer's reads: XLA copies a buffer that is updated in
+    place while a read of it may still be pending, and nothing else orders the two (XLA:CPU drops
+    `optimization_barrier` before it places copies). The written values take `0 · after[0, 0, 0]`, exact (a NaN
+    there means the layer already failed), which makes every write wait for the layer's output and so for its reads
+    of the cache."""
+    zero = (after.reshape(-1)[0] * 0).astype(k_BlHD.dtype)
+    k_BlHD, v_BlHD = k_BlHD + zero, v_BlHD + zero.astype(v_BlHD.dtype)
+    written = []
+    for j, (plan, cache) in enumerate(zip(layout.kinds, kinds, strict=True)):
+        if not plan.written(si) or (isinstance(kind, int) and kind != j):
+            written.append(cache)
+            continue
+        active = None if isinstance(kind, int) else kind == j
+        written.append(
+            cache.write(
+                indices[j], plan.writes[si], si, k_BlHD, v_BlHD, group=plan.group(si), active=active, row=row,
+                mark=False,
+            )
+        )
+    return tuple(written)
 
 
 class SelfAttention(nn.Module):
@@ -87,23 +160,11 @@ class SelfAttention(nn.Module):
             cached = (k_c, v_c, jnp.asarray(level[:, None] == level[None, :]))
         return self._out(masked_attention(q_n, k_n, v, mask_LL, cached)), (q, k, v)
 
-    def step(self, x_BlC, cache: KindCache, index, plan: LayerLayout, si: int):
-        """Scale si's queries against layer `index` of its kind's stacked cache, then scale si's write to it."""
-        q, k, v = self._qkv(x_BlC)
-        layer = cache.layer(index)
-        mask = layer.read_mask(plan.reads[si])
-        # A quantised cache (its storage dtype is the cache's own; see quant.py) brings its scales.
-        scales = (
-            dict(scales=layer.scales, k_group=plan.slot_groups(si)) if cache.quantized else {}
-        )
-        o = cached_attention(
-            q, k, v, layer.k, layer.v, mask, self._scale_mul_H(), impl=self.impl, static_mask=plan.read_mask(si),
-            **scales,
-        )
-        if plan.written(si):
-            _, k_cached = prepare_qk(q, k, self._scale_mul_H())
-            cache = cache.write(index, plan.writes[si], si, k_cached, v, group=plan.group(si))
-        return self._out(o), cache
+    def step(self, x_BlC, attend):
+        """(output [B, l, C], aux): scale si's queries through `attend(q, k, v, scale_mul_H) -> (o [B, l, H, Dh],
+        aux)`, which reads the cache (`cache_reader`; its aux is what the layer then writes)."""
+        o, aux = attend(*self._qkv(x_BlC), self._scale_mul_H())
+        return self._out(o), aux
 
 
 class FFN(nn.Module):
@@ -154,9 +215,10 @@ class AdaLNSelfAttn(nn.Module):
         storage of a cache, `kv_dtype`)."""
         return self._mix(x, cond, lambda h: self.attn(h, mask_LL, kv_dtype))
 
-    def step(self, x, cond, cache: KindCache, index, plan: LayerLayout, si: int):
-        """(x [B, l, C], cache): one scale through layer `index` of the kind whose stacked cache is `cache`."""
-        return self._mix(x, cond, lambda h: self.attn.step(h, cache, index, plan, si))
+    def step(self, x, cond, attend):
+        """(x [B, l, C], aux): one scale through the block, its attention over the cache by `attend` (see
+        `SelfAttention.step`)."""
+        return self._mix(x, cond, lambda h: self.attn.step(h, attend))
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -188,7 +250,9 @@ class VAR(nn.Module):
         self.lvl_embed = nn.Embed(c.num_scales, c.embed_dim, embedding_init=init)
         if c.shared_aln:
             self.shared_ada_lin_1 = nn.Dense(6 * c.embed_dim)
-        self.blocks = self.param("blocks", self._init_blocks)
+        blocks = self.get_variable("params", "blocks")
+        # per-layer params (`per_layer_blocks`) as they are: `param` would check them against the stacked shapes
+        self.blocks = blocks if isinstance(blocks, tuple) else self.param("blocks", self._init_blocks)
         self.head_nm = AdaLNBeforeHead(c)
         self.head = nn.Dense(c.vocab_size)
 
@@ -266,37 +330,72 @@ class VAR(nn.Module):
             x, (q, k, v) = block.apply({"params": params}, x, block_cond, masks_KLL[kind], kv_dtype)
             return x, (dict(out=x, q=q, k=k, v=v) if keep else None)
 
-        x, states = jax.lax.scan(layer, x, (self.blocks, jnp.asarray(kind_of)))
+        if isinstance(self.blocks, tuple):  # per-layer params (`per_layer_blocks`): a Python loop
+            per_layer = []
+            for params, kind in zip(self.blocks, kind_of, strict=True):
+                x, state = layer(x, (params, int(kind)))
+                per_layer.append(state)
+            states = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if keep else None
+        else:
+            x, states = jax.lax.scan(layer, x, (self.blocks, jnp.asarray(kind_of)))
         return self.logits(x, cond_BD), states
 
-    def step(self, x_BlC, cond_BD, cache: KVCache, si: int, layout: CacheLayout):
+    def step(self, x_BlC, cond_BD, cache: KVCache, si: int, layout: CacheLayout, row_chunk: int | None = None):
         """One scale: every block on this scale's tokens against the cache. Returns (logits [B, l, V], cache).
 
-        One scanned body for all layers. A layer reads and writes only its kind's stacked cache (`layout.kinds`),
-        picked with `lax.switch` on the layer's kind; each branch knows its kind's static plan for scale si."""
-        block, block_cond = self._block(), self._block_cond(cond_BD)
+        A layer reads and writes only its kind's stacked cache (`layout.kinds`, `cache_reader`, `cache_write`).
+        Stacked block params (leaves [D, ...]) run as one scanned body (compile time flat in depth), the kind picked
+        by `lax.switch` when there are several; per-layer params (`per_layer_blocks`: a tuple of D blocks) run as a
+        Python loop with every kind static, each matmul reading its weights where they lie (on XLA:CPU a scanned
+        body copies each layer's weights out of the stacks first).
 
-        def run(j: int):
-            plan = layout.kinds[j]
+        row_chunk (static, a divisor of B; None: B): the blocks run over chunks of that many rows, one after the
+        other (`lax.scan`), each against its rows of the whole cache, so the blocks' activations and attention
+        scores are those of row_chunk rows whatever B is; rows are independent in every op, so the result is the
+        same. The head runs on all rows (its logits are the output)."""
+        rows = x_BlC.shape[0]
+        chunk = rows if row_chunk is None else row_chunk
+        if not 0 < chunk <= rows or rows % chunk:
+            raise ValueError(f"row_chunk must divide the {rows} rows, got {row_chunk}")
+        block, block_cond, stacks = self._block(), self._block_cond(cond_BD), self.blocks
+        per_layer = isinstance(stacks, tuple)
+        kind_of = np.asarray(layout.kind_of, np.int32)
+        # indices[l, j]: layer l's index in kind j's stack (0 where l is of another kind: a masked write there)
+        indices = np.where(kind_of[:, None] == np.arange(len(layout.kinds)), np.asarray(layout.kind_index)[:, None], 0)
+        single = len(layout.kinds) == 1
 
-            def branch(x, kinds, params, index):
-                x, kind_cache = block.apply(
-                    {"params": params}, x, block_cond, kinds[j], index, plan, si, method=AdaLNSelfAttn.step
-                )
-                return x, kinds[:j] + (kind_cache,) + kinds[j + 1 :]
+        def layer(x, kinds, block_cond, params, kind, indices, row):
+            attend = cache_reader(kinds, layout, si, kind, indices, self.impl, rows=(row, chunk))
+            x, (k, v) = block.apply({"params": params}, x, block_cond, attend, method=AdaLNSelfAttn.step)
+            return x, cache_write(kinds, layout, si, kind, indices, k, v, after=x, row=row)
 
-            return branch
+        def blocks(kinds, x, block_cond, row):
+            if per_layer:
+                for params, kind, l_indices in zip(stacks, layout.kind_of, indices, strict=True):
+                    x, kinds = layer(x, kinds, block_cond, params, kind, tuple(l_indices), row)
+                return kinds, x
 
-        branches = [run(j) for j in range(len(layout.kinds))]
+            def body(carry, xs):
+                params, kind, l_indices = xs
+                return layer(*carry, block_cond, params, 0 if single else kind, l_indices, row), None
 
-        def layer(carry, xs):
-            params, kind, index = xs
-            if len(branches) == 1:
-                return branches[0](*carry, params, index), None
-            return jax.lax.switch(kind, branches, *carry, params, index), None
+            xs = (stacks, jnp.asarray(kind_of), jnp.asarray(indices, jnp.int32))
+            (x, kinds), _ = jax.lax.scan(body, (x, kinds), xs)
+            return kinds, x
 
-        xs = (self.blocks, jnp.asarray(layout.kind_of, jnp.int32), jnp.asarray(layout.kind_index, jnp.int32))
-        (x_BlC, kinds), _ = jax.lax.scan(layer, (x_BlC, cache.kinds), xs)
+        if chunk == rows:
+            kinds, x_BlC = blocks(cache.kinds, x_BlC, block_cond, 0)
+        else:
+            split = lambda a: a.reshape(rows // chunk, chunk, *a.shape[1:])  # noqa: E731
+
+            def one_chunk(kinds, xs):
+                i, x, block_cond = xs
+                return blocks(kinds, x, block_cond, i * chunk)
+
+            xs = (jnp.arange(rows // chunk, dtype=jnp.int32), split(x_BlC), split(block_cond))
+            kinds, x_BlC = jax.lax.scan(one_chunk, cache.kinds, xs)
+            x_BlC = x_BlC.reshape(rows, *x_BlC.shape[2:])
+        kinds = tuple(cache.mark(plan.writes[si], si) for plan, cache in zip(layout.kinds, kinds, strict=True))
         return self.logits(x_BlC, cond_BD), KVCache(kinds=kinds)
 
 
@@ -324,3 +423,16 @@ def unstack_blocks(var_params: dict) -> dict:
         block["attn"]["mat_qkv"]["kernel"] = kernel.reshape(kernel.shape[0], -1)
         rest[f"blocks_{i}"] = block
     return rest
+
+
+def per_layer_blocks(var_params: dict) -> dict:
+    """A VAR params dict ({"params": {...}}) with the stacked `blocks` (leaves [D, ...]) as a tuple of D per-layer
+    blocks: the model then runs its layers as a Python loop (`VAR.step`), each matmul reading its own weight buffer
+    (XLA:CPU's scanned body copies every layer's weights out of the stacks before each matmul). Made outside the
+    compiled program (each leaf's slices are copied once here); params already per-layer are returned as they are."""
+    blocks = var_params["params"]["blocks"]
+    if isinstance(blocks, tuple):
+        return var_params
+    depth = jax.tree.leaves(blocks)[0].shape[0]
+    layers = tuple(jax.tree.map(operator.itemgetter(i), blocks) for i in range(depth))
+    return {**var_params, "params": {**var_params["params"], "blocks": layers}}

@@ -1,0 +1,109 @@
+"""The compiled program of `generate`: it never copies a cache stack (every write in place), and its two layer loops
+(the scan, the per-layer Python loop) give the same generation."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from amskv_jax.cache import init_cache
+from amskv_jax.checkpoint import init_params
+from amskv_jax.config import get_preset
+from amskv_jax.generate import generate
+from amskv_jax.policies import AMSKV, FullCache
+from amskv_jax.var import VAR, per_layer_blocks
+from bench import compile_time
+
+TINY = get_preset("tiny")
+# depth 3 and one demanding layer: AMS-KV's two kinds interleave (kinds 0, 1, 0), as calibration may place them
+CONFIG = dataclasses.replace(TINY, var=dataclasses.replace(TINY.var, depth=3))
+LAYOUTS = {
+    "full": FullCache().layout(CONFIG.var),
+    "amskv": AMSKV(condensed_scales=1, local_window=1, demanding_layers=(1,), demanding_window=None).layout(CONFIG.var),
+}
+
+
+def cache_stack_copies(layout, kv_dtype: str | None, layer_loop: str, batch: int = 1) -> list[str]:
+    """The copies of a cache stack (`bench.compile_time.cache_stack_copies`) in the optimised HLO of jitted
+    `generate` on abstract params."""
+    params = jax.eval_shape(lambda: init_params(CONFIG))
+    fn = jax.jit(functools.partial(
+        generate, config=CONFIG, layout=layout, top_k=8, kv_dtype=kv_dtype, layer_loop=layer_loop,
+    ))
+    text = fn.lower(params, jnp.zeros((batch,), jnp.int32), jax.random.key(0)).compile().as_text()
+    c = CONFIG.var
+    cache = jax.eval_shape(lambda: init_cache(layout, 2 * batch, c.num_heads, c.head_dim, jnp.float32, kv_dtype))
+    return compile_time.cache_stack_copies(text, cache)
+
+
+@pytest.mark.parametrize("policy, kv_dtype, layer_loop", [
+    ("full", None, "scan"),
+    ("amskv", None, "scan"),
+    ("amskv", "int8", "scan"),
+    ("full", "int8", "unrolled"),
+])
+def test_generate_never_copies_a_cache_stack(policy, kv_dtype, layer_loop):
+    layout = LAYOUTS[policy]
+    assert len(layout.kinds) == (2 if policy == "amskv" else 1)
+    assert cache_stack_copies(layout, kv_dtype, layer_loop) == []
+
+
+@pytest.fixture(scope="module")
+def params():
+    return jax.device_put(init_params(CONFIG, seed=3))
+
+
+@pytest.mark.parametrize("policy, kv_dtype", [("full", None), ("amskv", "int8")])
+def test_scan_and_unrolled_layer_loops_generate_the_same(params, policy, kv_dtype):
+    run = functools.partial(generate, labels=[1, 4], key=jax.random.key(2), config=CONFIG, layout=LAYOUTS[policy],
+                            top_k=20, kv_dtype=kv_dtype, return_logits=True)
+    scan = run(params, layer_loop="scan")
+    unrolled = run(params, layer_loop="unrolled")
+    per_layer = run({**params, "var": per_layer_blocks(params["var"])}, layer_loop="unrolled")
+    for out in (unrolled, per_layer):
+        for a, b in zip(scan.tokens, out.tokens, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(scan.logits, out.logits, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_forcing_with_per_layer_params_equals_the_scan(params):
+    model, layout = VAR(CONFIG.var), LAYOUTS["amskv"]
+    labels = jnp.array([3, 7], jnp.int32)
+    x = jax.random.normal(jax.random.key(1), (2, CONFIG.var.seq_len - CONFIG.var.first_l, CONFIG.var.cvae))
+    stacked = model.apply(params["var"], labels, x, layout)
+    per_layer = model.apply(per_layer_blocks(params["var"]), labels, x, layout)
+    np.testing.assert_allclose(np.asarray(per_layer), np.asarray(stacked), rtol=1e-5, atol=1e-5)
+
+
+def test_per_layer_params_refuse_the_scan(params):
+    with pytest.raises(ValueError, match="per-layer"):
+        generate({**params, "var": per_layer_blocks(params["var"])}, [1], jax.random.key(0), config=CONFIG,
+                 layer_loop="scan")
+
+
+@pytest.mark.parametrize("policy, kv_dtype, layer_loop, row_chunk", [
+    ("amskv", None, "scan", 2),
+    ("full", "int8", "unrolled", 1),
+])
+def test_chunks_of_rows_generate_the_same_as_all_rows(params, policy, kv_dtype, layer_loop, row_chunk):
+    run = functools.partial(generate, params, [1, 4], jax.random.key(5), config=CONFIG, layout=LAYOUTS[policy],
+                            top_k=20, kv_dtype=kv_dtype, layer_loop=layer_loop, return_logits=True)
+    whole, chunked = run(), run(row_chunk=row_chunk)
+    for a, b in zip(whole.tokens, chunked.tokens, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # float rounding of matmuls over fewer rows; int8 can turn it into one quantisation step of a cached value
+    tol = 1e-5 if kv_dtype is None else 1e-3
+    for a, b in zip(whole.logits, chunked.logits, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(whole.images), np.asarray(chunked.images), atol=1e-5)
+
+
+@pytest.mark.parametrize("row_chunk", [3, 0, 8, True])
+def test_a_row_chunk_that_does_not_divide_the_rows_is_refused(params, row_chunk):
+    with pytest.raises(ValueError, match="row_chunk must be None or a divisor of the 4 rows"):
+        generate(params, [1, 4], jax.random.key(0), config=CONFIG, row_chunk=row_chunk)
