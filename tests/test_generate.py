@@ -131,7 +131,7 @@ def test_generated_logits_under_a_lossy_policy_are_teacher_forcing_under_its_lay
 
     model = random_model("tiny")
     c = model.config.var
-    layout = AMSKV(condensed_scales=1, local_window=1, demanding_layers=(1,), demanding_window=None).layout(c)
+    layout = AMSKV(budgets=(10, None), condensed_scales=1).layout(c)  # condensed + the latest scale; one unlimited
     assert len(layout.kinds) == 2
     labels = jnp.arange(4) % c.num_classes
     out = generate(model.params, labels, jax.random.key(0), config=model.config, layout=layout, cfg=2.0, top_k=0,

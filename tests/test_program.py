@@ -23,7 +23,7 @@ TINY = get_preset("tiny")
 CONFIG = dataclasses.replace(TINY, var=dataclasses.replace(TINY.var, depth=3))
 LAYOUTS = {
     "full": FullCache().layout(CONFIG.var),
-    "amskv": AMSKV(condensed_scales=1, local_window=1, demanding_layers=(1,), demanding_window=None).layout(CONFIG.var),
+    "amskv": AMSKV(budgets=(10, None, 10), condensed_scales=1).layout(CONFIG.var),  # condensed + the latest scale
 }
 
 
