@@ -238,41 +238,45 @@ SECOND_PROBE = 16  # the batch of the second compile: with batch 1, the line tha
 MAX_BATCH = 2**20  # the search stops here, should a program not grow with the batch
 
 
-def largest_batch(measure, memory_bytes: int, max_compiles: int = 12) -> BatchFit:
+def largest_batch(measure, memory_bytes: int, max_compiles: int = 16) -> BatchFit:
     """The largest batch b with measure(b).total_bytes <= memory_bytes, `measure(b) -> ProgramMemory` being a compile
     (e.g. `functools.partial(program_memory, config, layout, dtype=...)` with batch left free).
 
     The program's memory is affine in the batch (plus small steps, e.g. the decode's padding to whole chunks), so
     the line through batch 1 and `SECOND_PROBE` predicts the answer b; compiling b and b + 1 confirms it, in four
-    compiles. Any miss narrows a bracket [fits, does not fit], next guessed on the line through its ends (bisected
-    after four guesses), so the answer is exact either way. Raises if `max_compiles` do not settle it."""
+    compiles. Until a batch that does not fit is found, the next guess is on the line through the two largest that
+    do; then the bracket [fits, does not fit] narrows by the Illinois variant of regula falsi, so the answer is exact
+    either way. Raises if `max_compiles` do not settle it."""
     seen: dict[int, ProgramMemory] = {}
 
-    def fits(b: int) -> bool:
+    def excess(b: int) -> int:
         if b not in seen:
             seen[b] = measure(b)
-        return seen[b].total_bytes <= memory_bytes
+        return seen[b].total_bytes - memory_bytes
 
     def result(b: int) -> BatchFit:
         return BatchFit(memory_bytes, b, seen.get(b), tuple(seen))
 
-    if not fits(1):
+    if excess(1) > 0:
         return result(0)
-    lo, hi = 1, None  # lo fits; hi (once known) does not
-    guess = SECOND_PROBE
-    for step in range(max_compiles):
-        if fits(guess):
-            lo = guess
+    lo, lo_excess, hi, hi_excess, kept = 1, excess(1), None, 0, 0  # kept: which end stayed last time (-1 lo, +1 hi)
+    guess, previous = SECOND_PROBE, 1
+    for _ in range(max_compiles):
+        if excess(guess) <= 0:
+            previous, lo, lo_excess = lo, guess, excess(guess)
+            hi_excess, kept = (hi_excess / 2 if kept == 1 else hi_excess), 1
         else:
-            hi = guess
+            hi, hi_excess = guess, excess(guess)
+            lo_excess, kept = (lo_excess / 2 if kept == -1 else lo_excess), -1
         if hi == lo + 1 or lo >= MAX_BATCH:
             return result(lo)
-        a, b = (lo, hi) if hi is not None else sorted(seen)[-2:]
-        slope = (seen[b].total_bytes - seen[a].total_bytes) / (b - a)
-        guess = int(a + (memory_bytes - seen[a].total_bytes) // slope) if slope > 0 else MAX_BATCH
-        if hi is not None and step >= 4:
-            guess = (lo + hi) // 2
-        guess = max(lo + 1, min(guess, MAX_BATCH if hi is None else hi - 1))
+        if hi is None:  # extrapolate the line through the two largest batches that fit
+            slope = (excess(lo) - excess(previous)) / (lo - previous)
+            guess = lo + int(-lo_excess // slope) if slope > 0 else MAX_BATCH
+            guess = min(max(guess, lo + 1), MAX_BATCH)
+        else:
+            guess = lo + int((hi - lo) * -lo_excess / (hi_excess - lo_excess))
+            guess = min(max(guess, lo + 1), hi - 1)
     raise RuntimeError(f"no answer in {max_compiles} compiles: batch {lo} fits, {hi} does not; compiled {sorted(seen)}")
 
 
