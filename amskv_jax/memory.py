@@ -15,7 +15,7 @@ against the full cache stored in the compute dtype, so a quantised row's cut inc
 
 The cache is not the whole program. `--compile` also compiles the public `generate` for the default backend, on
 abstract params (`jax.eval_shape`; weights in the compute dtype, nothing allocated), and prints what XLA's
-`memory_analysis()` assigns: arguments (weights, labels, key), outputs (tokens and images) and temporaries (the cache,
+`memory_analysis()` assigns: arguments (the weights it reads, labels, key; not the VQ-VAE's encoder), outputs (tokens and images) and temporaries (the cache,
 activations, the VQ-VAE decode, copies). `--device-memory` finds, for each row, the largest batch whose program
 (arguments + outputs + temporaries) fits that many bytes (`largest_batch`): the program's memory is affine in the
 batch, so a line through two compiles predicts it, and compiles around the prediction confirm it. The figures are
