@@ -27,7 +27,7 @@ from amskv_jax.quant import KV_DTYPES, check_kv_dtype
 from amskv_jax.config import ModelConfig
 from amskv_jax.policies import FullCache
 from amskv_jax.var import VAR, per_layer_blocks
-from amskv_jax.vqvae import VQVAE
+from amskv_jax.vqvae import VQVAE, decode_chunk, decode_in_chunks
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # How the blocks run (`VAR.step`): "scan", one scanned body over the stacked block params (compile time flat in
@@ -232,7 +232,8 @@ def _generate(
         if next_BlCv is not None:
             x = var.apply(params["var"], si + 1, next_BlCv, method=VAR.next_input)
             x = sharding.constrain(jnp.repeat(x, 2, axis=0), mesh)
-    images = sharding.constrain(vqvae.apply(params["vqvae"], f_hat, method=VQVAE.decode), mesh)
+    chunk = decode_chunk(config.vqvae) * (1 if mesh is None else mesh.shape.get("data", 1))  # images per device
+    images = sharding.constrain(decode_in_chunks(vqvae, params["vqvae"], f_hat, chunk), mesh)
     return Generation(tokens=tuple(tokens), images=(images.astype(jnp.float32) + 1) * 0.5, finite=jnp.stack(finite),
                       logits=tuple(guided))
 

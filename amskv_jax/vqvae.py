@@ -8,13 +8,16 @@ patch number), C channels, Cv = Cvae latent channels, V codebook size, pn the si
   area-resized to pn×pn, each cell takes its nearest code, and Φ_si(bicubic(codes → h×w)) is added to f_hat and
   taken off f_rest. At the last scale pn = h and both resizes are the identity, as in the reference. Tokens are
   int32 (B, pn²), row-major over the pn×pn grid.
-- `decode`: f_hat → clip(decoder(post_quant_conv(f_hat)), −1, 1).
+- `decode`: f_hat → clip(decoder(post_quant_conv(f_hat)), −1, 1); `decode_in_chunks` runs it over at most
+  `decode_chunk(config)` images at a time, so its temporaries do not grow with the batch (generation decodes so).
 
 Module and parameter names follow the torch state dict (`convert/mapping.py`): `encoder/down_0/block_1/conv1`,
 `decoder/up_3/attn_0/qkv`, `quantize/quant_resi/qresi_ls_2`, so a reference checkpoint maps with no renaming.
 The scale loops are Python loops over the static config; every method jits. `init` goes through `__call__`.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -333,3 +336,33 @@ class VQVAE(nn.Module):
             f_hat_BhwC, next_BlCv = self.next_input(si, f_hat_BhwC, self.quantize.lookup(idx[si]))
             inputs.append(next_BlCv)
         return jnp.concatenate(inputs, axis=1)
+
+
+# What one chunk of the decode may spend on one full-resolution float32 activation (H·W·ch): the decoder's
+# temporaries are a few such activations, so about 1 GiB of them at 256 px (3 images), while small models decode
+# their usual batches in one piece.
+DECODE_BUDGET_BYTES = 2**27
+
+
+def decode_chunk(config: VQVAEConfig) -> int:
+    """Images the decode runs at once: as many as keep one full-resolution float32 activation of the decoder
+    (image_size² · ch channels) within DECODE_BUDGET_BYTES, at least 1."""
+    return max(1, DECODE_BUDGET_BYTES // (config.image_size**2 * config.ch * 4))
+
+
+def decode_in_chunks(vqvae: VQVAE, variables, f_hat_BhwC, chunk: int):
+    """`VQVAE.decode` of f_hat (B, h, w, Cv) over at most `chunk` images at a time: a `lax.map` over ⌈B/chunk⌉
+    chunks, the batch padded with zeros to whole chunks (the padding's images are dropped). Images (B, H, W, 3), equal
+    to decoding all at once; B ≤ chunk is one plain call.
+
+    Chunk j holds images j, n + j, 2n + j, … (n chunks): with the batch split over devices in contiguous blocks and
+    `chunk` a multiple of their number, every device decodes chunk/devices of its own images in each step."""
+    decode = functools.partial(vqvae.apply, variables, method=VQVAE.decode)
+    b = f_hat_BhwC.shape[0]
+    if b <= chunk:
+        return decode(f_hat_BhwC)
+    n = -(-b // chunk)
+    padded = jnp.pad(f_hat_BhwC, ((0, n * chunk - b),) + ((0, 0),) * (f_hat_BhwC.ndim - 1))
+    chunks_NcHWC = padded.reshape(chunk, n, *f_hat_BhwC.shape[1:]).swapaxes(0, 1)
+    images_NcHWC = jax.lax.map(decode, chunks_NcHWC)
+    return images_NcHWC.swapaxes(0, 1).reshape(n * chunk, *images_NcHWC.shape[2:])[:b]

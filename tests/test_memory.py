@@ -1,5 +1,5 @@
 """Exact K/V memory: the figures equal the compiled programs' buffers (bf16 and int8 storage), meet the goals, and
-the CLI's JSON."""
+the CLI's JSON; the compiled `generate`'s figures and the search for the largest batch that fits."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,10 @@ import pytest
 
 from amskv_jax.cache import init_cache
 from amskv_jax.config import get_preset
-from amskv_jax.memory import layout_bytes, main, memory_table, reference_bytes, transient_kv_bytes
+from amskv_jax.memory import (
+    MAX_BATCH, ProgramMemory, abstract_params, largest_batch, layout_bytes, load_model_files, main, memory_table, parse_bytes,
+    reference_bytes, transient_kv_bytes,
+)
 from amskv_jax.policies import POLICIES, policy_from_name
 from amskv_jax.var import VAR, SelfAttention
 
@@ -118,10 +121,89 @@ def test_json_with_several_storage_dtypes_repeats_the_policies_per_dtype(capsys)
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--batch", "0"], "--batch must be >= 1"), (["--model", "d17"], "neither a preset"),
+    [(["--batch", "0"], "--batch must be >= 1"), (["--model", "d17"], "neither an embedded model"),
      (["--dtype", "int8"], "invalid choice"), (["--kv-dtype", "int3"], "invalid choice")],
 )
 def test_bad_arguments_fail_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_bad_device_memory_is_one_line_naming_the_accepted_forms(capsys):
+    for text in ("80", "80 GiB", "80gib", "80GiBs", "-1GB", "0", "1.5", "eighty"):
+        if text == "80":
+            assert parse_bytes(text) == 80
+            continue
+        with pytest.raises(SystemExit) as exit_:
+            main([f"--device-memory={text}"])
+        assert exit_.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("python -m amskv_jax.memory: error: --device-memory:"), error
+        assert "80GiB" in error and "80GB" in error and "85899345920" in error
+    assert parse_bytes("80GiB") == parse_bytes("85899345920") == 80 * 2**30
+    assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("0.5KiB") == 512
+
+
+def _affine(base: int, per_image: int, step: int = 0, every: int = 1):
+    """A fake compile: base + per_image·b bytes, plus `step` per started group of `every` images (the padded chunks
+    of the decode), recording the batches it is asked for."""
+    asked = []
+
+    def measure(b: int) -> ProgramMemory:
+        asked.append(b)
+        return ProgramMemory(b, base, 0, per_image * b + step * -(-b // every), 0)
+
+    return measure, asked
+
+
+@pytest.mark.parametrize("memory", [10**6, 123_457, 999, 5_000])
+@pytest.mark.parametrize("step, every", [(0, 1), (70, 3), (1_000, 8)])
+def test_largest_batch_is_exact_and_takes_few_compiles(memory, step, every):
+    measure, asked = _affine(1_000, 37, step, every)
+    fit = largest_batch(measure, memory)
+    assert len(asked) == len(set(asked)) == len(fit.compiled) <= (4 if step == 0 else 8), fit.compiled
+    expected = max([b for b in range(1, memory // 37 + 1) if measure(b).total_bytes <= memory], default=0)
+    assert fit.batch == expected
+    assert fit.program is None if expected == 0 else fit.program.total_bytes <= memory
+
+
+def test_largest_batch_stops_at_max_batch():
+    measure, _ = _affine(1_000, 37)
+    assert largest_batch(measure, 10**9).batch == MAX_BATCH  # 27 million images would fit
+
+
+def test_largest_batch_of_a_program_that_grows_faster_than_a_line():
+    measure = lambda b: ProgramMemory(b, 500, 0, 3 * b * b, 0)  # noqa: E731
+    fit = largest_batch(measure, 10**6)
+    assert fit.batch == 577 and len(fit.compiled) <= 16  # 500 + 3·577² ≤ 10⁶ < 500 + 3·578²
+
+
+def test_model_takes_the_embedded_model_presets_and_directories(tmp_path):
+    config, calibration = load_model_files("emoji32")
+    assert config.var.depth == 6 and calibration is not None
+    assert load_model_files("d30")[0].var.depth == 30
+    (tmp_path / "config.json").write_text(get_preset("tiny").to_json())
+    assert load_model_files(str(tmp_path)) == (get_preset("tiny"), None)
+    assert main(["--model", "emoji32", "--batch", "4"]) == 0
+
+
+def test_compiled_generate_counts_bf16_weights_and_the_largest_batch_fits(capsys):
+    """The program's arguments are the weights it reads, in bfloat16, plus labels and key; its temporaries hold the cache; the
+    largest batch's program fits and the next batch's does not."""
+    memory = 96 * 2**20
+    assert main(["--model", "tiny", "--batch", "2", "--policy", "amskv", "--compile", "--device-memory", "96MiB",
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    program, fit = row["program"], row["largest_batch"]
+    assert row["backend"].startswith(jax.default_backend())
+    weights = _nbytes(abstract_params(get_preset("tiny"), "bfloat16"))
+    assert 2 * weights == _nbytes(abstract_params(get_preset("tiny"), "float32"))  # every weight cast
+    # the weights it reads (not the VQ-VAE's encoder: jit drops unused arguments), labels (2 int32) and the key
+    var_weights = _nbytes(abstract_params(get_preset("tiny"), "bfloat16")["var"])
+    assert var_weights < program["argument_bytes"] <= weights + 2 * 4 + 64
+    assert program["temp_bytes"] > row["cache_bytes"]
+    assert fit["device_memory_bytes"] == memory and fit["program"]["total_bytes"] <= memory
+    assert fit["batch"] > 2 and fit["batch"] + 1 in fit["compiled_batches"]
+    assert fit["cache_bytes"] == layout_bytes(policy_from_name("amskv", get_preset("tiny").var).layout(
+        get_preset("tiny").var), get_preset("tiny").var, fit["batch"], "bfloat16")[0]

@@ -13,7 +13,10 @@
 * "auto": "pallas" on GPU and TPU (the paths that skip dead cache blocks; that they are also the fastest there is
   for `bench/attention.py` to confirm on the hardware), "xla" on CPU (where Pallas only runs interpreted).
 
-The platform is `jax.default_backend()` at trace time.
+"auto" and "pallas" choose the platform where the program is lowered (`jax.lax.platform_dependent`), not while it
+is traced: one traced program holds every platform's branch, so `jax.export(..., platforms=["cuda"])` (or "tpu")
+from a CPU host carries the Triton (or Mosaic) kernel that hardware runs. "cudnn" exists on NVIDIA GPUs only and is
+checked against `jax.default_backend()`.
 
 Quantised caches (`quant.py`) pass `scales` (one `quant.KVScales`) and the static `k_group`: the XLA path, the
 reference and the GPU kernel dequantise as they read, the TPU path and cuDNN dequantise first (see each module).
@@ -34,7 +37,7 @@ from amskv_jax.attention.reference import (
 
 IMPLS = ("auto", "xla", "pallas", "cudnn")
 
-# The Pallas kernel per platform ("cpu": the GPU kernel interpreted).
+# The Pallas kernel per platform: "gpu" (CUDA and ROCm: Triton), "tpu" (Mosaic), "cpu" (the GPU kernel interpreted).
 PALLAS_KERNELS = {
     "gpu": pallas_gpu.cached_attention,
     "tpu": tpu.cached_attention,
@@ -56,7 +59,8 @@ def check_impl(impl: str) -> str:
 
 
 def resolve_impl(impl: str) -> str:
-    """The concrete implementation ("xla", "pallas" or "cudnn") that `impl` runs on this platform."""
+    """The concrete implementation ("xla", "pallas" or "cudnn") that `impl` runs on the default backend (for
+    reports: the program itself chooses where it is lowered)."""
     if check_impl(impl) != "auto":
         return impl
     return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
@@ -97,16 +101,27 @@ def cached_attention(
     (`LayerLayout.slot_groups(si)`). Returns [B, l, H, D] in cache_v's
     dtype (in v's dtype for a quantised cache).
     """
-    impl = resolve_impl(impl)
-    args = (q, k, v, cache_k, cache_v, cache_mask, scale_mul_H)
-    quantized = dict(scales=scales, k_group=k_group)
+    check_impl(impl)
+    args = (q, k, v, cache_k, cache_v, cache_mask, scale_mul_H, scales)
+
+    def run_xla(*args):
+        return xla.cached_attention(*args[:7], static_mask=static_mask, scales=args[7], k_group=k_group)
+
+    def run_pallas(platform: str):
+        kernel = functools.partial(PALLAS_KERNELS[platform], static_mask=static_mask)
+        return lambda *args: _per_shard(kernel, *args[:7], **(
+            dict(scales=args[7], k_group=k_group) if args[7] is not None else {}))
+
     if impl == "xla":
-        return xla.cached_attention(*args, static_mask=static_mask, **quantized)
+        return run_xla(*args)
     if impl == "cudnn":
         cache_k, cache_v = dequantize_cache(cache_k, cache_v, scales, k_group, v.dtype)
         return cudnn_attention(q, k, v, cache_k, cache_v, cache_mask, scale_mul_H)
-    kernel = functools.partial(PALLAS_KERNELS[jax.default_backend()], static_mask=static_mask)
-    return _per_shard(kernel, *args, **(quantized if scales is not None else {}))
+    # "auto" and "pallas": the branch of the platform the program is lowered for; "default" is every other (CPU)
+    return jax.lax.platform_dependent(
+        *args, cuda=run_pallas("gpu"), rocm=run_pallas("gpu"), tpu=run_pallas("tpu"),
+        default=run_xla if impl == "auto" else run_pallas("cpu"),
+    )
 
 
 # Where each argument of a kernel is split on a ("data", "model") mesh: rows over "data", heads over "model".

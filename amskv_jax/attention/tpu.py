@@ -58,8 +58,9 @@ def _round_up(n: int, m: int) -> int:
 def _kernel(mask_bytes: bytes, lq: int, nk: int, num_heads: int, block_q: int, block_kv: int, interpret: bool):
     """A splash kernel for one [lq, nk] mask shared by all heads (cached: building the block metadata is numpy).
 
-    Built eagerly even when first asked for inside a trace: the kernel holds its block metadata as arrays, and the
-    cache hands it to later traces, where arrays of the first trace would be leaked tracers."""
+    Built eagerly even when first asked for inside a trace (`ensure_compile_time_eval`): its metadata arrays are
+    cached with it and must be concrete, not a trace's values (the dispatch traces this kernel inside the
+    `platform_dependent` branch for TPU whatever the host)."""
     mask = splash.NumpyMask(np.frombuffer(mask_bytes, bool).reshape(lq, nk))
     with jax.ensure_compile_time_eval():
         return splash.make_splash_mha_single_device(
