@@ -83,7 +83,7 @@ def test_convert_memory_converts_in_a_child_and_reports_sizes(tiny_published, tm
     assert record["input_bytes"] == sum(f.stat().st_size for f in files)
     keys = tiny_published("var_tiny") + tiny_published(make_checkpoint.VAE_NAME)
     assert record["largest_tensor_bytes"] == 4 * max(int(np.prod(s)) for _, s, _ in keys)
-    assert record["peak_rss_bytes"] > record["baseline_rss_bytes"] > 0
+    assert record["peak_rss_bytes"] >= record["baseline_rss_bytes"] > 0
     assert not (tmp_path / "var_tiny_flax").exists()  # the converted output is deleted
 
 
