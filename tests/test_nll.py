@@ -89,6 +89,7 @@ def test_bad_input_fails_with_a_message(tmp_path, emoji_folder, capsys):
     emoji32 = load_model("emoji32")
     calibration = dict(emoji32.calibration)
     calibration.update(depth=4, scores={k: v[:4] for k, v in calibration["scores"].items()})
+    calibration.pop("search", None)  # a well-formed depth-4 file: refused for the model, not for itself
     (tmp_path / "d4.json").write_text(json.dumps(calibration))
     assert "depth 4, not 6" in error("--images", str(emoji_folder), "--calibration", str(tmp_path / "d4.json"))
     model = random_tiny16()
