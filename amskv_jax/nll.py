@@ -109,12 +109,7 @@ def layer_masks(layout: CacheLayout) -> np.ndarray:
 def _masked_forward(module: VAR, label_B, x_BLCv, masks_DLL, kv_dtype):
     """`VAR.teacher_states` with per-layer masks given as an array instead of derived from a static layout, so one
     compiled program serves every layout of a model (the search scores hundreds). Logits [B, L, V]."""
-    c = module.config
-    cond_BD = module.condition(label_B)
-    sos = cond_BD[:, None] + module.pos_start
-    x = jnp.concatenate([sos, module.word_embed(x_BLCv.astype(jnp.float32))], axis=1)
-    level = np.concatenate([np.full(pn * pn, si) for si, pn in enumerate(c.patch_nums)])
-    x = x + module.lvl_embed.embedding[level][None] + module.pos_1LC
+    x, cond_BD = module.teacher_input(label_B, x_BLCv)
     block, block_cond = module._block(), module._block_cond(cond_BD)
 
     def layer(x, xs):

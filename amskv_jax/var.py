@@ -306,6 +306,15 @@ class VAR(nn.Module):
         that storage holds (quantised per written scale as `KindCache.write` does; `quant.fake_quantize_kv`)."""
         return self.teacher_states(label_B, x_BLCv_wo_first_l, layout, keep=False, kv_dtype=kv_dtype)[0]
 
+    def teacher_input(self, label_B, x_BLCv_wo_first_l):
+        """(every scale's input tokens [B, L, C], cond_BD): what teacher forcing feeds the first block."""
+        c = self.config
+        cond_BD = self.condition(label_B)
+        sos = cond_BD[:, None] + self.pos_start
+        x = jnp.concatenate([sos, self.word_embed(x_BLCv_wo_first_l.astype(jnp.float32))], axis=1)
+        level = np.concatenate([np.full(pn * pn, si) for si, pn in enumerate(c.patch_nums)])
+        return x + self.lvl_embed.embedding[level][None] + self.pos_1LC, cond_BD
+
     def teacher_states(
         self, label_B, x_BLCv_wo_first_l, layout: CacheLayout | None = None, keep: bool = True,
         kv_dtype: str | None = None,
@@ -313,11 +322,7 @@ class VAR(nn.Module):
         """(logits [B, L, V], per-layer states): with `keep`, {"out": every block's output [D, B, L, C], "q", "k",
         "v": its raw projections [D, B, L, H, Dh]} (verification, calibration); else None."""
         c = self.config
-        cond_BD = self.condition(label_B)
-        sos = cond_BD[:, None] + self.pos_start
-        x = jnp.concatenate([sos, self.word_embed(x_BLCv_wo_first_l.astype(jnp.float32))], axis=1)
-        level = np.concatenate([np.full(pn * pn, si) for si, pn in enumerate(c.patch_nums)])
-        x = x + self.lvl_embed.embedding[level][None] + self.pos_1LC
+        x, cond_BD = self.teacher_input(label_B, x_BLCv_wo_first_l)
         if layout is None:
             masks_KLL, kind_of = block_causal_mask(c.patch_nums)[None], np.zeros(c.depth, np.int32)
         else:
