@@ -39,9 +39,9 @@ LAYER_LOOPS = ("auto", "scan", "unrolled")
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    """tokens: one int32 [B, pn²] array per scale; images: float32 [B, H, W, 3] in [0, 1]; finite: bool [S], whether
-    every guided logit of scale s was finite (computed in the program: a NaN or inf anywhere in the batch makes that
-    scale's flag False, and what follows it is garbage); logits: the guided float32 logits [B, pn², V] the sampler
+    """tokens: one int32 [B, pn²] array per scale; images: float32 [B, H, W, 3] in [0, 1]; finite: bool [B, S],
+    whether every guided logit of image b at scale s was finite (computed in the program, row by row so that a
+    sharded batch needs no communication: a NaN or inf makes that flag False, and what follows it is garbage); logits: the guided float32 logits [B, pn², V] the sampler
     received at each scale (only with `return_logits=True`, else empty)."""
 
     tokens: tuple[jax.Array, ...]
@@ -53,9 +53,11 @@ class Generation:
 jax.tree_util.register_dataclass(Generation, data_fields=["tokens", "images", "finite", "logits"], meta_fields=[])
 
 
-def first_nonfinite_scale(finite_S) -> int | None:
-    """The 0-based index of the first scale whose logits were not all finite, or None when every one was."""
-    bad = np.flatnonzero(~np.asarray(finite_S))
+def first_nonfinite_scale(finite) -> int | None:
+    """The 0-based index of the first scale whose logits were not all finite in some image, or None when every one
+    was. finite: bool [S] or [B, S] (`Generation.finite`)."""
+    finite_S = np.asarray(finite).reshape(-1, np.shape(finite)[-1]).all(axis=0)
+    bad = np.flatnonzero(~finite_S)
     return int(bad[0]) if bad.size else None
 
 
@@ -206,7 +208,7 @@ def _generate(
         logits, cache = sharding.constrain(logits, mesh), sharding.constrain_cache(cache, mesh)
         ratio = sampling.guidance_ratio(si, c.num_scales)
         logits = sampling.apply_guidance(logits, cfg, ratio)
-        finite.append(jnp.isfinite(logits).all())
+        finite.append(jnp.isfinite(logits).all(axis=(1, 2)))
         if return_logits:
             guided.append(logits)
         key, draw_key, smooth_key = jax.random.split(key, 3)
@@ -234,7 +236,7 @@ def _generate(
             x = sharding.constrain(jnp.repeat(x, 2, axis=0), mesh)
     chunk = decode_chunk(config.vqvae) * (1 if mesh is None else mesh.shape.get("data", 1))  # images per device
     images = sharding.constrain(decode_in_chunks(vqvae, params["vqvae"], f_hat, chunk), mesh)
-    return Generation(tokens=tuple(tokens), images=(images.astype(jnp.float32) + 1) * 0.5, finite=jnp.stack(finite),
+    return Generation(tokens=tuple(tokens), images=(images.astype(jnp.float32) + 1) * 0.5, finite=jnp.stack(finite, axis=1),
                       logits=tuple(guided))
 
 

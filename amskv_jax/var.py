@@ -98,11 +98,11 @@ def cache_write(
 
     `after`, the layer's output, orders the writes after the layer's reads: XLA copies a buffer that is updated in
     place while a read of it may still be pending, and nothing else orders the two (XLA:CPU drops
-    `optimization_barrier` before it places copies). The written values take `0 · after[0, 0, 0]`, exact (a NaN
-    there means the layer already failed), which makes every write wait for the layer's output and so for its reads
-    of the cache."""
-    zero = (after.reshape(-1)[0] * 0).astype(k_BlHD.dtype)
-    k_BlHD, v_BlHD = k_BlHD + zero, v_BlHD + zero.astype(v_BlHD.dtype)
+    `optimization_barrier` before it places copies). Row b's written values take `0 · after[b, 0, 0]`, exact (a
+    NaN there means the layer already failed), which makes every write wait for the layer's output and so for its
+    reads of the cache. Each row depends on its own row only, so under a "data" mesh axis nothing crosses shards."""
+    zero_B111 = (after[:, :1, :1, None] * 0).astype(k_BlHD.dtype)
+    k_BlHD, v_BlHD = k_BlHD + zero_B111, v_BlHD + zero_B111.astype(v_BlHD.dtype)
     written = []
     for j, (plan, cache) in enumerate(zip(layout.kinds, kinds, strict=True)):
         if not plan.written(si) or (isinstance(kind, int) and kind != j):

@@ -23,7 +23,7 @@ MESHES = {"data8": (8, 1), "data4_model2": (4, 2)}
 # survives the filter, so the "greedy" run is greedy (as top_k=1 would be) while the other one samples.
 RUNS = {"greedy": dict(top_k=20, top_p=1e-3, cfg=1.5), "sampled": dict(top_k=20, top_p=0.9, cfg=2.0)}
 LABELS = [0, 3, 5, 9, 1, 1, 7, 2]
-COLLECTIVE = r"= \S+ (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter|collective-broadcast)\("
+COLLECTIVE = r"= (?:\S+|\([^)]*\)) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter|collective-broadcast)\("
 
 
 # --- the child: everything that needs 8 devices --------------------------------------------------------------------
@@ -66,6 +66,7 @@ def _child(out_dir: Path) -> None:
             out = run(f"{mesh_name}/{run_name}", mesh, **kwargs)
         specs["tokens"] = list(out.tokens[-1].sharding.spec)
         specs["images"] = list(out.images.sharding.spec)
+        specs["finite"] = list(out.finite.sharding.spec)
         # new labels and key: the compiled program is reused
         gen_module.generate(params, LABELS[::-1], jax.random.key(9), config=config, mesh=mesh, **RUNS["sampled"])
         report["compiles"][mesh_name] = gen_module._generate._cache_size()
@@ -184,6 +185,7 @@ def test_params_cache_and_outputs_carry_the_intended_shardings(child, mesh):
     assert layers == 2 and rows == 2 * len(LABELS)
     assert specs["cache_k_shard_shape"] == [layers, rows // MESHES[mesh][0], capacity, heads // model, head_dim]
     assert specs["tokens"] == specs["images"] == ["data"]
+    assert specs["finite"] in (["data"], ["data", None])  # [B, S] flags, row by row: no reduction across shards
 
 
 def test_data_parallel_program_has_no_communication_and_model_parallel_only_reductions(child):

@@ -75,7 +75,8 @@ def test_committed_model_generates_a_batch_on_cpu():
     images = np.asarray(out.images)
     side = model.config.vqvae.image_size
     assert images.shape == (4, side, side, 3) and np.isfinite(images).all()
-    assert out.finite.shape == (model.config.var.num_scales,) and bool(out.finite.all())  # every scale's logits
+    assert out.finite.shape == (len(labels), model.config.var.num_scales)  # [B, S]: every image, every scale
+    assert bool(out.finite.all())
     assert images.std() > 0.05  # not a flat colour
 
 
