@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amskv_jax import quant
+from amskv_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +177,7 @@ def build_layout(
         reads_l = tuple(tuple(sorted(set(reads(layer, si)))) for si in range(len(sizes)))
         for si, r in enumerate(reads_l):
             if any(not 0 <= s < si for s in r):
-                raise ValueError(f"layer {layer}, scale {si}: may only read earlier scales, got {r}")
+                raise UserError(f"layer {layer}, scale {si}: may only read earlier scales, got {r}")
         last_reader = [max((si for si, r in enumerate(reads_l) if s in r), default=-1) for s in range(len(sizes))]
         live = [
             sum(sizes[s] for s in range(si + 1) if last_reader[s] > si) for si in range(len(sizes))
@@ -281,7 +282,7 @@ class KindCache:
 
         if self.quantized:
             if group is None or not 0 <= group < scales.k.shape[2]:
-                raise ValueError(f"a quantised cache needs the scale's K-scale group in [0, {scales.k.shape[2]}), "
+                raise UserError(f"a quantised cache needs the scale's K-scale group in [0, {scales.k.shape[2]}), "
                                  f"got {group}")
             k_BlHD, k_scale_BHD, k_min_BHD = quant.quantize_k(k_BlHD, scales.kv_dtype)
             v_BlHD, v_scale_BlH, v_min_BlH = quant.quantize_v(v_BlHD, scales.kv_dtype)

@@ -43,6 +43,7 @@ import numpy as np
 from amskv_jax import cli, compile_cache, sampling, sharding
 from amskv_jax.attention import prepare_qk
 from amskv_jax.config import ModelConfig, VARConfig
+from amskv_jax.errors import UserError
 from amskv_jax.generate import DTYPES
 from amskv_jax.policies import CALIBRATION_FORMAT, DEMANDING_FRACTION, select_layers
 from amskv_jax.resize import resize_bicubic
@@ -132,7 +133,7 @@ def layer_statistics(
 ) -> Statistics:
     """Statistics of the teacher-forced pass on `labels_B` [B] and inputs x_BLCv [B, L − first_l, Cvae]."""
     if upsample not in UPSAMPLES:
-        raise ValueError(f"unknown upsample {upsample!r}; allowed: {', '.join(UPSAMPLES)}")
+        raise UserError(f"unknown upsample {upsample!r}; allowed: {', '.join(UPSAMPLES)}")
     sums = _statistics(
         var_params, jnp.asarray(labels_B, jnp.int32), x_BLCv, config=config, upsample=upsample, dtype=dtype
     )
@@ -161,11 +162,11 @@ def summarise(
         fraction = DEMANDING_FRACTION
     depth, num_scales = stats.sim_k.shape
     if measure not in MEASURES:
-        raise ValueError(f"unknown measure {measure!r}; allowed: {', '.join(MEASURES)}")
+        raise UserError(f"unknown measure {measure!r}; allowed: {', '.join(MEASURES)}")
     if similarity not in SIMILARITIES:
-        raise ValueError(f"unknown similarity {similarity!r}; allowed: {', '.join(SIMILARITIES)}")
+        raise UserError(f"unknown similarity {similarity!r}; allowed: {', '.join(SIMILARITIES)}")
     if not 1 <= finer_from < num_scales:
-        raise ValueError(f"finer_from must be in [1, {num_scales - 1}], got {finer_from}")
+        raise UserError(f"finer_from must be in [1, {num_scales - 1}], got {finer_from}")
     if similarity == "l2":
         sim_k, sim_v = -stats.dist_k / stats.rows, -stats.dist_v / stats.rows
     else:
@@ -218,7 +219,7 @@ def calibrate(
     config: ModelConfig = model.config
     c = config.var
     if samples < 1 or batch < 1:
-        raise ValueError(f"samples and batch must be >= 1, got {samples} and {batch}")
+        raise UserError(f"samples and batch must be >= 1, got {samples} and {batch}")
     params = model.params
     if mesh is not None:
         for size in sorted({min(batch, samples - start) for start in range(0, samples, batch)}):
@@ -284,7 +285,7 @@ def search_calibrations(
 
     budgets = [check_budget(b) for b in budgets]
     if samples < 1 or batch < 1:
-        raise ValueError(f"samples and batch must be >= 1, got {samples} and {batch}")
+        raise UserError(f"samples and batch must be >= 1, got {samples} and {batch}")
     c = model.config.var
     pick = np.unique(np.linspace(0, len(images_NHWC) - 1, min(samples, len(images_NHWC))).round().astype(int))
     labels = np.asarray(labels_N)[pick]
@@ -428,24 +429,24 @@ def main(argv=None) -> int:
     try:
         if args.search:
             if args.budget is None or not 0 < args.budget <= 1:
-                raise ValueError(f"--budget must be a fraction of the full cache in (0, 1], got {args.budget}")
+                raise UserError(f"--budget must be a fraction of the full cache in (0, 1], got {args.budget}")
             if args.mesh:
-                raise ValueError("--search runs on one device; drop --mesh")
+                raise UserError("--search runs on one device; drop --mesh")
             args.samples = 64 if args.samples is None else args.samples
         elif args.budget is not None or args.images is not None:
-            raise ValueError("--budget and --images go with --search")
+            raise UserError("--budget and --images go with --search")
         if args.samples is None:
-            raise ValueError("--samples is required (images generated with the full cache)")
+            raise UserError("--samples is required (images generated with the full cache)")
         if args.samples < 1 or args.batch < 1:
-            raise ValueError(f"--samples and --batch must be >= 1, got {args.samples} and {args.batch}")
+            raise UserError(f"--samples and --batch must be >= 1, got {args.samples} and {args.batch}")
         if args.fraction is not None and not 0 <= args.fraction <= 1:
-            raise ValueError(f"--fraction must be in [0, 1], got {args.fraction}")
-    except ValueError as err:
+            raise UserError(f"--fraction must be in [0, 1], got {args.fraction}")
+    except UserError as err:
         parser.error(str(err))
     model = load_model(args.model, verify=args.verify)
     try:
         if not 1 <= args.finer_from < model.config.var.num_scales:
-            raise ValueError(f"--finer-from must be in [1, {model.config.var.num_scales - 1}], got {args.finer_from}")
+            raise UserError(f"--finer-from must be in [1, {model.config.var.num_scales - 1}], got {args.finer_from}")
         mesh = None
         if args.mesh:
             mesh = sharding.mesh_from_text(args.mesh)
@@ -453,7 +454,7 @@ def main(argv=None) -> int:
                 sharding.check_mesh(model.config, size, mesh)
         if args.search:
             images, labels, source = calibration_images(model, args.images)
-    except (ValueError, FileNotFoundError) as err:
+    except (UserError, FileNotFoundError) as err:
         parser.error(str(err))
     selection = dict(similarity=args.similarity, upsample=args.upsample, measure=args.measure,
                      finer_from=args.finer_from, fraction=args.fraction, threshold=args.threshold)
@@ -465,7 +466,7 @@ def main(argv=None) -> int:
                 model, images, labels, [args.budget], samples=args.samples, batch=args.batch, dtype=args.dtype,
                 model_name=args.model, source=source, **selection,
             )
-        except ValueError as err:  # a budget below what the condensed scales alone need
+        except UserError as err:  # a budget below what the condensed scales alone need
             parser.error(str(err))
     else:
         print(f"model {args.model}: {model.description}; {args.samples} samples", flush=True)

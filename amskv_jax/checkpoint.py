@@ -18,6 +18,7 @@ import numpy as np
 
 from amskv_jax import integrity
 from amskv_jax.config import PRESETS, ModelConfig, get_preset
+from amskv_jax.errors import UserError
 from amskv_jax.lazy import save_arrays
 from amskv_jax.untrusted import CheckedDirectory, open_checkpoint, param_shapes, read_params, show, write_atomic
 from amskv_jax.var import stack_blocks
@@ -79,7 +80,7 @@ def _fan_in(path, shape: tuple[int, ...]) -> int:
     return shape[0] if "mat_qkv" in names else math.prod(shape[:-1])
 
 
-class MissingVQVAEError(ValueError):
+class MissingVQVAEError(UserError):
     """A checkpoint directory without a VQ-VAE (converted without one), asked for by code that decodes images."""
 
     FIX = ("convert it again with the VQ-VAE the reference publishes beside its VAR checkpoints: "
@@ -157,7 +158,7 @@ def load_model(spec: str = DEFAULT_MODEL, verify: bool | None = None, *, need_vq
             )
         config, params, _ = _load(checked, verify)
         return Model(config, params, f"checkpoint {checked.shown}", checked.classes, checked.calibration)
-    raise ValueError(
+    raise UserError(
         f"--model {show(repr(spec))} is neither an embedded model ({', '.join(EMBEDDED)}), a preset "
         f"({', '.join(PRESETS)}) nor a checkpoint directory"
     )

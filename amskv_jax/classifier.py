@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from amskv_jax.config import _check
+from amskv_jax.errors import UserError
 from amskv_jax.untrusted import write_atomic
 
 
@@ -83,7 +84,7 @@ class Classifier:
         images = jnp.asarray(images_BHWC, jnp.float32)
         side = self.config.image_size
         if images.ndim != 4 or images.shape[1:] != (side, side, 3):
-            raise ValueError(f"images must be [B, {side}, {side}, 3] in [0, 1], got shape {images.shape}")
+            raise UserError(f"images must be [B, {side}, {side}, 3] in [0, 1], got shape {images.shape}")
         return images
 
     def predict(self, images_BHWC) -> np.ndarray:

@@ -1,9 +1,10 @@
 """What every command line does with a failure: one line naming the file and the problem, exit status 2.
 
 Failures a user can cause and fix (a missing or damaged file, a value out of range, a generation that went
-non-finite) are `ValueError`, `OSError` or `ArithmeticError` raised at the boundary with a message that says what
-and where; `command` turns them into `PROG: error: MESSAGE` on stderr (argparse's format, on one line) and status 2.
-Anything else is a bug and keeps its traceback. Argument errors stay argparse's own (usage, then one line, status 2).
+non-finite) are the project's `errors.UserError`, raised at the boundary with a message that says what and where, or
+an `OSError` from the file system (a missing file, a full disk, a permission); `command` turns them into
+`PROG: error: MESSAGE` on stderr (argparse's format, on one line) and status 2. Anything else, a `ValueError` from
+a library included, is a bug and keeps its traceback. Argument errors stay argparse's own (usage, then one line, status 2).
 A message may quote what a file holds or how it is named, so the line is bounded in length and its control
 characters escaped (`printable`): a hostile checkpoint cannot flood or drive the terminal.
 """
@@ -13,7 +14,9 @@ import functools
 import os
 import sys
 
-USER_ERRORS = (ValueError, OSError, ArithmeticError)
+from amskv_jax.errors import UserError
+
+USER_ERRORS = (UserError, OSError)
 MAX_MESSAGE = 1000  # characters of an error line's message
 
 

@@ -23,6 +23,7 @@ from amskv_jax import cli, compile_cache, sampling, sharding
 from amskv_jax.attention import check_impl
 from amskv_jax.cache import CacheLayout, init_cache
 from amskv_jax.checkpoint import MissingVQVAEError
+from amskv_jax.errors import UserError
 from amskv_jax.quant import KV_DTYPES, check_kv_dtype
 from amskv_jax.config import ModelConfig
 from amskv_jax.policies import FullCache
@@ -69,7 +70,7 @@ def default_top_k(config: ModelConfig) -> int:
 def resolve_layer_loop(layer_loop: str, mesh: jax.sharding.Mesh | None = None) -> str:
     """The loop ("scan" or "unrolled") that `layer_loop` runs on this platform (see `LAYER_LOOPS`)."""
     if layer_loop not in LAYER_LOOPS:
-        raise ValueError(f"unknown layer_loop {layer_loop!r}; allowed: {', '.join(LAYER_LOOPS)}")
+        raise UserError(f"unknown layer_loop {layer_loop!r}; allowed: {', '.join(LAYER_LOOPS)}")
     if layer_loop != "auto":
         return layer_loop
     return "unrolled" if mesh is None and jax.default_backend() == "cpu" else "scan"
@@ -81,20 +82,20 @@ def validate(
 ) -> None:
     """Boundary checks with messages that say what is allowed (labels only when concrete)."""
     if np.ndim(labels) != 1 or np.shape(labels)[0] == 0:
-        raise ValueError(f"labels must be a non-empty 1-D array (one class per image), got shape {np.shape(labels)}")
+        raise UserError(f"labels must be a non-empty 1-D array (one class per image), got shape {np.shape(labels)}")
     if not isinstance(labels, jax.core.Tracer):
         bad = [int(x) for x in np.asarray(labels) if not 0 <= x < config.var.num_classes]
         if bad:
-            raise ValueError(f"labels {bad} out of range; allowed: 0..{config.var.num_classes - 1}")
+            raise UserError(f"labels {bad} out of range; allowed: 0..{config.var.num_classes - 1}")
     check_impl(impl)
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     check_kv_dtype(kv_dtype, config.var.head_dim)
     resolve_layer_loop(layer_loop)
     if not 0 <= top_k <= config.var.vocab_size:
-        raise ValueError(f"top_k must be in [0, {config.var.vocab_size}] (0 = off), got {top_k}")
+        raise UserError(f"top_k must be in [0, {config.var.vocab_size}] (0 = off), got {top_k}")
     if isinstance(top_p, (int, float)) and not 0 <= top_p <= 1:
-        raise ValueError(f"top_p must be in [0, 1] (0 = off), got {top_p}")
+        raise UserError(f"top_p must be in [0, 1] (0 = off), got {top_p}")
 
 
 def generate(
@@ -148,18 +149,18 @@ def generate(
         )
     layout = layout if layout is not None else FullCache().layout(config.var)
     if len(layout.layers) != config.var.depth or layout.patch_nums != config.var.patch_nums:
-        raise ValueError(
+        raise UserError(
             f"layout for {len(layout.layers)} layers and ladder {layout.patch_nums} does not fit a model of depth "
             f"{config.var.depth} with ladder {config.var.patch_nums}"
         )
     rows = 2 * np.shape(labels)[0]
     if row_chunk is not None and (mesh is not None or isinstance(row_chunk, bool) or not isinstance(row_chunk, int)
                                   or row_chunk < 1 or rows % row_chunk):
-        raise ValueError(f"row_chunk must be None or a divisor of the {rows} rows (2 per image), without a mesh; got "
+        raise UserError(f"row_chunk must be None or a divisor of the {rows} rows (2 per image), without a mesh; got "
                          f"{row_chunk!r}" + (" with a mesh" if mesh is not None else ""))
     unrolled = resolve_layer_loop(layer_loop, mesh) == "unrolled"
     if not unrolled and isinstance(params["var"]["params"]["blocks"], tuple):
-        raise ValueError(f"layer_loop {layer_loop!r} runs the scan over stacked block params, but these are per-layer "
+        raise UserError(f"layer_loop {layer_loop!r} runs the scan over stacked block params, but these are per-layer "
                          "(var.per_layer_blocks); pass the stacked params or layer_loop='unrolled'")
     if mesh is not None:
         sharding.check_mesh(config, np.shape(labels)[0], mesh)
@@ -300,7 +301,7 @@ def main(argv=None) -> int:
         mesh = sharding.mesh_from_text(args.mesh) if args.mesh else None
         if mesh is not None:
             sharding.check_mesh(model.config, len(labels), mesh)
-    except (ValueError, FileNotFoundError) as err:
+    except (UserError, FileNotFoundError) as err:
         parser.error(str(err))
     layout = policy.layout(model.config.var)
     full_layout = FullCache().layout(model.config.var)
@@ -331,7 +332,7 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - dispatched
         bad = first_nonfinite_scale(out.finite)
         if bad is not None:
-            raise FloatingPointError(
+            raise UserError(
                 f"{args.model}: the logits of scale {bad + 1}/{model.config.var.num_scales} (1-based)"
                 f" are not finite, so no image was written to {args.out}; the weights are probably untrained or "
                 "damaged"
@@ -362,16 +363,16 @@ def describe_cache(name: str, layout: CacheLayout, full_layout: CacheLayout, con
 def _labels(text: str | None, batch: int | None, num_classes: int) -> np.ndarray:
     """Each label repeated `batch` times in a row: the grid then has one row per label."""
     if batch is not None and batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
+        raise UserError(f"--batch must be >= 1, got {batch}")
     if text is None:
         labels, batch = list(range(min(num_classes, 10))), batch or 8
     else:
         try:
             labels = [int(x) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise ValueError(f"--labels must be comma-separated integers, got {text!r}") from None
+            raise UserError(f"--labels must be comma-separated integers, got {text!r}") from None
         if len(set(labels)) != len(labels):
-            raise ValueError(f"--labels repeats a class ({text!r}); use --batch for more images per class")
+            raise UserError(f"--labels repeats a class ({text!r}); use --batch for more images per class")
     return np.repeat(np.asarray(labels, np.int32), batch or 1)
 
 

@@ -42,6 +42,7 @@ from amskv_jax import cli, quant
 from amskv_jax.cache import CacheLayout, cache_bytes
 from amskv_jax.checkpoint import EMBEDDED, param_shapes
 from amskv_jax.config import PRESETS, ModelConfig, VARConfig, get_preset
+from amskv_jax.errors import UserError
 from amskv_jax.generate import generate
 from amskv_jax.policies import DEFAULT_POLICY, POLICIES, policy_from_name, read_calibration
 
@@ -108,7 +109,7 @@ class BatchFit:
 
 def itemsize(dtype: str) -> int:
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     return jnp.dtype(dtype).itemsize
 
 
@@ -288,7 +289,7 @@ def parse_bytes(text: str) -> int:
     byte count `85899345920`. Numbers with units may have decimals (`79.5GiB`)."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)(" + "|".join(BYTE_UNITS) + ")?", text.strip())
     if match is None or (match[2] is None and "." in match[1]) or float(match[1]) <= 0:
-        raise ValueError(
+        raise UserError(
             f"{text!r} is not a memory size; accepted forms: 80GiB (KiB, MiB, GiB, TiB: powers of 2), 80GB (KB, MB, "
             "GB, TB: powers of 10) or a positive byte count such as 85899345920"
         )
@@ -305,7 +306,7 @@ def load_model_files(spec: str) -> tuple[ModelConfig, dict | None]:
         calibration = directory / "layers.json"
         config = ModelConfig.from_json((directory / "config.json").read_text())
         return config, read_calibration(calibration) if calibration.is_file() else None
-    raise ValueError(
+    raise UserError(
         f"--model {spec!r} is neither an embedded model ({', '.join(EMBEDDED)}), a preset ({', '.join(PRESETS)}) "
         "nor a checkpoint directory"
     )
@@ -358,20 +359,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.batch < 1:
-            raise ValueError(f"--batch must be >= 1, got {args.batch}")
+            raise UserError(f"--batch must be >= 1, got {args.batch}")
         device_memory = None
         if args.device_memory is not None:
             try:
                 device_memory = parse_bytes(args.device_memory)
-            except ValueError as err:
-                raise ValueError(f"--device-memory: {err}") from None
+            except UserError as err:
+                raise UserError(f"--device-memory: {err}") from None
         model_config, calibration = load_model_files(args.model)
         config = model_config.var
         calibration = read_calibration(args.calibration) if args.calibration else calibration
         kv_dtypes = tuple(dict.fromkeys(None if k == "default" else k for k in args.kv_dtype))
         policies = tuple(dict.fromkeys(args.policy))
         rows = memory_table(config, args.batch, args.dtype, calibration, kv_dtypes, policies)
-    except (ValueError, FileNotFoundError) as err:
+    except (UserError, FileNotFoundError) as err:
         parser.error(str(err))
     programs, fits = {}, {}
     for row in rows[:-1] if args.compile or device_memory else ():  # the reference's row has no program

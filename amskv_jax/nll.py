@@ -27,6 +27,7 @@ import numpy as np
 from amskv_jax import sampling
 from amskv_jax.cache import CacheLayout, teacher_mask
 from amskv_jax.config import ModelConfig, VARConfig
+from amskv_jax.errors import UserError
 from amskv_jax.generate import DTYPES
 from amskv_jax.policies import FullCache
 from amskv_jax.quant import KV_DTYPES, check_kv_dtype, is_quantized
@@ -69,7 +70,7 @@ def training_config(model) -> tuple[str, TrainConfig]:
     """(name, config) of the training config here that built this model (its data is the model's training data)."""
     matches = [(name, cfg) for name, cfg in CONFIGS.items() if cfg.model == model.config]
     if not matches:
-        raise ValueError("this model has no known training data here; pass --images DIR (one subfolder per class)")
+        raise UserError("this model has no known training data here; pass --images DIR (one subfolder per class)")
     return matches[0]
 
 
@@ -87,7 +88,7 @@ def encode_images(model, images_NHWC: np.ndarray) -> tuple[np.ndarray, np.ndarra
     by the model's VQ-VAE (`model`: a `checkpoint.Model`)."""
     size = model.config.vqvae.image_size
     if images_NHWC.shape[1:] != (size, size, 3):
-        raise ValueError(f"images must be [N, {size}, {size}, 3] for this model, got {images_NHWC.shape}")
+        raise UserError(f"images must be [N, {size}, {size}, 3] for this model, got {images_NHWC.shape}")
     return tokenize(model.config.vqvae, model.params["vqvae"], images_NHWC)
 
 
@@ -95,7 +96,7 @@ def encode_images(model, images_NHWC: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def check_layout(layout: CacheLayout, config: VARConfig) -> None:
     if len(layout.layers) != config.depth or layout.patch_nums != config.patch_nums:
-        raise ValueError(
+        raise UserError(
             f"layout for {len(layout.layers)} layers and ladder {layout.patch_nums} does not fit a model of depth "
             f"{config.depth} with ladder {config.patch_nums}"
         )
@@ -193,13 +194,13 @@ def policy_nll(
     config: ModelConfig = model.config
     c = config.var
     if check_kv_dtype(kv_dtype, c.head_dim) is not None and not is_quantized(kv_dtype):
-        raise ValueError(f"kv_dtype {kv_dtype!r}: teacher forcing reproduces quantised caches "
+        raise UserError(f"kv_dtype {kv_dtype!r}: teacher forcing reproduces quantised caches "
                          f"({', '.join(k for k in KV_DTYPES if is_quantized(k))}) or None")
     for layout in layouts.values():
         check_layout(layout, c)
     n = len(gt_NL)
     if not n == len(x_NLCv) == len(labels_N):
-        raise ValueError(f"tokens, inputs and labels differ in count: {n}, {len(x_NLCv)}, {len(labels_N)}")
+        raise UserError(f"tokens, inputs and labels differ in count: {n}, {len(x_NLCv)}, {len(labels_N)}")
     full_slots = sum(FullCache().layout(c).capacities)
     out = {}
     for name, layout in layouts.items():

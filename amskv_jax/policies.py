@@ -25,7 +25,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import itertools
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 
 from amskv_jax.cache import CacheLayout, build_layout
 from amskv_jax.config import VARConfig
+from amskv_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,26 +70,26 @@ def _check_count(name: str, value: Any, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         allowed = "an integer >= 0" + (" or None (every earlier scale)" if allow_none else "")
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        raise UserError(f"{name} must be {allowed}, got {value!r}")
 
 
 def _check_condensed(condensed: int, patch_nums: tuple[int, ...]) -> None:
     if condensed > len(patch_nums):
-        raise ValueError(f"condensed_scales {condensed} exceeds the {len(patch_nums)} scales of {patch_nums}")
+        raise UserError(f"condensed_scales {condensed} exceeds the {len(patch_nums)} scales of {patch_nums}")
 
 
 def _layer_set(name: str, layers: Sequence[int]) -> tuple[int, ...]:
     if isinstance(layers, (str, bytes)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
-        raise ValueError(f"{name} must be a sequence of layer indices, got {layers!r}")
+        raise UserError(f"{name} must be a sequence of layer indices, got {layers!r}")
     return tuple(sorted(set(layers)))
 
 
 def _validate_layers(policy: str, name: str, layers: tuple[int, ...], fitted_depth: int | None, depth: int) -> None:
     if fitted_depth is not None and fitted_depth != depth:
-        raise ValueError(f"{policy} was made for a model of depth {fitted_depth}, not {depth}")
+        raise UserError(f"{policy} was made for a model of depth {fitted_depth}, not {depth}")
     bad = [x for x in layers if not 0 <= x < depth]
     if bad:
-        raise ValueError(f"{policy}: {name} {bad} out of range; a depth-{depth} model has layers 0..{depth - 1}")
+        raise UserError(f"{policy}: {name} {bad} out of range; a depth-{depth} model has layers 0..{depth - 1}")
 
 
 def _window_text(window: int | None) -> str:
@@ -164,7 +164,7 @@ class AMSKV(Policy):
     def __post_init__(self):
         _check_count("condensed_scales", self.condensed_scales)
         if isinstance(self.budgets, (str, bytes)) or not hasattr(self.budgets, "__iter__"):
-            raise ValueError(f"budgets must be a sequence of per-layer slot counts, got {self.budgets!r}")
+            raise UserError(f"budgets must be a sequence of per-layer slot counts, got {self.budgets!r}")
         for budget in self.budgets:
             _check_count("every budget", budget, allow_none=True)
         object.__setattr__(self, "budgets", tuple(self.budgets))
@@ -173,15 +173,15 @@ class AMSKV(Policy):
 
     def validate(self, depth, patch_nums):
         if len(self.budgets) != depth:
-            raise ValueError(f"AMSKV was made for a model of depth {len(self.budgets)}, not {depth}")
+            raise UserError(f"AMSKV was made for a model of depth {len(self.budgets)}, not {depth}")
         if self.patch_nums is not None and self.patch_nums != tuple(patch_nums):
-            raise ValueError(f"AMSKV's budgets were chosen for the ladder {list(self.patch_nums)}, not "
+            raise UserError(f"AMSKV's budgets were chosen for the ladder {list(self.patch_nums)}, not "
                              f"{list(patch_nums)}")
         _check_condensed(self.condensed_scales, patch_nums)
         condensed = sum(pn * pn for pn in patch_nums[: self.condensed_scales])
         low = [(layer, b) for layer, b in enumerate(self.budgets) if b is not None and b < condensed]
         if low:
-            raise ValueError(f"AMSKV: budgets {low} (layer, slots) are below the {condensed} slots of the "
+            raise UserError(f"AMSKV: budgets {low} (layer, slots) are below the {condensed} slots of the "
                              f"{self.condensed_scales} condensed scales, which every layer keeps")
 
     def reads(self, layer, si, depth, patch_nums):
@@ -200,14 +200,14 @@ class AMSKV(Policy):
         """The paper's allocation at a cut of the full cache's slots: every layer the largest budget C_min that
         fits (1 − cut) of the full cache uniformly, then the demanding layers the largest C_max the rest allows."""
         if not 0 <= cut < 1:
-            raise ValueError(f"cut must be in [0, 1), got {cut}")
+            raise UserError(f"cut must be in [0, 1), got {cut}")
         demanding = _layer_set("demanding_layers", demanding_layers)
         _validate_layers("AMSKV", "demanding_layers", demanding, None, depth)
         levels = budget_levels(patch_nums, condensed_scales)
         total = math.floor((1 - cut) * depth * levels[-1] + 1e-9)
         fitting = [c for c in levels if depth * c <= total]
         if not fitting:
-            raise ValueError(f"a {cut:.0%} cut leaves {total} slots; the condensed scales alone need "
+            raise UserError(f"a {cut:.0%} cut leaves {total} slots; the condensed scales alone need "
                              f"{depth * levels[0]} ({depth} layers × {levels[0]})")
         c_min = fitting[-1]
         k = len(demanding)
@@ -287,7 +287,7 @@ class ScaleBudget(Policy):
         _check_count("drafter_window", self.drafter_window, allow_none=True)
         _check_count("refiner_window", self.refiner_window)
         if self.drafter_window is not None and self.drafter_window < self.refiner_window:
-            raise ValueError(
+            raise UserError(
                 f"drafter_window ({self.drafter_window}) must be >= refiner_window ({self.refiner_window}) or None"
             )
         object.__setattr__(self, "drafter_layers", _layer_set("drafter_layers", self.drafter_layers))
@@ -365,10 +365,10 @@ def select_layers(
     """Layers picked by score: the round(fraction·depth) lowest (or highest) ones, or those below (above)
     `threshold`. Exactly one of fraction and threshold must be given."""
     if (fraction is None) == (threshold is None):
-        raise ValueError("give exactly one of fraction and threshold")
+        raise UserError("give exactly one of fraction and threshold")
     if fraction is not None:
         if not 0 <= fraction <= 1:
-            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+            raise UserError(f"fraction must be in [0, 1], got {fraction}")
         count = layer_count(fraction, len(scores))
         order = sorted(range(len(scores)), key=lambda i: (scores[i] if lowest else -scores[i], i))
         return sorted(order[:count])
@@ -381,19 +381,17 @@ def layer_count(fraction: float, depth: int) -> int:
 
 
 def read_calibration(path: str | Path) -> dict:
-    """A calibration file's contents, checked for the fields policies use (and a search's budgets, if any)."""
+    """A calibration file's contents, read as untrusted input (size, UTF-8, nesting bounded) and checked for the
+    fields policies use (and a search's budgets, if any); a bad file is one `UserError` naming it."""
+    from amskv_jax import untrusted  # untrusted imports this module (CALIBRATION_FORMAT)
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such calibration file (write one with python -m amskv_jax.calibrate)")
-    data = json.loads(path.read_text())
-    if data.get("format") != CALIBRATION_FORMAT:
-        raise ValueError(f"{path}: format {data.get('format')!r} is not {CALIBRATION_FORMAT!r}")
-    depth = data["depth"]
-    for key in ("similarity", "dispersion"):
-        if len(data["scores"][key]) != depth:
-            raise ValueError(f"{path}: scores[{key!r}] has {len(data['scores'][key])} entries for depth {depth}")
-    if "search" in data and len(data["search"]["budgets"]) != depth:
-        raise ValueError(f"{path}: search budgets has {len(data['search']['budgets'])} entries for depth {depth}")
+    data = untrusted.read_json(path, untrusted.JSON_LIMITS[untrusted.CALIBRATION])
+    problem = untrusted.calibration_problem(data)
+    if problem is not None:
+        raise UserError(f"{untrusted.show(path)}: {problem}")
     return data
 
 
@@ -467,7 +465,7 @@ def policy_from_name(name: str, config: VARConfig, calibration: str | Path | dic
     picks the demanding / drafter layers (and, holding a search, `amskv`'s budgets), else the first layers stand
     in. A calibration made for another depth or ladder is refused."""
     if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; known policies: {', '.join(POLICIES)}")
+        raise UserError(f"unknown policy {name!r}; known policies: {', '.join(POLICIES)}")
     if isinstance(calibration, (str, Path)):
         calibration = read_calibration(calibration)
     if calibration is not None:
@@ -478,7 +476,7 @@ def policy_from_name(name: str, config: VARConfig, calibration: str | Path | dic
 def check_calibration(calibration: dict, config: VARConfig) -> None:
     """Raise ValueError when a calibration's model (depth, ladder) is not `config`'s."""
     if calibration["depth"] != config.depth:
-        raise ValueError(f"the calibration is for a model of depth {calibration['depth']}, not {config.depth}")
+        raise UserError(f"the calibration is for a model of depth {calibration['depth']}, not {config.depth}")
     if tuple(calibration["patch_nums"]) != tuple(config.patch_nums):
-        raise ValueError(f"the calibration is for the ladder {list(calibration['patch_nums'])}, not "
+        raise UserError(f"the calibration is for the ladder {list(calibration['patch_nums'])}, not "
                          f"{list(config.patch_nums)}")

@@ -54,6 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amskv_jax.errors import UserError
+
 SYMMETRIC = {"int8": 127.0, "float8_e4m3fn": 448.0}  # kv_dtype -> qmax
 ASYMMETRIC = {"int4": 4, "int2": 2}  # kv_dtype -> bits per code, packed into uint8
 KV_DTYPES = ("bfloat16", *SYMMETRIC, *ASYMMETRIC)
@@ -95,10 +97,10 @@ def check_kv_dtype(kv_dtype: str | None, head_dim: int | None = None) -> str | N
     """Raise for an unknown storage dtype, or one the head dim cannot be packed in; returns it unchanged (None: the
     compute dtype). Every platform stores all of them (low-bit codes are packed into uint8)."""
     if kv_dtype is not None and kv_dtype not in KV_DTYPES:
-        raise ValueError(f"unknown kv_dtype {kv_dtype!r}; allowed: None (the compute dtype), {', '.join(KV_DTYPES)}")
+        raise UserError(f"unknown kv_dtype {kv_dtype!r}; allowed: None (the compute dtype), {', '.join(KV_DTYPES)}")
     if head_dim is not None and kv_dtype in ASYMMETRIC and head_dim % chunks(kv_dtype):
         allowed = [k for k in KV_DTYPES if k not in ASYMMETRIC or head_dim % chunks(k) == 0]
-        raise ValueError(f"kv_dtype {kv_dtype!r} packs {chunks(kv_dtype)} codes per byte along the head dim, which "
+        raise UserError(f"kv_dtype {kv_dtype!r} packs {chunks(kv_dtype)} codes per byte along the head dim, which "
                          f"is {head_dim}; allowed for this model: None (the compute dtype), {', '.join(allowed)}")
     return kv_dtype
 
@@ -192,7 +194,7 @@ def fake_quantize_kv(k_BLHD: jax.Array, v_BLHD: jax.Array, patch_nums: tuple[int
     scale's tokens, as each scale's write does, and dequantised to float32; V per token, dequantised to its own
     dtype, as the attention reads them. The same functions as the cache's write and read, so the same values."""
     if not is_quantized(kv_dtype):
-        raise ValueError(f"fake_quantize_kv needs a quantised storage dtype "
+        raise UserError(f"fake_quantize_kv needs a quantised storage dtype "
                          f"({', '.join((*SYMMETRIC, *ASYMMETRIC))}), got {kv_dtype}")
     keys, begin = [], 0
     for pn in patch_nums:

@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from amskv_jax.config import VARConfig
+from amskv_jax.errors import UserError
 from amskv_jax.policies import AMSKV, FullCache, budget_levels
 
 
@@ -51,7 +52,7 @@ class SearchResult:
 def check_budget(budget: float) -> float:
     """The budget as a fraction of the full cache, refused outside (0, 1]."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-        raise ValueError(f"budget must be a fraction of the full cache in (0, 1], got {budget!r}")
+        raise UserError(f"budget must be a fraction of the full cache in (0, 1], got {budget!r}")
     return float(budget)
 
 
@@ -68,7 +69,7 @@ def search_budgets(
     bound = math.floor(budget * full_slots + 1e-9)
     if depth * levels[0] > bound:
         floor = depth * levels[0]
-        raise ValueError(f"budget {budget} leaves {bound} slots; the condensed scales alone need {floor} ({depth} "
+        raise UserError(f"budget {budget} leaves {bound} slots; the condensed scales alone need {floor} ({depth} "
                          f"layers × {levels[0]}): allowed budgets are >= {floor / full_slots:.4f}")
     memo = {} if memo is None else memo
     top = len(levels) - 1

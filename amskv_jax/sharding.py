@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from amskv_jax.cache import CacheLayout, KVCache, init_cache
 from amskv_jax.config import ModelConfig, VARConfig
+from amskv_jax.errors import UserError
 
 AXES = ("data", "model")
 ROWS = P("data")  # anything whose leading axis is the batch (or the 2·B guidance rows)
@@ -62,17 +63,17 @@ def make_mesh(data: int | None = None, model: int | None = None, devices: Sequen
     n = len(devices)
     for name, size in (("data", data), ("model", model)):
         if size is not None and (not isinstance(size, (int, np.integer)) or size < 1):
-            raise ValueError(f"mesh axis {name!r} must be a positive integer, got {size!r}")
+            raise UserError(f"mesh axis {name!r} must be a positive integer, got {size!r}")
     model = 1 if model is None else model
     if data is None:
         if n % model:
-            raise ValueError(
+            raise UserError(
                 f"mesh axis model={model} does not divide the {n} available devices; "
                 f"allowed: {[d for d in range(1, n + 1) if n % d == 0]}"
             )
         data = n // model
     if data * model > n:
-        raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices, but only {n} are available")
+        raise UserError(f"mesh data={data} x model={model} needs {data * model} devices, but only {n} are available")
     return jax.make_mesh(
         (data, model), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices[: data * model]
     )
@@ -88,17 +89,17 @@ def parse_mesh(text: str) -> dict[str, int]:
         name, sep, value = part.partition("=")
         name = name.strip()
         if not sep or name not in AXES:
-            raise ValueError(f"bad mesh axis {part!r}: {usage}")
+            raise UserError(f"bad mesh axis {part!r}: {usage}")
         if name in sizes:
-            raise ValueError(f"mesh axis {name!r} given twice: {usage}")
+            raise UserError(f"mesh axis {name!r} given twice: {usage}")
         try:
             sizes[name] = int(value)
         except ValueError:
-            raise ValueError(f"mesh axis {name!r} needs an integer size, got {value.strip()!r}: {usage}") from None
+            raise UserError(f"mesh axis {name!r} needs an integer size, got {value.strip()!r}: {usage}") from None
         if sizes[name] < 1:
-            raise ValueError(f"mesh axis {name!r} must be >= 1, got {sizes[name]}")
+            raise UserError(f"mesh axis {name!r} must be >= 1, got {sizes[name]}")
     if not sizes:
-        raise ValueError(f"empty mesh: {usage}")
+        raise UserError(f"empty mesh: {usage}")
     return sizes
 
 
@@ -121,18 +122,18 @@ def check_mesh(config: ModelConfig | VARConfig, batch: int | None, mesh: Mesh) -
     """Raise ValueError unless the mesh fits: axes ("data", "model"), data | batch, model | heads and MLP width."""
     if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != AXES:
         names = getattr(mesh, "axis_names", None)
-        raise ValueError(f"mesh must be a jax.sharding.Mesh with axes {AXES} (see make_mesh), got axes {names}")
+        raise UserError(f"mesh must be a jax.sharding.Mesh with axes {AXES} (see make_mesh), got axes {names}")
     c = _var_config(config)
     data, model = mesh.shape["data"], mesh.shape["model"]
     if batch is not None and batch % data:
-        raise ValueError(
+        raise UserError(
             f"batch {batch} is not divisible by the mesh's data axis ({data}); use a multiple of {data} images "
             f"(e.g. {data * max(1, -(-batch // data))}) or a data axis dividing {batch}"
         )
     for what, size in (("num_heads", c.num_heads), ("MLP hidden size", c.mlp_hidden)):
         if size % model:
             common = math.gcd(c.num_heads, c.mlp_hidden)
-            raise ValueError(
+            raise UserError(
                 f"the model's {what} {size} is not divisible by the mesh's model axis ({model}); "
                 f"allowed model axis sizes: {[m for m in range(1, common + 1) if common % m == 0]}"
             )
@@ -149,7 +150,7 @@ def param_spec(path: tuple[str, ...], ndim: int) -> P:
         return REPLICATED
     spec = BLOCK_SPECS.get(tuple(path[-2:]), REPLICATED)
     if spec is not REPLICATED and len(spec) != ndim:
-        raise ValueError(f"parameter {'/'.join(path)} has {ndim} dims, expected {len(spec)} for spec {spec}")
+        raise UserError(f"parameter {'/'.join(path)} has {ndim} dims, expected {len(spec)} for spec {spec}")
     return spec
 
 

@@ -50,6 +50,7 @@ import tensorstore as ts
 
 from amskv_jax.cli import printable
 from amskv_jax.config import ModelConfig, VARConfig, VQVAEConfig
+from amskv_jax.errors import UserError
 from amskv_jax.policies import CALIBRATION_FORMAT
 from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
@@ -96,7 +97,7 @@ MAX_LADDER = 64  # entries of patch_nums / ch_mult
 MAX_PARAMS = 1 << 34  # elements over all arrays the config implies
 
 
-class UntrustedInputError(ValueError):
+class UntrustedInputError(UserError):
     """A checkpoint directory (or a file in one) that is not what loading may read; the message names the file."""
 
 
@@ -308,7 +309,7 @@ def open_checkpoint(directory: str | Path, manifest: str = "optional") -> Checke
     `manifest`: "optional" (load: checked when present), "required" (`integrity check`), or "ignored"
     (`integrity write`, which replaces it; every other check still runs)."""
     if manifest not in ("optional", "required", "ignored"):
-        raise ValueError(f"manifest={manifest!r}; allowed: optional, required, ignored")
+        raise UserError(f"manifest={manifest!r}; allowed: optional, required, ignored")
     shown = show(directory)
     try:
         root = Path(directory).resolve(strict=True)
@@ -637,13 +638,32 @@ def _read_extras(root: Path, config: ModelConfig) -> tuple[tuple[str, ...] | Non
     return classes, calibration
 
 
-def calibration_problem(data, depth: int) -> str | None:
-    """Why a calibration file's value is not one for a model of `depth` layers (None when it is): the fields the
-    policies read (format, depth, demanding_layers, scores.similarity, scores.dispersion)."""
+def calibration_problem(data, depth: int | None = None) -> str | None:
+    """Why a calibration file's value is not one for a model of `depth` layers (None when it is; depth None: the
+    file's own, a positive integer): the fields the policies read (format, depth, patch_nums, demanding_layers,
+    scores.similarity, scores.dispersion, and a search's budgets and condensed_scales when present)."""
     if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
         return f"not a calibration file (format must be {CALIBRATION_FORMAT!r})"
+    if depth is None:
+        if type(data.get("depth")) is not int or not 1 <= data["depth"] <= CONFIG_BOUNDS["depth"][1]:
+            return f"depth {show(data.get('depth'), 40)} is not a layer count in [1, {CONFIG_BOUNDS['depth'][1]}]"
+        depth = data["depth"]
     if type(data.get("depth")) is not int or data["depth"] != depth:
         return f"depth {show(data.get('depth'), 40)}; the model has {depth} layers"
+    ladder = data.get("patch_nums")
+    if not isinstance(ladder, list) or not 1 <= len(ladder) <= MAX_LADDER or not all(
+        type(pn) is int and 1 <= pn <= CONFIG_BOUNDS["patch_nums"][1] for pn in ladder
+    ):
+        return f"patch_nums must be 1 to {MAX_LADDER} scale sides in [1, {CONFIG_BOUNDS['patch_nums'][1]}]"
+    if "search" in data:
+        search = data["search"]
+        budgets = search.get("budgets") if isinstance(search, dict) else None
+        if not isinstance(budgets, list) or len(budgets) != depth or not all(
+            type(b) is int and 1 <= b <= MAX_PARAMS for b in budgets
+        ):
+            return f"search.budgets must be {depth} positive slot counts"
+        if type(search.get("condensed_scales")) is not int or not 0 <= search["condensed_scales"] <= len(ladder):
+            return f"search.condensed_scales must be a scale count in [0, {len(ladder)}]"
     layers = data.get("demanding_layers")
     if not isinstance(layers, list) or not all(type(i) is int and 0 <= i < depth for i in layers) \
             or len(set(layers)) != len(layers):

@@ -32,6 +32,7 @@ from amskv_jax import quant
 from amskv_jax.attention import cached_attention, masked_attention, prepare_qk
 from amskv_jax.cache import CacheLayout, KindCache, KVCache, teacher_mask
 from amskv_jax.config import VARConfig
+from amskv_jax.errors import UserError
 
 
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
@@ -361,7 +362,7 @@ class VAR(nn.Module):
         rows = x_BlC.shape[0]
         chunk = rows if row_chunk is None else row_chunk
         if not 0 < chunk <= rows or rows % chunk:
-            raise ValueError(f"row_chunk must divide the {rows} rows, got {row_chunk}")
+            raise UserError(f"row_chunk must divide the {rows} rows, got {row_chunk}")
         block, block_cond, stacks = self._block(), self._block_cond(cond_BD), self.blocks
         per_layer = isinstance(stacks, tuple)
         kind_of = np.asarray(layout.kind_of, np.int32)

@@ -27,6 +27,7 @@ from amskv_jax import cli, compile_cache
 from amskv_jax.attention import cached_attention, pallas_gpu, resolve_impl
 from amskv_jax.cache import CacheLayout
 from amskv_jax.config import VARConfig, get_preset
+from amskv_jax.errors import UserError
 from amskv_jax.policies import DEFAULT_POLICY, policy_from_name
 
 # Dense bf16 tensor-core FLOP/s and memory bytes/s from the vendors' data sheets, by `device_kind` prefix.
@@ -78,7 +79,7 @@ def _implementations(sweep: bool) -> list[tuple[str, object]]:
     for impl in IMPLS:
         try:
             resolve_impl(impl)
-        except ValueError as err:
+        except UserError as err:
             print(f"# skipping {impl}: {err}")
             continue
         out.append((impl, lambda mask, impl=impl: lambda *a: cached_attention(*a, impl=impl, static_mask=mask)))

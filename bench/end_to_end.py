@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from amskv_jax import cli, integrity
 from amskv_jax.checkpoint import load_checkpoint, param_shapes
 from amskv_jax.config import ModelConfig
+from amskv_jax.errors import UserError
 from amskv_jax.generate import DTYPES, generate
 from amskv_jax.memory import load_config
 from amskv_jax.policies import POLICIES, policy_from_name
@@ -47,7 +48,7 @@ def load(directory: str) -> tuple[ModelConfig, dict, dict]:
     seconds = time.perf_counter() - start
     expected = _shapes(param_shapes(config))
     if _shapes(params) != expected:
-        raise ValueError(f"{directory}: the loaded params' shapes differ from the model's ({config.var})")
+        raise UserError(f"{directory}: the loaded params' shapes differ from the model's ({config.var})")
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     record = {
         "load_s": seconds, "load_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -62,14 +63,14 @@ def stored_shapes(directory: str) -> tuple[ModelConfig, dict, dict]:
     config = load_config(directory)
     manifest = integrity.read_manifest(directory)
     if manifest is None:
-        raise ValueError(f"{directory}: no {integrity.MANIFEST} to check the files against")
+        raise UserError(f"{directory}: no {integrity.MANIFEST} to check the files against")
     integrity.check_files(directory, manifest)
     with ocp.StandardCheckpointer() as checkpointer:
         stored = checkpointer.metadata(Path(directory).absolute() / "params").item_metadata
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(stored),
                             is_leaf=lambda m: hasattr(m, "shape"))
     if _shapes(abstract) != _shapes(param_shapes(config)):
-        raise ValueError(f"{directory}: the stored params' shapes differ from the model's ({config.var})")
+        raise UserError(f"{directory}: the stored params' shapes differ from the model's ({config.var})")
     record = {"stored_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract)),
               "param_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(abstract)}),
               "arrays": len(jax.tree.leaves(abstract)), "files_checked": len(manifest["files"])}

@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from amskv_jax import cli, compile_cache
+from amskv_jax.errors import UserError
 from bench import frontier
 from amskv_jax.checkpoint import DEFAULT_MODEL, EMBEDDED, load_model
 from amskv_jax.classifier import load_classifier
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
         kv_dtypes = [None if k == "default" else k for k in args.kv_dtypes.split(",") if k]
         unknown = [k for k in kv_dtypes if k is not None and k not in KV_DTYPES]
         if unknown or not kv_dtypes:
-            raise ValueError(f"--kv-dtypes: unknown {unknown}; allowed: default, {', '.join(KV_DTYPES)}")
+            raise UserError(f"--kv-dtypes: unknown {unknown}; allowed: default, {', '.join(KV_DTYPES)}")
         if args.frontier:
             reference = real_reference(args, model) if args.fid_samples else None
             points, sources = frontier.measure_frontier(model, args)
@@ -251,7 +252,7 @@ def main(argv=None) -> int:
         if args.nll:
             return nll_report(args, model, policies, kv_dtypes, images, labels, source)
         reference = real_reference(args, model)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (UserError, FileNotFoundError, ImportError) as err:
         parser.error(str(err))
     top_k = default_top_k(model.config) if args.top_k is None else args.top_k
     labels = np.arange(args.samples, dtype=np.int32) % c.num_classes

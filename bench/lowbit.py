@@ -15,6 +15,7 @@ import sys
 
 from amskv_jax import cli
 from amskv_jax.checkpoint import DEFAULT_MODEL, load_model
+from amskv_jax.errors import UserError
 from amskv_jax.nll import encode_images, format_nll_table, policy_nll
 from amskv_jax.policies import FullCache, policy_from_name
 from amskv_jax.quant import KV_DTYPES, check_kv_dtype
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
     name, cfg = training_config(model)
     splits = [s for s in args.splits.split(",") if s]
     if not splits or set(splits) - set(SPLITS):
-        raise ValueError(f"--splits: {args.splits!r}; allowed: comma-separated of {', '.join(SPLITS)}")
+        raise UserError(f"--splits: {args.splits!r}; allowed: comma-separated of {', '.join(SPLITS)}")
     layouts = {"full": FullCache().layout(c), **layouts}
     for split in splits:
         images, labels, _ = load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, split)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from amskv_jax.errors import UserError
+
 KEYS = Path(__file__).parent.parent / "tests" / "fixtures" / "published_keys"
 PRESETS = ("d16", "d20", "d24", "d30", "d36")
 VAE_NAME = "vae_ch160v4096z32"
@@ -40,7 +42,7 @@ def _str(text: str) -> bytes:
 
 def _int(n: int) -> bytes:
     if not 0 <= n < 2**31:
-        raise ValueError(f"{n} does not fit a BININT")
+        raise UserError(f"{n} does not fit a BININT")
     return b"J" + struct.pack("<i", n)
 
 

@@ -30,6 +30,7 @@ from amskv_jax.attention import cached_attention, resolve_impl
 from amskv_jax.cache import CacheLayout
 from amskv_jax.checkpoint import init_params, load_model
 from amskv_jax.config import PRESETS, ModelConfig, VARConfig, get_preset
+from amskv_jax.errors import UserError
 from amskv_jax.generate import first_nonfinite_scale, generate
 from amskv_jax.memory import layout_bytes, reference_bytes
 from amskv_jax.policies import policy_from_name
@@ -186,7 +187,7 @@ class Options:
 def check_backend(opts: Options) -> None:
     """--suite gpu on a CPU would run d30 at batch 512 for hours: refuse it."""
     if opts.suite == "gpu" and jax.default_backend() == "cpu":
-        raise ValueError("--suite gpu needs an accelerator, but jax.default_backend() is 'cpu'; use --suite cpu "
+        raise UserError("--suite gpu needs an accelerator, but jax.default_backend() is 'cpu'; use --suite cpu "
                          "(with --models/--batches as you like)")
 
 

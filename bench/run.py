@@ -32,6 +32,7 @@ from pathlib import Path
 from amskv_jax import checkpoint, cli, compile_cache
 from amskv_jax.attention import IMPLS
 from amskv_jax.config import PRESETS
+from amskv_jax.errors import UserError
 from amskv_jax.policies import POLICIES
 from bench.measure import Bench, Options, check_backend, load
 from bench.plots import write_plots
@@ -80,37 +81,37 @@ def parse_args(argv=None) -> Options:
     try:
         models = _csv(args.models) if args.models is not None else list(suite["models"])
         if not models:
-            raise ValueError("--models is empty")
+            raise UserError("--models is empty")
         for m in models:
             embedded = getattr(checkpoint, "EMBEDDED", {})
             if m not in PRESETS and m not in embedded and not (Path(m) / "config.json").is_file():
-                raise ValueError(f"unknown model {m!r}: neither a preset ({', '.join(PRESETS)}), an embedded model "
+                raise UserError(f"unknown model {m!r}: neither a preset ({', '.join(PRESETS)}), an embedded model "
                                  f"({', '.join(embedded) or 'none'}) nor a checkpoint directory with config.json")
         policies = list(POLICIES) if args.policies.strip() == "all" else _csv(args.policies)
         unknown = [p for p in policies if p not in POLICIES]
         if unknown or not policies:
-            raise ValueError(f"unknown policy {unknown or args.policies!r}; known: {', '.join(POLICIES)}, or 'all'")
+            raise UserError(f"unknown policy {unknown or args.policies!r}; known: {', '.join(POLICIES)}, or 'all'")
         policies = ["full"] + [p for p in dict.fromkeys(policies) if p != "full"]
         batches = suite["batches"] if args.batches is None else _csv(args.batches)
         try:
             batches = [int(b) for b in batches]
         except ValueError:
-            raise ValueError(f"--batches must be comma-separated integers, got {args.batches!r}") from None
+            raise UserError(f"--batches must be comma-separated integers, got {args.batches!r}") from None
         if not batches or any(b < 1 for b in batches):
-            raise ValueError(f"--batches must be integers >= 1, got {args.batches!r}")
+            raise UserError(f"--batches must be integers >= 1, got {args.batches!r}")
         batches = sorted(set(batches))
         reps = suite["reps"] if args.reps is None else args.reps
         if reps < 1:
-            raise ValueError(f"--reps must be >= 1, got {reps}")
+            raise UserError(f"--reps must be >= 1, got {reps}")
         torch_ref = None
         if args.torch_reference is not None:
             torch_ref = Path(args.torch_reference).expanduser()
             if not (torch_ref / "models" / "var.py").is_file():
-                raise ValueError(f"--torch-reference {torch_ref}: not a FoundationVision/VAR checkout "
+                raise UserError(f"--torch-reference {torch_ref}: not a FoundationVision/VAR checkout "
                                  "(no models/var.py)")
             if importlib.util.find_spec("torch") is None:
-                raise ValueError("--torch-reference needs torch, which is not installed (pip install '.[torch]')")
-    except ValueError as err:
+                raise UserError("--torch-reference needs torch, which is not installed (pip install '.[torch]')")
+    except UserError as err:
         parser.error(str(err))
     return Options(
         suite=args.suite, models=models, policies=policies, batches=batches, reps=reps,

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from amskv_jax.errors import UserError
 from amskv_jax.generate import default_top_k
 from amskv_jax.var import unstack_blocks
 from bench.measure import CFG, TOP_P, Model, spread
@@ -44,7 +45,7 @@ def params_to_state_dict(params: dict, torch_shapes: dict[str, tuple[int, ...]])
             continue
         out[key] = np.ascontiguousarray(array)
     if problems:
-        raise ValueError("params do not fit the torch model: " + "; ".join(problems[:10]))
+        raise UserError("params do not fit the torch model: " + "; ".join(problems[:10]))
     return out
 
 
@@ -69,7 +70,7 @@ def torch_reference_times(path: Path, models: list[Model], batches: list[int], d
     for model in models:
         v, q = model.config.var, model.config.vqvae
         if (q.ch_mult, q.num_res_blocks, q.using_sa, q.using_mid_sa) != ((1, 1, 2, 2, 4), 2, True, True):
-            raise ValueError(f"{model.name}: the reference's VQ-VAE hard-codes ch_mult (1,1,2,2,4); ours differs")
+            raise UserError(f"{model.name}: the reference's VQ-VAE hard-codes ch_mult (1,1,2,2,4); ours differs")
         vae = TorchVQVAE(vocab_size=q.vocab_size, z_channels=q.z_channels, ch=q.ch, test_mode=True,
                          quant_resi=q.quant_resi, share_quant_resi=q.share_quant_resi, v_patch_nums=q.patch_nums)
         var = TorchVAR(vae, num_classes=v.num_classes, depth=v.depth, embed_dim=v.embed_dim, num_heads=v.num_heads,
@@ -80,7 +81,7 @@ def torch_reference_times(path: Path, models: list[Model], batches: list[int], d
             sd = {k: torch.from_numpy(a) for k, a in params_to_state_dict(jax.device_get(ours), shapes).items()}
             missing, unexpected = module.load_state_dict(sd, strict=False)
             if unexpected or [k for k in missing if not is_buffer(k)]:
-                raise ValueError(f"torch load: missing {missing[:5]}, unexpected {unexpected[:5]}")
+                raise UserError(f"torch load: missing {missing[:5]}, unexpected {unexpected[:5]}")
         vae, var = vae.to(device).eval(), var.to(device).eval()
         top_k = default_top_k(model.config)
         for batch in batches:

@@ -30,6 +30,7 @@ import numpy as np
 from amskv_jax import cli
 from amskv_jax.checkpoint import save_checkpoint
 from amskv_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, PRESETS, ModelConfig, VARConfig, VQVAEConfig
+from amskv_jax.errors import UserError
 from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
 from convert.mapping import lazy_params
@@ -42,7 +43,7 @@ OUT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 VAE_NAMES = ("vae_ch160v4096z32.pth", "vae.pth", "vae.safetensors", "vae_f16.safetensors")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint that cannot be converted; the message names the file and the problem."""
 
 
@@ -87,7 +88,7 @@ def infer_var_config(sd, source: str, *, heads: int | None = None, patch_nums=No
             vocab_size=vocab_size, cvae=cvae, mlp_ratio=_shape(sd, "blocks.0.ffn.fc1.weight", source)[0] / embed_dim,
             shared_aln="blocks.0.ada_gss" in sd, attn_l2_norm=l2_norm,
         )
-    except ValueError as err:
+    except UserError as err:
         raise ConversionError(f"{source}: {err}") from None
 
 
@@ -142,7 +143,7 @@ def open_checkpoints(var_path, vae_path=None, *, heads=None, patch_nums=None, lo
         params["vqvae"] = vqvae_params(vae_sd, vae_config, str(vae_path))
     try:
         config = ModelConfig(var=var_config, vqvae=vae_config)
-    except ValueError as err:
+    except UserError as err:
         raise ConversionError(f"{var_path} and {vae_path} do not belong together: {err}") from None
     return config, params
 

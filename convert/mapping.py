@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 import jax
 import numpy as np
 
+from amskv_jax.errors import UserError
 from amskv_jax.lazy import LazyArray
 from amskv_jax.var import unstack_blocks
 
@@ -38,7 +39,7 @@ BUFFER_PATTERNS = (
 _BUFFER_RE = re.compile("|".join(f"(?:{p})" for p in BUFFER_PATTERNS))
 
 
-class MappingError(ValueError):
+class MappingError(UserError):
     """A state dict that does not fit the model; the message names the key and the problem."""
 
 

@@ -42,6 +42,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
+from amskv_jax.errors import UserError
 from amskv_jax.lazy import LazyArray
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -72,7 +73,7 @@ SAFETENSORS_DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A file that cannot be read as a checkpoint; the message names the file, the key or entry when known, and
     the problem."""
 
@@ -569,7 +570,7 @@ def open_state_dict(path, *, which: str | None = None, log=print) -> dict[str, L
     VAR one is preferred. `log` receives one line when a nested entry is used. Raises CheckpointError.
     """
     if which not in (None, *KIND_MARKERS):
-        raise ValueError(f"which must be None, 'var' or 'vae', not {which!r}")
+        raise UserError(f"which must be None, 'var' or 'vae', not {which!r}")
     path = Path(path)
     source = str(path)
     head = _head(path, source)

@@ -38,6 +38,7 @@ import numpy as np
 from amskv_jax import cli
 from amskv_jax.cache import init_cache
 from amskv_jax.config import VARConfig, VQVAEConfig
+from amskv_jax.errors import UserError
 from amskv_jax.generate import generate
 from amskv_jax.policies import FullCache
 from amskv_jax.resize import resize_area, resize_bicubic
@@ -93,7 +94,7 @@ class Row:
 def compare(name: str, kind: str, ours, ref, tolerance: float | None = None) -> Row:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     if ours.shape != ref.shape:
-        raise ValueError(f"{name}: shape {ours.shape} differs from the reference's {ref.shape}")
+        raise UserError(f"{name}: shape {ours.shape} differs from the reference's {ref.shape}")
     if kind == "tokens":
         return Row(name, kind, agreement=float((ours == ref).mean()), tolerance=tolerance)
     err = float(np.abs(ours - ref).max())
@@ -139,7 +140,7 @@ def _check_config(config, ref: dict, ref_dir: Path, has_vae: bool):
         inferred.update(ch=q.ch, share_quant_resi=q.share_quant_resi)
     bad = [f"{k} {ref[k]!r} (checkpoints: {val!r})" for k, val in inferred.items() if k in ref and ref[k] != val]
     if bad:
-        raise ValueError(f"{ref_dir / 'config.json'} disagrees with the checkpoints: {', '.join(bad)}")
+        raise UserError(f"{ref_dir / 'config.json'} disagrees with the checkpoints: {', '.join(bad)}")
     var = dataclasses.replace(v, **{k: ref[k] for k in ("norm_eps",) if k in ref})
     vqvae = dataclasses.replace(q, **{k: ref[k] for k in ("quant_resi",) if k in ref})
     return dataclasses.replace(config, var=var, vqvae=vqvae)
@@ -205,7 +206,7 @@ def verify(ref_dir: str | Path, *, vae: str | Path | None = None, parts=PARTS, l
     (only the `parts` named, see PARTS). Returns one Row per compared array, each with the bound that applies."""
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
-        raise ValueError(f"unknown parts {unknown}; allowed: {', '.join(PARTS)}")
+        raise UserError(f"unknown parts {unknown}; allowed: {', '.join(PARTS)}")
     ref_dir = Path(ref_dir)
     needs_vae = bool({"generation", "vqvae"} & set(parts))
     vae_path = Path(vae) if vae is not None else find_vae(ref_dir) if needs_vae else None
@@ -316,7 +317,7 @@ def main(argv=None) -> int:
     try:
         rows = verify(args.ref_dir, vae=args.vae, parts=[p.strip() for p in args.parts.split(",") if p.strip()])
     except KeyError as err:
-        raise ValueError(f"{args.ref_dir}: the reference dump lacks {err}") from None
+        raise UserError(f"{args.ref_dir}: the reference dump lacks {err}") from None
     ok = print_table(rows)
     print("all figures within tolerance" if ok else "some figures are OUT OF TOLERANCE")
     return 0 if ok else 1

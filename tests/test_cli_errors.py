@@ -14,6 +14,7 @@ from PIL import Image
 from amskv_jax import checkpoint
 from amskv_jax import generate as gen_module
 from amskv_jax.calibrate import main as calibrate_main
+from amskv_jax.policies import CALIBRATION_FORMAT
 from amskv_jax.train.__main__ import main as train_main
 from convert import from_torch
 
@@ -67,7 +68,7 @@ def test_generate_rejects_a_calibration_file_of_another_format(capsys, tmp_path)
     message = _error(gen_module.main, ["--model", "tiny", "--labels", "1", "--policy", "amskv", "--calibration",
                                        str(bad), "--out", str(tmp_path / "grid.png")], capsys,
                      "python -m amskv_jax.generate")
-    assert f"{bad}: format 'something else' is not" in message
+    assert message == f"{bad}: not a calibration file (format must be {CALIBRATION_FORMAT!r})"
 
 
 def test_generate_names_a_missing_model_directory(capsys, tmp_path):
@@ -179,3 +180,58 @@ def test_finetune_rejects_bad_input_before_training(argv, message, capsys, tmp_p
     monkeypatch.chdir(tmp_path)
     assert message in _error(train_main, ["finetune", *argv, "--out", "out"], capsys, "python -m amskv_jax.train")
     assert not (tmp_path / "out").exists()
+
+
+# --- what becomes one line, and what does not ------------------------------------------------------------------------
+def test_only_the_projects_errors_become_one_line(capsys):
+    """A `UserError` (or a file-system error) is the user's: one line, status 2. A library's ValueError is a bug:
+    it propagates with its traceback instead of being dressed up as bad input."""
+    from amskv_jax import cli
+    from amskv_jax.errors import UserError
+
+    def failing(err):
+        return cli.command("prog")(lambda argv: (_ for _ in ()).throw(err))
+
+    assert failing(UserError("bad\nvalue"))([]) == 2
+    assert capsys.readouterr().err == "prog: error: bad value\n"
+    assert failing(FileNotFoundError("x.json: missing"))([]) == 2
+    with pytest.raises(ValueError, match="not ours"):
+        failing(ValueError("not ours"))([])
+    with pytest.raises(ZeroDivisionError):
+        failing(ZeroDivisionError())([])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"{", "not JSON"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"[" * 100 + b"]" * 100, "nested deeper than 16 levels"),
+        (b"[]", "not a calibration file"),
+        (json.dumps({"format": CALIBRATION_FORMAT, "depth": 2.0}).encode(), "depth 2.0 is not a layer count"),
+    ],
+)
+def test_generate_rejects_a_hostile_calibration_file_in_one_line(content, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "layers.json").write_bytes(content)
+    error = _error(gen_module.main, ["--model", "tiny", "--labels", "1", "--policy", "amskv", "--calibration",
+                                     "layers.json", "--out", "grid.png"], capsys, "python -m amskv_jax.generate")
+    assert error.startswith("layers.json: ") and message in error, error
+
+
+def test_calibration_files_of_the_search_are_checked_field_by_field(tmp_path):
+    from amskv_jax.errors import UserError
+    from amskv_jax.policies import read_calibration
+
+    data = json.loads(EMOJI32_CALIBRATION.read_text())
+    assert read_calibration(EMOJI32_CALIBRATION)["search"]["budgets"] == data["search"]["budgets"]
+    for field, value, message in [
+        ("budgets", [66, 46, 5], "search.budgets must be 6 positive slot counts"),
+        ("budgets", [66, 46, 5, 5, 5, "5"], "search.budgets must be 6 positive slot counts"),
+        ("condensed_scales", 99, "search.condensed_scales must be a scale count in [0, 7]"),
+    ]:
+        bad = json.loads(json.dumps(data))
+        bad["search"][field] = value
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(UserError, match=re.escape(message)):
+            read_calibration(tmp_path / "bad.json")

@@ -34,6 +34,7 @@ from amskv_jax.attention import pallas_gpu, tpu, xla
 from amskv_jax.attention.reference import (
     dequantize_cache, masked_attention, prepare_qk,
 )
+from amskv_jax.errors import UserError
 
 IMPLS = ("auto", "xla", "pallas", "cudnn")
 
@@ -48,10 +49,10 @@ PALLAS_KERNELS = {
 def check_impl(impl: str) -> str:
     """Raise for an unknown impl, or for "cudnn" off a GPU; returns impl unchanged."""
     if impl not in IMPLS:
-        raise ValueError(f"unknown attention impl {impl!r}; allowed: {', '.join(IMPLS)}")
+        raise UserError(f"unknown attention impl {impl!r}; allowed: {', '.join(IMPLS)}")
     platform = jax.default_backend()
     if impl == "cudnn" and platform != "gpu":
-        raise ValueError(
+        raise UserError(
             f"attention impl 'cudnn' needs an NVIDIA GPU, but the platform is {platform!r}; "
             "use 'auto', 'pallas' or 'xla'"
         )
@@ -72,7 +73,7 @@ def cudnn_attention(q, k, v, cache_k, cache_v, cache_mask, scale_mul_H, *, imple
     `implementation="xla"` runs the same preparation through jax's XLA attention (the CPU test of this wrapper).
     """
     if cache_v.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"cuDNN attention needs bfloat16 or float16 inputs, got {cache_v.dtype}; use 'pallas'/'xla'")
+        raise UserError(f"cuDNN attention needs bfloat16 or float16 inputs, got {cache_v.dtype}; use 'pallas'/'xla'")
     dtype, l = cache_v.dtype, q.shape[1]
     q, k = prepare_qk(q, k, scale_mul_H)
     keys = jnp.concatenate([cache_k.astype(dtype), k.astype(dtype)], axis=1)

@@ -61,6 +61,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from amskv_jax import quant
 from amskv_jax.attention.reference import MAX_SCALE_MUL
+from amskv_jax.errors import UserError
 
 BLOCK_K = 64
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: a fully masked block must not produce NaNs
@@ -251,21 +252,21 @@ def cached_attention(
     kv_dtype = None if scales is None else scales.kv_dtype
     width = D // quant.chunks(kv_dtype)
     if D & (D - 1) or width < 16:
-        raise ValueError(f"the Triton kernel needs a power-of-two head dim >= {16 * quant.chunks(kv_dtype)} for "
+        raise UserError(f"the Triton kernel needs a power-of-two head dim >= {16 * quant.chunks(kv_dtype)} for "
                          f"kv_dtype {kv_dtype} (column chunks of >= 16 channels), got {D}")
     default_q, default_k = block_sizes(l)
     block_q, block_k = block_q or default_q, block_k or default_k
     static_mask = np.ones(capacity, bool) if static_mask is None else np.asarray(static_mask, bool)
     if static_mask.shape != (capacity,):
-        raise ValueError(f"static_mask must have shape ({capacity},) like the cache, got {static_mask.shape}")
+        raise UserError(f"static_mask must have shape ({capacity},) like the cache, got {static_mask.shape}")
     runs = valid_block_runs(static_mask, block_k)
     quantized = scales is not None
     if quantized:
         if k_group is None:
-            raise ValueError("a quantised cache needs its scales and k_group together")
+            raise UserError("a quantised cache needs its scales and k_group together")
         k_group = np.asarray(k_group, np.int32)
         if k_group.shape != (capacity,):
-            raise ValueError(f"k_group must have shape ({capacity},) like the cache, got {k_group.shape}")
+            raise UserError(f"k_group must have shape ({capacity},) like the cache, got {k_group.shape}")
     if not runs:  # nothing to read (e.g. an empty cache): one dummy slot (group) that the loops never touch
         cache_k = jnp.zeros((B, 1, H, width), cache_k.dtype)
         cache_v = jnp.zeros((B, 1, H, width), cache_v.dtype)

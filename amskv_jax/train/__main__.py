@@ -28,6 +28,7 @@ import numpy as np
 
 from amskv_jax import cli
 from amskv_jax.checkpoint import save_checkpoint
+from amskv_jax.errors import UserError
 from amskv_jax.policies import DEFAULT_POLICY, POLICIES, policy_from_name
 from amskv_jax.train import loop
 from amskv_jax.train.configs import CONFIGS, OptimConfig, TrainConfig, get_config
@@ -65,7 +66,7 @@ def _dataset(cfg: TrainConfig, cache: Path | None = None):
         cache.mkdir(parents=True, exist_ok=True)
         write_atomic(path, loop.npz_bytes(images=images, labels=labels, key=key))
     if len(groups) != cfg.model.var.num_classes:
-        raise ValueError(f"the data has {len(groups)} classes {groups}; the config expects {cfg.model.var.num_classes}")
+        raise UserError(f"the data has {len(groups)} classes {groups}; the config expects {cfg.model.var.num_classes}")
     print(f"data: {len(images)} emoji {images.shape[1:]} ({cfg.scheme}, {cfg.split}), {len(groups)} classes: "
           f"{', '.join(groups)}")
     return images, labels, groups
@@ -130,7 +131,7 @@ def _run_stage(parser, args) -> int:
     if args.stage == "finetune":
         try:
             return finetune_command(args)
-        except (ValueError, FileNotFoundError, FileExistsError) as err:
+        except (UserError, FileNotFoundError, FileExistsError) as err:
             parser.error(str(err))
     cfg = get_config(args.config)
     if args.stage == "classifier":
@@ -171,7 +172,7 @@ def finetune_command(args) -> int:
     else:
         matches = [cfg for cfg in CONFIGS.values() if cfg.model == model.config]
         if not matches:
-            raise ValueError(f"no training data is known for {args.model}; pass --images DIR (one subfolder per class)")
+            raise UserError(f"no training data is known for {args.model}; pass --images DIR (one subfolder per class)")
         images, labels, _ = _dataset(matches[0])
     opt = _optim(FINETUNE_OPTIM, args)
     print(f"fine-tuning {args.model} ({model.description}) under {args.policy}: {policy.describe()}; "
@@ -209,7 +210,7 @@ def export(vqvae_run: Path, var_run: Path, out: Path, dtype: str, verify: bool |
     vqvae_model, vqvae_vars = loop.load_params(vqvae_run, verify)
     model, var_vars = loop.load_params(var_run, verify)
     if vqvae_model.vqvae != model.vqvae:
-        raise ValueError(f"{var_run} was trained on a VQ-VAE {model.vqvae}, {vqvae_run} holds {vqvae_model.vqvae}")
+        raise UserError(f"{var_run} was trained on a VQ-VAE {model.vqvae}, {vqvae_run} holds {vqvae_model.vqvae}")
     if (out / "params").exists():
         raise FileExistsError(f"{out}/params exists; remove it first")
     params = loop.cast_floats({"var": var_vars, "vqvae": vqvae_vars}, DTYPES[dtype])

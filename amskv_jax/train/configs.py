@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from amskv_jax.config import ModelConfig, VARConfig, VQVAEConfig, _check
+from amskv_jax.errors import UserError
 from amskv_jax.train.data import SCHEMES, SPLITS, class_names
 
 
@@ -133,5 +134,5 @@ CONFIGS: dict[str, TrainConfig] = {
 
 def get_config(name: str) -> TrainConfig:
     if name not in CONFIGS:
-        raise ValueError(f"unknown training config {name!r}; known: {', '.join(CONFIGS)}")
+        raise UserError(f"unknown training config {name!r}; known: {', '.join(CONFIGS)}")
     return CONFIGS[name]

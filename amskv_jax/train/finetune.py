@@ -18,6 +18,7 @@ import numpy as np
 
 from amskv_jax.cache import CacheLayout
 from amskv_jax.checkpoint import Model, save_checkpoint
+from amskv_jax.errors import UserError
 from amskv_jax.train import loop
 from amskv_jax.train.configs import OptimConfig
 from amskv_jax.train.var_trainer import make_train_step, tokenize
@@ -31,7 +32,7 @@ def finetune(
     for `opt.steps` steps. Returns params {"var": ..., "vqvae": ...} (VQ-VAE unchanged) in the source's dtypes."""
     c = model.config.var
     if len(layout.layers) != c.depth or layout.patch_nums != c.patch_nums:
-        raise ValueError(f"the layout ({len(layout.layers)} layers, ladder {layout.patch_nums}) does not fit the "
+        raise UserError(f"the layout ({len(layout.layers)} layers, ladder {layout.patch_nums}) does not fit the "
                          f"model (depth {c.depth}, ladder {c.patch_nums})")
     gt, x = tokenize(model.config.vqvae, model.params["vqvae"], images)
     source = model.params["var"]["params"]

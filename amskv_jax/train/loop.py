@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from amskv_jax.checkpoint import load_checkpoint, save_checkpoint
 from amskv_jax.config import ModelConfig
+from amskv_jax.errors import UserError
 from amskv_jax.train.configs import OptimConfig
 from amskv_jax.untrusted import open_new, write_atomic
 
@@ -72,7 +73,7 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     return perm[k * batch_size:(k + 1) * batch_size]
 
 
-class RunError(ValueError):
+class RunError(UserError):
     """A run directory that cannot be resumed: made by another stage or config, or a damaged checkpoint in it."""
 
 

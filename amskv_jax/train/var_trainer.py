@@ -18,6 +18,7 @@ import optax
 
 from amskv_jax.cache import CacheLayout
 from amskv_jax.config import ModelConfig, VARConfig, VQVAEConfig
+from amskv_jax.errors import UserError
 from amskv_jax.train import loop
 from amskv_jax.train.configs import OptimConfig
 from amskv_jax.untrusted import write_atomic
@@ -121,7 +122,7 @@ def train(
     out, vqvae_dir = Path(out), Path(vqvae_dir)
     trained_on, vqvae_vars = loop.load_params(vqvae_dir)
     if trained_on.vqvae != model.vqvae:
-        raise ValueError(f"{vqvae_dir} holds a VQ-VAE {trained_on.vqvae}, but this config needs {model.vqvae}")
+        raise UserError(f"{vqvae_dir} holds a VQ-VAE {trained_on.vqvae}, but this config needs {model.vqvae}")
     gt, x = cached_tokens(out, model.vqvae, vqvae_dir, vqvae_vars, images)
     tx = loop.optimizer(opt)
     params = init_var(model.var, opt.seed)["params"]
