@@ -169,7 +169,7 @@ def many_damaged_files(d: Path) -> None:
 
 
 def write_calibration(d: Path, **fields) -> None:
-    data = {"format": "amskv-calibration/1", "depth": 2, "demanding_layers": [0],
+    data = {"format": "amskv-calibration/1", "depth": 2, "patch_nums": [1, 2, 3, 4], "demanding_layers": [0],
             "scores": {"similarity": [0.1, 0.2], "dispersion": [0.3, 0.4]}, **fields}
     (d / "layers.json").write_text(json.dumps(data))
 
