@@ -107,7 +107,7 @@ def _apply(config: ClassifierConfig, params: dict, images_BHWC: jax.Array):
 def init_classifier(config: ClassifierConfig, seed: int = 0) -> dict:
     """Random params {name: ...} of the CNN."""
     img = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-    return CNN(config).init(jax.random.key(seed), img)["params"]
+    return jax.jit(CNN(config).init)(jax.random.key(seed), img)["params"]  # one program, not one per initialiser
 
 
 def save_classifier(directory: str | Path, classifier: Classifier, metrics: dict | None = None) -> Path:

@@ -79,7 +79,8 @@ def test_generate_compiles_for_512px_on_abstract_params():
     published = json.loads(PUBLISHED_KEYS.read_text())["keys"]
     count = sum(math.prod(shape) for key, shape, _ in published if not is_buffer(key))
     assert sum(x.size for x in jax.tree.leaves(params["var"])) == count == 2_353_893_904
-    fn = jax.jit(functools.partial(generate, config=D36, dtype="bfloat16"))
+    # the scanned layer loop, as on an accelerator (this CPU would unroll 36 layers: minutes of compiling)
+    fn = jax.jit(functools.partial(generate, config=D36, dtype="bfloat16", layer_loop="scan"))
     labels = jax.ShapeDtypeStruct((1,), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     compiled = fn.lower(params, labels, key).compile()

@@ -29,6 +29,10 @@ from amskv_jax.vqvae import VQVAE
 def init_var(config: VARConfig, seed: int) -> dict:
     """VAR variables initialised as the reference's `init_weights` (init_std = √(1/3C), head ×0.02, AdaLN
     ×0.5 with its gammas ×1e-5 so every block starts near the identity, residual projections ÷√(2·depth))."""
+    return loop.init_once(functools.partial(_init_var, config, seed))
+
+
+def _init_var(config: VARConfig, seed: int) -> dict:
     c = config
     key, init_key = jax.random.split(jax.random.key(seed))
     labels = jnp.zeros((1,), jnp.int32)

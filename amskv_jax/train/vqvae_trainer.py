@@ -23,7 +23,7 @@ from amskv_jax.vqvae import VQVAE
 
 def init_vqvae(config: VQVAEConfig, seed: int) -> dict:
     img = jnp.zeros((1, config.image_size, config.image_size, config.in_channels), jnp.float32)
-    return VQVAE(config).init(jax.random.key(seed), img)
+    return loop.init_once(VQVAE(config).init, jax.random.key(seed), img)
 
 
 def loss_fn(params, img_BHWC, config: VQVAEConfig, rec_l1: float, rec_l2: float):
