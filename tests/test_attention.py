@@ -21,8 +21,18 @@ from amskv_jax.var import VAR
 from test_var import cached_logits
 
 SCALE_SIZES = sorted({pn * pn for pn in PATCH_NUMS_256 + PATCH_NUMS_512})  # 1, 4, 9, ..., 1024
-TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+# bfloat16: a little over one rounding step of the output (2⁻⁷ ≈ 7.8e-3 of its largest value; 7.75e-3 measured for
+# the GPU kernel at l = 256, interpret mode) and well under the 2.8e-2 measured without the kernel's hi/lo split of
+# q and k (pallas_gpu.py), so dropping the split fails here
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 TINY = get_preset("tiny")
+
+
+def _random_runs(capacity: int, seed: int) -> np.ndarray:
+    """Live and dead slots alternating in runs of 1 to 12 slots: partial kernel blocks everywhere, and few enough
+    runs that the XLA path (one slice per run) compiles in seconds."""
+    lengths = np.random.default_rng(seed).integers(1, 13, capacity)
+    return np.repeat(np.arange(capacity) % 2 == 0, lengths)[:capacity]
 
 
 def _masks(capacity: int) -> dict[str, np.ndarray]:
@@ -30,7 +40,7 @@ def _masks(capacity: int) -> dict[str, np.ndarray]:
     condensed_local = np.zeros(capacity, bool)
     condensed_local[:5] = True  # the first two scales (1 + 4 tokens) ...
     condensed_local[256:] = True  # ... and the most recent one: slots 64..255 hold nothing to read
-    masked_block = np.random.default_rng(1).random(capacity) < 0.6
+    masked_block = _random_runs(capacity, seed=1)
     masked_block[64:128] = False
     single = np.zeros(capacity, bool)
     single[capacity - 3] = True
@@ -39,7 +49,7 @@ def _masks(capacity: int) -> dict[str, np.ndarray]:
         "condensed_local": condensed_local,
         "masked_block": masked_block,
         "single_slot": single,
-        "random": np.random.default_rng(0).random(capacity) < 0.5,
+        "random": _random_runs(capacity, seed=0),
         "empty": np.zeros(capacity, bool),
     }
 
@@ -106,7 +116,7 @@ def test_xla_path_and_gpu_kernel_match_reference_for_structured_masks(kernel, ma
 
 @pytest.mark.parametrize("kernel", ["xla", "gpu"])
 @pytest.mark.parametrize("l", [1, 100, 256])
-def test_xla_path_and_gpu_kernel_in_bfloat16_stay_within_2e_2(kernel, l):
+def test_xla_path_and_gpu_kernel_in_bfloat16_stay_within_one_rounding_step(kernel, l):
     _check_against_reference(kernel, l, 300, _masks(300)["condensed_local"], jnp.bfloat16, rows=2, seed=l)
 
 
@@ -191,7 +201,7 @@ def test_cudnn_wrapper_prepares_and_masks_like_the_reference():
     out = attention.cudnn_attention(q, k, v, cache_k, cache_v, jnp.asarray(mask), scale_mul_H, implementation="xla")
     ref = reference(q, k, v, cache_k, cache_v, jnp.asarray(mask), scale_mul_H)
     assert out.dtype == jnp.bfloat16
-    assert _relative_error(out, ref) < 2e-2
+    assert _relative_error(out, ref) < 2e-2  # q·k in bfloat16, as cuDNN computes it (no hi/lo split): 1.9e-2 here
 
 
 def test_dispatch_names_the_allowed_impls_and_refuses_cudnn_off_gpu():
