@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from amskv_jax import cli, quant
+from amskv_jax import cli, quant, untrusted
 from amskv_jax.cache import CacheLayout, cache_bytes
 from amskv_jax.checkpoint import EMBEDDED, param_shapes
 from amskv_jax.config import PRESETS, ModelConfig, VARConfig, get_preset
@@ -302,10 +303,9 @@ def load_model_files(spec: str) -> tuple[ModelConfig, dict | None]:
     if spec in PRESETS:
         return get_preset(spec), None
     directory = EMBEDDED.get(spec, Path(spec))
-    if (directory / "config.json").is_file():
-        calibration = directory / "layers.json"
-        config = ModelConfig.from_json((directory / "config.json").read_text())
-        return config, read_calibration(calibration) if calibration.is_file() else None
+    if os.path.lexists(directory / "config.json"):
+        config, _, calibration = untrusted.read_model_files(directory)  # a directory is untrusted input
+        return config, calibration
     raise UserError(
         f"--model {spec!r} is neither an embedded model ({', '.join(EMBEDDED)}), a preset ({', '.join(PRESETS)}) "
         "nor a checkpoint directory"

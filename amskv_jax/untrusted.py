@@ -311,12 +311,7 @@ def open_checkpoint(directory: str | Path, manifest: str = "optional") -> Checke
     if manifest not in ("optional", "required", "ignored"):
         raise UserError(f"manifest={manifest!r}; allowed: optional, required, ignored")
     shown = show(directory)
-    try:
-        root = Path(directory).resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise UntrustedInputError(f"{shown}: no such directory") from None
-    if not root.is_dir():
-        raise UntrustedInputError(f"{shown}: not a directory")
+    root = _root(directory)
     if not os.path.lexists(root / "params") or inside(root, "params") != root / "params" or \
             not (root / "params").is_dir():
         raise UntrustedInputError(f"{shown}: not a checkpoint directory (needs config.json and a params/ directory)")
@@ -332,6 +327,25 @@ def open_checkpoint(directory: str | Path, manifest: str = "optional") -> Checke
     expected = _match_layout(root, config, parsed)
     arrays = _check_stored_arrays(root, expected, parsed)
     return CheckedDirectory(root, shown, config, parsed, arrays, *_read_extras(root, config))
+
+
+def read_model_files(directory: str | Path) -> tuple[ModelConfig, tuple[str, ...] | None, dict | None]:
+    """(config, classes, calibration) of a model directory, through the same checks as `open_checkpoint`, without
+    looking at its params: for commands that need the model's shape only (`amskv_jax.memory`)."""
+    root = _root(directory)
+    config = _read_config(root)
+    return (config, *_read_extras(root, config))
+
+
+def _root(directory: str | Path) -> Path:
+    shown = show(directory)
+    try:
+        root = Path(directory).resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise UntrustedInputError(f"{shown}: no such directory") from None
+    if not root.is_dir():
+        raise UntrustedInputError(f"{shown}: not a directory")
+    return root
 
 
 def _read_config(root: Path) -> ModelConfig:

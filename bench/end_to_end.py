@@ -26,14 +26,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
-from amskv_jax import cli, integrity
+from amskv_jax import cli, untrusted
 from amskv_jax.checkpoint import load_checkpoint, param_shapes
 from amskv_jax.config import ModelConfig
 from amskv_jax.errors import UserError
 from amskv_jax.generate import DTYPES, generate
-from amskv_jax.memory import load_config
+from amskv_jax.memory import load_model_files
 from amskv_jax.policies import POLICIES, policy_from_name
 
 
@@ -59,21 +58,18 @@ def load(directory: str) -> tuple[ModelConfig, dict, dict]:
 
 
 def stored_shapes(directory: str) -> tuple[ModelConfig, dict, dict]:
-    """(config, abstract params as stored, record): the manifest's file sizes checked, no array read."""
-    config = load_config(directory)
-    manifest = integrity.read_manifest(directory)
-    if manifest is None:
-        raise UserError(f"{directory}: no {integrity.MANIFEST} to check the files against")
-    integrity.check_files(directory, manifest)
-    with ocp.StandardCheckpointer() as checkpointer:
-        stored = checkpointer.metadata(Path(directory).absolute() / "params").item_metadata
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(stored),
-                            is_leaf=lambda m: hasattr(m, "shape"))
-    if _shapes(abstract) != _shapes(param_shapes(config)):
-        raise UserError(f"{directory}: the stored params' shapes differ from the model's ({config.var})")
+    """(config, abstract params as stored, record): the directory through the untrusted gate with its manifest
+    required (files, sizes, every array's stored shape and dtype against the config), no array read."""
+    checked = untrusted.open_checkpoint(directory, manifest="required")
+    config = checked.config
+    names = {untrusted.leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]}
+    if set(checked.arrays) != names:
+        raise UserError(f"{directory}: not a whole model's params (a training stage, or an earlier layout)")
+    abstract = jax.tree_util.tree_map_with_path(
+        lambda p, s: jax.ShapeDtypeStruct(s.shape, checked.arrays[untrusted.leaf_name(p)][0]), param_shapes(config))
     record = {"stored_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract)),
               "param_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(abstract)}),
-              "arrays": len(jax.tree.leaves(abstract)), "files_checked": len(manifest["files"])}
+              "arrays": len(jax.tree.leaves(abstract)), "files_checked": len(checked.manifest["files"])}
     return config, abstract, record
 
 
@@ -134,7 +130,7 @@ def main(argv=None) -> int:
         parser.error(f"--batch must be >= 1, got {args.batch}")
     record = {"directory": args.directory}
     if args.no_load and not Path(args.directory).is_dir():
-        config = load_config(args.directory)
+        config = load_model_files(args.directory)[0]
         abstract = param_shapes(config)
     elif args.no_load:
         config, abstract, stored = stored_shapes(args.directory)

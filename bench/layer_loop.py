@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from amskv_jax.generate import DTYPES, generate
-from amskv_jax.policies import POLICIES, policy_from_name
+from amskv_jax.policies import POLICIES
 from amskv_jax.var import per_layer_blocks
-from bench.run import CFG, TOP_P, load, torch_reference_times
+from bench.measure import CFG, TOP_P, load
+from bench.torch_reference import torch_reference_times
 
 LOOPS = {"scan": "scan", "unrolled": "unrolled", "per-layer": "unrolled"}  # name -> generate's layer_loop
 
@@ -65,7 +66,7 @@ def run(model_name: str, policies: list[str], loops: list[str], batch: int, dtyp
     labels = jnp.asarray(np.arange(batch) % model.config.var.num_classes, jnp.int32)
     fns = {}
     for policy in policies:
-        layout = policy_from_name(policy, model.config.var).layout(model.config.var)
+        layout = model.policy(policy).layout(model.config.var)
         for loop in loops:
             loop_params = per_layer if loop == "per-layer" else params
             fn = jax.jit(functools.partial(generate, config=model.config, layout=layout, cfg=CFG, top_p=TOP_P,

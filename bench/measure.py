@@ -49,6 +49,11 @@ class Model:
     config: ModelConfig
     params: dict  # {"var": ..., "vqvae": ...}: numpy (random presets) or device arrays (checkpoints)
     weights: str
+    calibration: dict | None = None  # the checkpoint's layers.json: its demanding layers and searched budgets
+
+    def policy(self, name: str):
+        """The named policy for this model, from its calibration as `generate --policy` builds it."""
+        return policy_from_name(name, self.config.var, self.calibration)
 
 
 def load(spec: str, seed: int, verify: bool | None = None) -> Model:
@@ -57,7 +62,7 @@ def load(spec: str, seed: int, verify: bool | None = None) -> Model:
         return Model(spec, config, init_params(config, seed), f"random (seed {seed}, fan-in scaled)")
     model = load_model(spec, verify)
     return Model(spec if spec in getattr(checkpoint, "EMBEDDED", {}) else Path(spec).name, model.config,
-                 model.params, model.description)
+                 model.params, model.description, model.calibration)
 
 
 def count_params(tree) -> int:
@@ -228,7 +233,7 @@ class Bench:
             "weights": {m.name: m.weights for m in models},
             "params": {m.name: {"var": count_params(m.params["var"]), "vqvae": count_params(m.params["vqvae"])}
                        for m in models},
-            "policy_settings": {m.name: {p: policy_from_name(p, m.config.var).describe() for p in o.policies}
+            "policy_settings": {m.name: {p: m.policy(p).describe() for p in o.policies}
                                 for m in models},
             "mem_fraction": os.environ.get("XLA_CLIENT_MEM_FRACTION", os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")),
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -238,7 +243,7 @@ class Bench:
         try:
             for model in models:
                 params = jax.device_put(model.params)
-                layouts = {p: policy_from_name(p, model.config.var).layout(model.config.var) for p in o.policies}
+                layouts = {p: model.policy(p).layout(model.config.var) for p in o.policies}
                 for batch in o.batches:
                     self._memory_and_generate(model, params, layouts, batch, impl, peak)
                     self._attention(model, layouts, batch, impl)

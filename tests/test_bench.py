@@ -211,3 +211,14 @@ def test_compile_time_prints_one_record_per_model_and_policy_and_rejects_unknown
     assert sum(line.startswith("| tiny |") for line in lines) == 2
     with pytest.raises(SystemExit, match="unknown policies.*allowed: full"):
         compile_time.main(["--models", "tiny", "--policies", "fastest"])
+
+
+def test_bench_builds_a_models_policies_from_its_calibration():
+    """`bench.run` and `bench.layer_loop` time the policy `generate --policy` runs: for the embedded model, AMS-KV
+    with the searched budgets of its layers.json, not the first layers standing in for the demanding ones."""
+    from amskv_jax.checkpoint import EMBEDDED
+
+    searched = json.loads((EMBEDDED["emoji32"] / "layers.json").read_text())["search"]["budgets"]
+    model = measure.load("emoji32", seed=0)
+    assert model.policy("amskv").budgets == tuple(searched)
+    assert measure.load("tiny", seed=0).policy("amskv").budgets != tuple(searched)

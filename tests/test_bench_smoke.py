@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -131,3 +132,30 @@ def test_fidelity_bench_rejects_bad_input(argv, message, tmp_path, capsys):
         fidelity_main(["--model", "tiny", *argv, "--out", str(tmp_path / "out")])
     assert info.value.code == 2
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_layer_loop_bench_prints_one_row_per_policy_and_loop(capsys):
+    from bench import layer_loop
+
+    assert layer_loop.main(["--model", "tiny", "--policies", "full", "--loops", "scan,per-layer", "--reps", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
+    assert [row.split("|")[2:4] for row in rows] == [[" full ", " scan "], [" full ", " per-layer "]]
+
+
+def test_end_to_end_checks_a_converted_directory_without_reading_it_and_refuses_one_without_manifest(tmp_path, capsys):
+    from amskv_jax.checkpoint import param_shapes, save_checkpoint
+    from amskv_jax.config import get_preset
+    from bench import end_to_end
+    from convert.from_torch import convert
+
+    fixtures = Path(__file__).parent / "fixtures" / "tiny"
+    config, params = convert(fixtures / "var.pth", fixtures / "vae_f16.safetensors", log=lambda *_: None)
+    directory = save_checkpoint(tmp_path / "tiny", config, params)
+    assert end_to_end.main([str(directory), "--no-load", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["arrays"] == len(jax.tree.leaves(param_shapes(get_preset("tiny"))))
+    assert record["stored_bytes"] == sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
+    assert record["files_checked"] > 0 and record["images_shape"] == [1, 64, 64, 3]
+    (directory / "checksums.json").unlink()
+    assert end_to_end.main([str(directory), "--no-load"]) == 2
+    assert "no checksums.json" in capsys.readouterr().err

@@ -207,3 +207,18 @@ def test_compiled_generate_counts_bf16_weights_and_the_largest_batch_fits(capsys
     assert fit["batch"] > 2 and fit["batch"] + 1 in fit["compiled_batches"]
     assert fit["cache_bytes"] == layout_bytes(policy_from_name("amskv", get_preset("tiny").var).layout(
         get_preset("tiny").var), get_preset("tiny").var, fit["batch"], "bfloat16")[0]
+
+
+def test_a_model_directory_is_read_through_the_untrusted_gate(tmp_path, capsys):
+    """`--model DIR` reads config.json and layers.json as every loader does: bounded, typed, one line on failure."""
+    def refused() -> str:
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model", str(tmp_path)])
+        assert exit_.value.code == 2
+        return capsys.readouterr().err.splitlines()[-1]
+
+    (tmp_path / "config.json").write_text("[]")
+    assert "config.json: must be an object with exactly the keys var and vqvae" in refused()
+    (tmp_path / "config.json").write_text(get_preset("tiny").to_json())
+    (tmp_path / "layers.json").write_text('{"format": "something else"}')
+    assert "layers.json: not a calibration file" in refused()
