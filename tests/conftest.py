@@ -6,14 +6,23 @@ is instead pointed at a directory made for this run of pytest, removed at its en
 processes (pytest-xdist) and the command lines the tests start as child processes (`JAX_COMPILATION_CACHE_DIR`): a
 program that one test compiled is loaded by the next that builds the same one, instead of compiled again. (JAX
 writes an entry in place; a reader that meets a half-written one warns and compiles.)
+
+The tests compile their programs with XLA's CPU code generator unoptimised (`--xla_backend_optimization_level=0`,
+in XLA_FLAGS before JAX starts, so the children inherit it). They compile hundreds of small programs that each run
+for milliseconds, and LLVM's optimisation is about half of each compile. It changes nothing they check: XLA's
+HLO passes, fusion, buffer assignment (`memory_analysis()`) and custom calls are the same at every level, and
+without fast math (XLA leaves it off) LLVM does not reorder float arithmetic; the tests that compare bit for bit
+compare two programs compiled alike.
 """
 import os
 import shutil
 import tempfile
 
-import jax
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
-from amskv_jax.compile_cache import DISABLE_ENV
+import jax  # noqa: E402  (after XLA_FLAGS)
+
+from amskv_jax.compile_cache import DISABLE_ENV  # noqa: E402
 
 SESSION_ENV = "AMSKV_TEST_SESSION_CACHE"  # set by the first process of the run (pytest itself, or its controller)
 
