@@ -282,7 +282,7 @@ class KindCache:
 
         if self.quantized:
             if group is None or not 0 <= group < scales.k.shape[2]:
-                raise UserError(f"a quantised cache needs the scale's K-scale group in [0, {scales.k.shape[2]}), "
+                raise ValueError(f"a quantised cache needs the scale's K-scale group in [0, {scales.k.shape[2]}), "
                                  f"got {group}")
             k_BlHD, k_scale_BHD, k_min_BHD = quant.quantize_k(k_BlHD, scales.kv_dtype)
             v_BlHD, v_scale_BlH, v_min_BlH = quant.quantize_v(v_BlHD, scales.kv_dtype)

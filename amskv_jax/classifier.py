@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from amskv_jax.checkpoint import EMBEDDED, init_once
 from amskv_jax.config import _check
 from amskv_jax.errors import UserError
 from amskv_jax.untrusted import write_atomic
@@ -105,9 +106,9 @@ def _apply(config: ClassifierConfig, params: dict, images_BHWC: jax.Array):
 
 
 def init_classifier(config: ClassifierConfig, seed: int = 0) -> dict:
-    """Random params {name: ...} of the CNN."""
+    """Random params {name: ...} of the CNN, from its own initialisers (`checkpoint.init_once`)."""
     img = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-    return jax.jit(CNN(config).init)(jax.random.key(seed), img)["params"]  # one program, not one per initialiser
+    return init_once(CNN(config).init, jax.random.key(seed), img)["params"]
 
 
 def save_classifier(directory: str | Path, classifier: Classifier, metrics: dict | None = None) -> Path:
@@ -132,8 +133,6 @@ def save_classifier(directory: str | Path, classifier: Classifier, metrics: dict
 def load_classifier(model: str | Path) -> Classifier:
     """The classifier of an embedded model (its name), of a model directory (its `classifier/`), or a directory
     written by `save_classifier`."""
-    from amskv_jax.checkpoint import EMBEDDED
-
     directory = EMBEDDED[model] / "classifier" if str(model) in EMBEDDED else Path(model)
     if (directory / "classifier").is_dir():
         directory = directory / "classifier"

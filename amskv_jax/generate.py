@@ -296,7 +296,7 @@ def main(argv=None) -> int:
         labels = _labels(args.labels, args.batch, model.config.var.num_classes)
         top_k = default_top_k(model.config) if args.top_k is None else args.top_k
         validate(model.config, labels, top_k=top_k, top_p=args.top_p, dtype=args.dtype, kv_dtype=args.kv_dtype)
-        calibration = read_calibration(args.calibration) if args.calibration else model.calibration
+        calibration = read_calibration(args.calibration, model.config.var) if args.calibration else model.calibration
         policy = policy_from_name(args.policy, model.config.var, calibration)
         mesh = sharding.mesh_from_text(args.mesh) if args.mesh else None
         if mesh is not None:

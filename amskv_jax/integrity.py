@@ -70,8 +70,9 @@ def write_manifest(directory: str | Path, params) -> Path:
     return write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
-def check_arrays(directory: str | Path, manifest: dict, params) -> None:
-    """Raise IntegrityError naming every array of `params` that differs from the manifest (or is missing/extra)."""
+def check_arrays(directory: Path, manifest: dict, params) -> None:
+    """Raise IntegrityError naming every array of `params` that differs from the manifest (or is missing/extra);
+    `directory` (the checkpoint's root, `CheckedDirectory.root`) is escaped here for the message."""
     expected, found = manifest["arrays"], describe_arrays(params)
     bad = [f"{show(name)} (missing)" for name in expected if name not in found]
     bad += [f"{name} (not in the manifest)" for name in found if name not in expected]
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         return 0
     checked = open_checkpoint(args.directory, manifest="required")
     params = read_params(checked)
-    check_arrays(checked.shown, checked.manifest, params)
+    check_arrays(checked.root, checked.manifest, params)
     extras = [name for name, value in (("classes.json", checked.classes), ("layers.json", checked.calibration))
               if value is not None]
     print(f"{checked.shown}: all {len(jax.tree.leaves(params))} arrays match {MANIFEST}; config.json"

@@ -23,7 +23,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from amskv_jax.errors import UserError
 
 # Largest chunk `save_arrays` stores (bytes): tensorstore's buffers while writing an array stay near a few chunks.
 CHUNK_BYTES = 8 * 2**20
@@ -82,7 +81,7 @@ class LazyArray:
         """Write the values into `out` (of `shape`, any dtype and layout; cast on the way, no temporary copy)."""
         values = self.source()
         if values.shape != self.shape:
-            raise UserError(f"lazy array source gave shape {values.shape}, expected {self.shape}")
+            raise ValueError(f"lazy array source gave shape {values.shape}, expected {self.shape}")
         out[...] = values
 
     def __array__(self, dtype=None, copy=None):

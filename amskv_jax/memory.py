@@ -368,7 +368,7 @@ def main(argv=None) -> int:
                 raise UserError(f"--device-memory: {err}") from None
         model_config, calibration = load_model_files(args.model)
         config = model_config.var
-        calibration = read_calibration(args.calibration) if args.calibration else calibration
+        calibration = read_calibration(args.calibration, config) if args.calibration else calibration
         kv_dtypes = tuple(dict.fromkeys(None if k == "default" else k for k in args.kv_dtype))
         policies = tuple(dict.fromkeys(args.policy))
         rows = memory_table(config, args.batch, args.dtype, calibration, kv_dtypes, policies)

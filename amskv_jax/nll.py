@@ -107,25 +107,16 @@ def layer_masks(layout: CacheLayout) -> np.ndarray:
     return teacher_mask(layout)[np.asarray(layout.kind_of)]
 
 
-def _masked_forward(module: VAR, label_B, x_BLCv, masks_DLL, kv_dtype):
-    """`VAR.teacher_states` with per-layer masks given as an array instead of derived from a static layout, so one
-    compiled program serves every layout of a model (the search scores hundreds). Logits [B, L, V]."""
-    x, cond_BD = module.teacher_input(label_B, x_BLCv)
-    block, block_cond = module._block(), module._block_cond(cond_BD)
-
-    def layer(x, xs):
-        params, mask_LL = xs
-        return block.apply({"params": params}, x, block_cond, mask_LL, kv_dtype)[0], None
-
-    x, _ = jax.lax.scan(layer, x, (module.blocks, masks_DLL))
-    return module.logits(x, cond_BD)
-
-
 def masked_logits(var_params, labels_B, x_BLCv, masks_DLL, *, config: VARConfig, dtype=jnp.float32,
                   kv_dtype: str | None = None):
     """Teacher-forced logits [B, L, V] with layer l attending under masks_DLL[l] (bool [D, L, L], traced): equal to
-    `VAR.apply(params, labels, x, layout)` for masks_DLL = `layer_masks(layout)`."""
-    return VAR(config, dtype=dtype).apply(var_params, labels_B, x_BLCv, masks_DLL, kv_dtype, method=_masked_forward)
+    `VAR.apply(params, labels, x, layout)` for masks_DLL = `layer_masks(layout)` (`VAR.teacher_states` with the
+    masks as an argument, so one compiled program serves every layout of a model: the search scores hundreds)."""
+    logits, _ = VAR(config, dtype=dtype).apply(
+        var_params, labels_B, x_BLCv, keep=False, kv_dtype=kv_dtype, masks=(masks_DLL, np.arange(config.depth)),
+        method=VAR.teacher_states,
+    )
+    return logits
 
 
 def _scale_sums(logits_BLV, gt_BL, weight_B, begin_ends) -> jax.Array:

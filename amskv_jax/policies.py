@@ -365,7 +365,7 @@ def select_layers(
     """Layers picked by score: the round(fraction·depth) lowest (or highest) ones, or those below (above)
     `threshold`. Exactly one of fraction and threshold must be given."""
     if (fraction is None) == (threshold is None):
-        raise UserError("give exactly one of fraction and threshold")
+        raise ValueError("give exactly one of fraction and threshold")
     if fraction is not None:
         if not 0 <= fraction <= 1:
             raise UserError(f"fraction must be in [0, 1], got {fraction}")
@@ -380,16 +380,18 @@ def layer_count(fraction: float, depth: int) -> int:
     return min(depth, math.floor(fraction * depth + 0.5))
 
 
-def read_calibration(path: str | Path) -> dict:
+def read_calibration(path: str | Path, config: VARConfig | None = None) -> dict:
     """A calibration file's contents, read as untrusted input (size, UTF-8, nesting bounded) and checked for the
-    fields policies use (and a search's budgets, if any); a bad file is one `UserError` naming it."""
+    fields policies use (and a search's budgets, if any) and, given the model's `config`, for its depth and ladder;
+    a bad file is one `UserError` naming it."""
     from amskv_jax import untrusted  # untrusted imports this module (CALIBRATION_FORMAT)
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such calibration file (write one with python -m amskv_jax.calibrate)")
     data = untrusted.read_json(path, untrusted.JSON_LIMITS[untrusted.CALIBRATION])
-    problem = untrusted.calibration_problem(data)
+    depth, ladder = (None, None) if config is None else (config.depth, config.patch_nums)
+    problem = untrusted.calibration_problem(data, depth, ladder)
     if problem is not None:
         raise UserError(f"{untrusted.show(path)}: {problem}")
     return data
@@ -467,16 +469,17 @@ def policy_from_name(name: str, config: VARConfig, calibration: str | Path | dic
     if name not in POLICIES:
         raise UserError(f"unknown policy {name!r}; known policies: {', '.join(POLICIES)}")
     if isinstance(calibration, (str, Path)):
-        calibration = read_calibration(calibration)
-    if calibration is not None:
+        calibration = read_calibration(calibration, config)  # a mismatch names the file
+    elif calibration is not None:
         check_calibration(calibration, config)
     return POLICIES[name](config, calibration)
 
 
 def check_calibration(calibration: dict, config: VARConfig) -> None:
-    """Raise ValueError when a calibration's model (depth, ladder) is not `config`'s."""
-    if calibration["depth"] != config.depth:
-        raise UserError(f"the calibration is for a model of depth {calibration['depth']}, not {config.depth}")
-    if tuple(calibration["patch_nums"]) != tuple(config.patch_nums):
-        raise UserError(f"the calibration is for the ladder {list(calibration['patch_nums'])}, not "
-                         f"{list(config.patch_nums)}")
+    """Raise UserError when a calibration's contents (read by `read_calibration` or the checkpoint gate) are not for
+    `config`'s model (depth, ladder). The file is not known here: `read_calibration(path, config)` names it."""
+    from amskv_jax import untrusted  # untrusted imports this module (CALIBRATION_FORMAT)
+
+    problem = untrusted.calibration_problem(calibration, config.depth, config.patch_nums)
+    if problem is not None:
+        raise UserError(problem)

@@ -194,7 +194,7 @@ def fake_quantize_kv(k_BLHD: jax.Array, v_BLHD: jax.Array, patch_nums: tuple[int
     scale's tokens, as each scale's write does, and dequantised to float32; V per token, dequantised to its own
     dtype, as the attention reads them. The same functions as the cache's write and read, so the same values."""
     if not is_quantized(kv_dtype):
-        raise UserError(f"fake_quantize_kv needs a quantised storage dtype "
+        raise ValueError(f"fake_quantize_kv needs a quantised storage dtype "
                          f"({', '.join((*SYMMETRIC, *ASYMMETRIC))}), got {kv_dtype}")
     keys, begin = [], 0
     for pn in patch_nums:
@@ -209,15 +209,3 @@ def fake_quantize_kv(k_BLHD: jax.Array, v_BLHD: jax.Array, patch_nums: tuple[int
 def _expand(arrays, axis: int) -> list:
     """Each array with a new axis `axis` (None stays None)."""
     return [None if a is None else jnp.expand_dims(a, axis) for a in arrays]
-
-
-def error_bound(x: jax.Array, lo: jax.Array, hi: jax.Array, kv_dtype: str) -> jax.Array:
-    """The largest |x − dequantize(quantize(x))| per element allowed for a group of minimum `lo` and maximum `hi`
-    (see the module docstring); float32, before float32 rounding."""
-    x, lo, hi = (a.astype(jnp.float32) for a in (x, lo, hi))
-    if kv_dtype in ASYMMETRIC:
-        return (hi - lo) / (2 ** ASYMMETRIC[kv_dtype] - 1) / 2
-    scale = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) / SYMMETRIC[kv_dtype]
-    if kv_dtype == "int8":
-        return scale / 2
-    return jnp.maximum(jnp.abs(x) * 2.0**-4, scale * 2.0**-10)

@@ -16,9 +16,11 @@ byte is read and before orbax or tensorstore opens anything:
 5. `params/_METADATA` and the manifest name exactly the arrays the config implies (`param_shapes`: the model, a
    VAR without VQ-VAE, a training stage, or the per-block layout of earlier versions), with those dtypes and shapes.
 6. Inside the OCDBT store (read by tensorstore with its B-tree node size pinned, `OCDBT_CONFIG`), only those arrays'
-   keys exist, and each array's zarr metadata declares the config's shape as one chunk, an allowed dtype and codec;
-   so no declared size drives an allocation, and tensorstore refuses a chunk that decompresses to more.
-7. `classes.json` and `layers.json`, when present: their structure, printable class names, the config's depth.
+   keys exist, and each array's zarr metadata declares the config's shape in C-ordered chunks (at most
+   MAX_CHUNKS), an allowed dtype and codec; so no declared size drives an allocation, and tensorstore refuses a
+   chunk that decompresses to more.
+7. `classes.json` and `layers.json`, when present: their structure, printable class names, the config's depth and
+   ladder.
 
 `read_params` then reads the arrays with tensorstore directly (not through orbax, whose event loop prints
 tracebacks from its threads when a read fails). Every refusal is an `UntrustedInputError` (a `ValueError`: the
@@ -309,7 +311,7 @@ def open_checkpoint(directory: str | Path, manifest: str = "optional") -> Checke
     `manifest`: "optional" (load: checked when present), "required" (`integrity check`), or "ignored"
     (`integrity write`, which replaces it; every other check still runs)."""
     if manifest not in ("optional", "required", "ignored"):
-        raise UserError(f"manifest={manifest!r}; allowed: optional, required, ignored")
+        raise ValueError(f"manifest={manifest!r}; allowed: optional, required, ignored")
     shown = show(directory)
     root = _root(directory)
     if not os.path.lexists(root / "params") or inside(root, "params") != root / "params" or \
@@ -646,29 +648,31 @@ def _read_extras(root: Path, config: ModelConfig) -> tuple[tuple[str, ...] | Non
     path = root / CALIBRATION
     if os.path.lexists(path):
         calibration = read_json(path, JSON_LIMITS[CALIBRATION], root)
-        problem = calibration_problem(calibration, config.var.depth)
+        problem = calibration_problem(calibration, config.var.depth, config.var.patch_nums)
         if problem:
             raise UntrustedInputError(f"{show(path)}: {problem}")
     return classes, calibration
 
 
-def calibration_problem(data, depth: int | None = None) -> str | None:
-    """Why a calibration file's value is not one for a model of `depth` layers (None when it is; depth None: the
-    file's own, a positive integer): the fields the policies read (format, depth, patch_nums, demanding_layers,
-    scores.similarity, scores.dispersion, and a search's budgets and condensed_scales when present)."""
+def calibration_problem(data, depth: int | None = None, patch_nums: tuple[int, ...] | None = None) -> str | None:
+    """Why a calibration file's value is not one for a model of `depth` layers and ladder `patch_nums` (None when
+    it is; either None: any the file well-formedly declares): the fields the policies read (format, depth,
+    patch_nums, demanding_layers, scores.similarity, scores.dispersion, and a search's budgets and condensed_scales
+    when present). The caller names the file."""
     if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
         return f"not a calibration file (format must be {CALIBRATION_FORMAT!r})"
-    if depth is None:
-        if type(data.get("depth")) is not int or not 1 <= data["depth"] <= CONFIG_BOUNDS["depth"][1]:
-            return f"depth {show(data.get('depth'), 40)} is not a layer count in [1, {CONFIG_BOUNDS['depth'][1]}]"
-        depth = data["depth"]
-    if type(data.get("depth")) is not int or data["depth"] != depth:
-        return f"depth {show(data.get('depth'), 40)}; the model has {depth} layers"
+    if type(data.get("depth")) is not int or not 1 <= data["depth"] <= CONFIG_BOUNDS["depth"][1]:
+        return f"depth {show(data.get('depth'), 40)} is not a layer count in [1, {CONFIG_BOUNDS['depth'][1]}]"
     ladder = data.get("patch_nums")
     if not isinstance(ladder, list) or not 1 <= len(ladder) <= MAX_LADDER or not all(
         type(pn) is int and 1 <= pn <= CONFIG_BOUNDS["patch_nums"][1] for pn in ladder
     ):
         return f"patch_nums must be 1 to {MAX_LADDER} scale sides in [1, {CONFIG_BOUNDS['patch_nums'][1]}]"
+    if depth is not None and data["depth"] != depth:
+        return f"the calibration is for a model of depth {data['depth']}, not {depth}"
+    if patch_nums is not None and tuple(ladder) != tuple(patch_nums):
+        return f"the calibration is for the ladder {ladder}, not {list(patch_nums)}"
+    depth = data["depth"]
     if "search" in data:
         search = data["search"]
         budgets = search.get("budgets") if isinstance(search, dict) else None

@@ -32,7 +32,6 @@ from amskv_jax import quant
 from amskv_jax.attention import cached_attention, masked_attention, prepare_qk
 from amskv_jax.cache import CacheLayout, KindCache, KVCache, teacher_mask
 from amskv_jax.config import VARConfig
-from amskv_jax.errors import UserError
 
 
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
@@ -318,13 +317,22 @@ class VAR(nn.Module):
 
     def teacher_states(
         self, label_B, x_BLCv_wo_first_l, layout: CacheLayout | None = None, keep: bool = True,
-        kv_dtype: str | None = None,
+        kv_dtype: str | None = None, masks: tuple | None = None,
     ):
         """(logits [B, L, V], per-layer states): with `keep`, {"out": every block's output [D, B, L, C], "q", "k",
-        "v": its raw projections [D, B, L, H, Dh]} (verification, calibration); else None."""
+        "v": its raw projections [D, B, L, H, Dh]} (verification, calibration); else None.
+
+        The attention masks come from `layout` (`cache.teacher_mask`; None: block-causal) or, instead of a layout,
+        from `masks` = (masks_KLL bool [K, L, L], may be traced; kind_of int [D], numpy): layer l attends under
+        masks_KLL[kind_of[l]]. Masks as an argument let one compiled program serve every layout of a model
+        (`nll.masked_logits`: K = D, kind_of = 0..D-1)."""
         c = self.config
         x, cond_BD = self.teacher_input(label_B, x_BLCv_wo_first_l)
-        if layout is None:
+        if masks is not None:
+            if layout is not None:
+                raise ValueError("give a layout or masks, not both")
+            masks_KLL, kind_of = masks[0], np.asarray(masks[1], np.int32)
+        elif layout is None:
             masks_KLL, kind_of = block_causal_mask(c.patch_nums)[None], np.zeros(c.depth, np.int32)
         else:
             masks_KLL, kind_of = teacher_mask(layout), np.asarray(layout.kind_of, np.int32)
@@ -361,8 +369,7 @@ class VAR(nn.Module):
         same. The head runs on all rows (its logits are the output)."""
         rows = x_BlC.shape[0]
         chunk = rows if row_chunk is None else row_chunk
-        if not 0 < chunk <= rows or rows % chunk:
-            raise UserError(f"row_chunk must divide the {rows} rows, got {row_chunk}")
+        assert 0 < chunk <= rows and rows % chunk == 0, f"row_chunk must divide the {rows} rows, got {row_chunk}"
         block, block_cond, stacks = self._block(), self._block_cond(cond_BD), self.blocks
         per_layer = isinstance(stacks, tuple)
         kind_of = np.asarray(layout.kind_of, np.int32)

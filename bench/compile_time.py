@@ -3,7 +3,7 @@
     python -m bench.compile_time --models d16,d20,d24,d30 --policies full,amskv --batch 8 --dtype bfloat16 \
         [--layer-loop scan|unrolled]
 
-For every (model, policy) it builds `jax.jit` of `generate` on `jax.eval_shape` of the params (nothing is
+For every (model, policy) it builds `jax.jit` of `generate` on the params' shapes (`param_shapes`: nothing is
 initialised or run), times `.trace(...)` (Python tracing and jaxpr building, plus lowering to StableHLO) and
 `.compile()` separately, wall-clock and this process's CPU seconds (all its threads; on a shared machine CPU time
 is the steadier figure), and prints one plain record per line (with the load average when it started and the
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amskv_jax.cache import KVCache, init_cache
-from amskv_jax.checkpoint import init_params
+from amskv_jax.checkpoint import param_shapes
 from amskv_jax.config import PRESETS, get_preset
 from amskv_jax.generate import DTYPES, LAYER_LOOPS, generate
 from amskv_jax.policies import POLICIES, policy_from_name
@@ -53,20 +53,33 @@ class Record:
         return self.trace_s + self.compile_s
 
 
+def hlo_type(dtype) -> str:
+    """HLO's name of a numpy/ml_dtypes dtype: f32, bf16, s8, u8, s4, f8e4m3fn, pred."""
+    name = np.dtype(dtype).name
+    special = {"bfloat16": "bf16", "bool": "pred"}
+    if name in special:
+        return special[name]
+    kind, bits, variant = re.fullmatch(r"(float|int|uint)(\d+)(?:_(\w+))?", name).groups()
+    return {"float": "f", "int": "s", "uint": "u"}[kind] + bits + (variant or "")
+
+
 def cache_stack_copies(hlo_text: str, cache: KVCache) -> list[str]:
     """The result types (e.g. "bf16[16,16,424,16,64]") of the `copy` instructions of an optimised HLO text
     (`compiled.as_text()`) that have the shape and dtype of one of the cache's stacks: every buffer with a layer axis
-    (K, V and, quantised, their scales; `cache` may be abstract, `jax.eval_shape` of `init_cache`)."""
-    hlo_dtypes = {"float32": "f32", "bfloat16": "bf16", "int8": "s8", "float8_e4m3fn": "f8e4m3fn"}
-    stacks = {f"{hlo_dtypes[str(x.dtype)]}[{','.join(map(str, x.shape))}]"
-              for x in jax.tree.leaves(cache) if x.ndim >= 4}
-    return [t for t in re.findall(r"= (\w+\[[\d,]*\])\{[\d,]*\} copy\(", hlo_text) if t in stacks]
+    (K, V and, quantised, their scales; `cache` may be abstract, `jax.eval_shape` of `init_cache`).
+
+    Copies of a broadcast are not counted: they make initial values, not copies of a written cache (XLA merges
+    equal initial stacks, e.g. the zero K scales and K minima of an int4 cache, into one broadcast and copies it into
+    the second buffer once, before any write)."""
+    stacks = {f"{hlo_type(x.dtype)}[{','.join(map(str, x.shape))}]" for x in jax.tree.leaves(cache) if x.ndim >= 4}
+    copies = re.findall(r"= (\w+\[[\d,]*\])\{[\d,]*\} copy\(([^)]*)\)", hlo_text)
+    return [t for t, operand in copies if t in stacks and "broadcast" not in operand]
 
 
 def measure(model: str, policy: str, batch: int, dtype: str, layer_loop: str = "scan") -> Record:
     """Trace (and lower) then compile `generate` for one model and policy; params are abstract."""
     config = get_preset(model)
-    params = jax.eval_shape(lambda: init_params(config))
+    params = param_shapes(config)
     layout = policy_from_name(policy, config.var).layout(config.var)
     fn = jax.jit(functools.partial(generate, config=config, layout=layout, dtype=dtype, layer_loop=layer_loop))
     load = os.getloadavg()[0]

@@ -3,11 +3,14 @@
     python -m bench.convert_memory --preset d30 [--dtype bfloat16] [--dir DIR] [--source-tree PATH] [--keep] [--json]
 
 Writes `DIR/var_PRESET.pth` and `DIR/vae_ch160v4096z32.pth` with `bench.make_checkpoint` (kept and reused by later runs;
-d30: 8.0 + 0.4 GB), converts them in a child process and reports the child's peak resident set size (the kernel's
-`ru_maxrss`, which counts the memory-mapped input pages the converter touched as well as its own arrays; also less the
-peak of a child that only imports the converter: the interpreter, JAX and orbax), the converter's own peak resident
-anonymous memory (`RssAnon` of /proc/PID/status, sampled every 0.2 s: its arrays and buffers without the mapped input,
-which the kernel may drop under pressure), the wall time, and what the converter promises to stay within: the input
+d30: 8.0 + 0.4 GB), converts them in a child process and reports the child's peak resident set size (`VmHWM` of
+/proc/self/status, which the child prints as it exits: it counts the memory-mapped input pages the converter touched
+as well as its own arrays; also less the peak of a child that only imports the converter: the interpreter, JAX and
+orbax. Not the kernel's `ru_maxrss`: Linux carries a parent's peak over into its child's, so a parent larger than the
+child, such as pytest or this process after writing the checkpoints, would be reported instead; killed by the
+watchdog, the last 0.2 s sample of `VmHWM`), the converter's own peak resident anonymous memory (`RssAnon` of
+/proc/PID/status, sampled every 0.2 s: its arrays and buffers without the mapped input, which the kernel may drop
+under pressure), the wall time, and what the converter promises to stay within: the input
 files' size plus the largest array it writes (the largest tensor, or, with per-block parameters stacked along depth, the
 largest stack) plus 0.5 GB (`SLACK_BYTES`: the allocator's and tensorstore's buffers while one array is written chunk by
 chunk). `--source-tree` runs another checkout's converter (e.g. an older commit extracted with `git archive`), for
@@ -21,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,7 +36,6 @@ from pathlib import Path
 from bench.make_checkpoint import PRESETS, VAE_NAME, published_keys, write_checkpoint
 
 REPO = Path(__file__).parent.parent
-ITEMSIZE = {"torch.float32": 4, "torch.int64": 8}
 SLACK_BYTES = int(0.5e9)
 
 
@@ -42,13 +45,28 @@ def _available_bytes() -> int:
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
-def _anon_bytes(pid: int) -> int:
-    """The process's resident anonymous memory (its own allocations, not the mapped input file), 0 once it is gone."""
+def _status_bytes(pid: int, field: str) -> int:
+    """A memory figure of /proc/PID/status in bytes, 0 once the process is gone: "RssAnon" (resident anonymous
+    memory: its own allocations, not the mapped input file) or "VmHWM" (its peak resident set so far)."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(f"{field}:"))
     except (OSError, StopIteration):
         return 0
+
+
+def _reporting_peak(statement: str) -> list[str]:
+    """A Python command line that runs `statement`, then (even when it raises, SystemExit included) prints a last
+    line "VmHWM KB": its own peak resident set (`_reported_peak`). Self-contained: it runs in `--source-tree`."""
+    report = ("print('\\nVmHWM', next(line.split()[1] for line in open('/proc/self/status') "
+              "if line.startswith('VmHWM:')), flush=True)")
+    return [sys.executable, "-c", f"try:\n    {statement}\nfinally:\n    {report}"]
+
+
+def _reported_peak(output: str) -> int | None:
+    """Bytes of the peak a `_reporting_peak` child printed last; None when it printed none (killed)."""
+    found = re.findall(r"^VmHWM (\d+)$", output, re.MULTILINE)
+    return int(found[-1]) * 1024 if found else None
 
 
 def largest_arrays(keys, out_itemsize: int) -> dict:
@@ -79,20 +97,24 @@ def measure(preset: str, directory: Path, dtype: str = "float32", source_tree: P
         files[name] = path
     out = directory / f"var_{preset}_flax"
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "convert.from_torch", str(files[f"var_{preset}"]), "--vae", str(files[VAE_NAME]),
-               "--out", str(out), "--dtype", dtype]
+    argv = ["convert.from_torch", str(files[f"var_{preset}"]), "--vae", str(files[VAE_NAME]), "--out", str(out),
+            "--dtype", dtype]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(source_tree))
-    imports = subprocess.Popen([sys.executable, "-c", "import convert.from_torch"], cwd=source_tree, env=env)
-    baseline = os.wait4(imports.pid, 0)[2].ru_maxrss * 1024
+    imports = subprocess.run(_reporting_peak("import convert.from_torch"), cwd=source_tree, env=env,
+                             capture_output=True, text=True, check=True)
+    baseline = _reported_peak(imports.stdout)
     start = time.perf_counter()
-    child = subprocess.Popen(command, cwd=source_tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    # python -m convert.from_torch ARGS, reporting its peak
+    run_module = f"import runpy, sys; sys.argv = {argv!r}; runpy.run_module(sys.argv[0], run_name='__main__')"
+    child = subprocess.Popen(_reporting_peak(run_module), cwd=source_tree, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
     killed = threading.Event()
-    peak_anon = [0]
+    peak_anon, peak_sampled = [0], [0]
 
     def watchdog():
         while child.poll() is None:
-            peak_anon[0] = max(peak_anon[0], _anon_bytes(child.pid))
+            peak_anon[0] = max(peak_anon[0], _status_bytes(child.pid, "RssAnon"))
+            peak_sampled[0] = max(peak_sampled[0], _status_bytes(child.pid, "VmHWM"))
             if _available_bytes() < min_available_gb * 2**30:
                 killed.set()
                 child.kill()
@@ -101,24 +123,24 @@ def measure(preset: str, directory: Path, dtype: str = "float32", source_tree: P
 
     threading.Thread(target=watchdog, daemon=True).start()
     output = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
+    code = child.wait()
     seconds = time.perf_counter() - start
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
-    code = os.waitstatus_to_exitcode(status)
     if code != 0 and not killed.is_set():
-        raise RuntimeError(f"{' '.join(command)} failed ({code}):\n{output}")
+        raise RuntimeError(f"python -m {' '.join(argv)} failed ({code}):\n{output}")
+    peak = _reported_peak(output)
+    peak = peak_sampled[0] if peak is None else peak  # killed by the watchdog: its last sample
     keys = published_keys(f"var_{preset}") + published_keys(VAE_NAME)
     input_bytes = sum(path.stat().st_size for path in files.values())
     largest = largest_arrays(keys, 2 if dtype == "bfloat16" else 4)
     bound = input_bytes + max(largest.values()) + SLACK_BYTES
-    conversion = usage.ru_maxrss * 1024 - baseline
     return {
         "preset": preset, "dtype": dtype, "source_tree": str(source_tree),
         "input_bytes": input_bytes, **largest,
-        "baseline_rss_bytes": baseline, "peak_rss_bytes": usage.ru_maxrss * 1024, "peak_anon_bytes": peak_anon[0],
+        "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_anon_bytes": peak_anon[0],
         "seconds": seconds,
-        "bound_bytes": bound, "within_bound": conversion <= bound,
+        "bound_bytes": bound, "within_bound": peak - baseline <= bound,
         "status": "aborted: machine memory ran low" if killed.is_set() else "ok",
     }
 

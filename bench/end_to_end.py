@@ -6,7 +6,7 @@
 
 DIR is a directory written by `convert.from_torch` (for example from `bench.make_checkpoint --preset d36 --vae`'s
 random weights). Loading reads every array and checks it against the manifest (`load_checkpoint`); its peak RSS and
-time are reported, and the loaded tree must have exactly the shapes of `checkpoint.param_shapes(config)`. Then
+time are reported, and the loaded tree must be a whole model (the gate checked every array's shape). Then
 `generate` is traced, lowered and compiled on abstract params of the loaded tree's shapes and dtypes (no values: the
 program does not depend on them), and the record carries XLA's memory figures for that program
 (`compile().memory_analysis()`), the output shapes and the time each step took. `--no-load`, for a machine that
@@ -36,8 +36,13 @@ from amskv_jax.memory import load_model_files
 from amskv_jax.policies import POLICIES, policy_from_name
 
 
-def _shapes(tree) -> dict:
-    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+def _check_whole_model(directory: str, names: set[str], config: ModelConfig) -> None:
+    """Refuse params whose leaf names are not the whole model's (VAR and VQ-VAE, stacked blocks): the gate also
+    admits a VAR without VQ-VAE, a training stage and the per-block layout of earlier versions, and checks every
+    array's shape, so the names are all that is left to check."""
+    if names != {untrusted.leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]}:
+        raise UserError(f"{directory}: not a whole model's params (a VAR without VQ-VAE, a training stage, or an "
+                        "earlier layout)")
 
 
 def load(directory: str) -> tuple[ModelConfig, dict, dict]:
@@ -45,14 +50,13 @@ def load(directory: str) -> tuple[ModelConfig, dict, dict]:
     start = time.perf_counter()
     config, params = load_checkpoint(directory)
     seconds = time.perf_counter() - start
-    expected = _shapes(param_shapes(config))
-    if _shapes(params) != expected:
-        raise UserError(f"{directory}: the loaded params' shapes differ from the model's ({config.var})")
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    _check_whole_model(directory, {untrusted.leaf_name(p) for p, _ in leaves}, config)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     record = {
         "load_s": seconds, "load_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "param_bytes": sum(x.nbytes for x in jax.tree.leaves(params)),
-        "param_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(params)}), "arrays": len(expected),
+        "param_bytes": sum(x.nbytes for _, x in leaves),
+        "param_dtypes": sorted({str(x.dtype) for _, x in leaves}), "arrays": len(leaves),
     }
     return config, abstract, record
 
@@ -62,9 +66,7 @@ def stored_shapes(directory: str) -> tuple[ModelConfig, dict, dict]:
     required (files, sizes, every array's stored shape and dtype against the config), no array read."""
     checked = untrusted.open_checkpoint(directory, manifest="required")
     config = checked.config
-    names = {untrusted.leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]}
-    if set(checked.arrays) != names:
-        raise UserError(f"{directory}: not a whole model's params (a training stage, or an earlier layout)")
+    _check_whole_model(directory, set(checked.arrays), config)
     abstract = jax.tree_util.tree_map_with_path(
         lambda p, s: jax.ShapeDtypeStruct(s.shape, checked.arrays[untrusted.leaf_name(p)][0]), param_shapes(config))
     record = {"stored_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract)),

@@ -247,12 +247,13 @@ class Bench:
                 for batch in o.batches:
                     self._memory_and_generate(model, params, layouts, batch, impl, peak)
                     self._attention(model, layouts, batch, impl)
-                if o.max_batch and jax.default_backend() == "gpu":
+                backend = jax.default_backend()
+                if o.max_batch and backend == "gpu":
                     self._max_batch(model, params, layouts, impl)
-                else:
+                else:  # the search is GPU-only: "n/a (CPU)" (NA_CPU), "n/a (TPU)"; on a GPU, not asked for
                     for p in o.policies:
-                        self.results["max_batch"].append({"model": model.name, "policy": p, "max_batch": NA_CPU
-                                                          if jax.default_backend() != "gpu" else "not run",
+                        self.results["max_batch"].append({"model": model.name, "policy": p, "max_batch": "not run"
+                                                          if backend == "gpu" else f"n/a ({backend.upper()})",
                                                           "tried": [], "ratio_vs_full": None})
                 del params
                 gc.collect()

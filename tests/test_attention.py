@@ -17,7 +17,9 @@ from amskv_jax.attention import pallas_gpu, tpu, xla
 from amskv_jax.attention.reference import cached_attention_reference as _reference
 from amskv_jax.cache import build_layout
 from amskv_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, get_preset
+from amskv_jax.errors import UserError
 from amskv_jax.var import VAR
+from conftest import random_params
 from test_var import cached_logits
 
 SCALE_SIZES = sorted({pn * pn for pn in PATCH_NUMS_256 + PATCH_NUMS_512})  # 1, 4, 9, ..., 1024
@@ -205,10 +207,10 @@ def test_cudnn_wrapper_prepares_and_masks_like_the_reference():
 
 
 def test_dispatch_names_the_allowed_impls_and_refuses_cudnn_off_gpu():
-    with pytest.raises(ValueError, match="unknown attention impl 'flash'; allowed: auto, xla, pallas, cudnn"):
+    with pytest.raises(UserError, match="unknown attention impl 'flash'; allowed: auto, xla, pallas, cudnn"):
         attention.check_impl("flash")
     if jax.default_backend() != "gpu":
-        with pytest.raises(ValueError, match=f"needs an NVIDIA GPU, but the platform is '{jax.default_backend()}'"):
+        with pytest.raises(UserError, match=f"needs an NVIDIA GPU, but the platform is '{jax.default_backend()}'"):
             attention.check_impl("cudnn")
     expected = {"cpu": "xla", "gpu": "pallas", "tpu": "pallas"}[jax.default_backend()]
     assert attention.resolve_impl("auto") == expected
@@ -218,7 +220,7 @@ def test_generate_rejects_an_unknown_impl_before_compiling():
     from amskv_jax import generate as gen_module
 
     gen_module._generate.clear_cache()
-    with pytest.raises(ValueError, match="unknown attention impl 'triton'"):
+    with pytest.raises(UserError, match="unknown attention impl 'triton'"):
         gen_module.generate(None, [1], jax.random.key(0), config=TINY, impl="triton")
     assert gen_module._generate._cache_size() == 0
 
@@ -231,18 +233,9 @@ CONDENSED_LOCAL = build_layout(
 )
 
 
-def _random_like(module, seed: int, *args):
-    """Variables of `module` drawn as N(0, 0.05) from their shapes (no init run: initialising on CPU is slow, and
-    at init AdaLN gates are zero so attention would not matter)."""
-    leaves, tree = jax.tree.flatten(jax.eval_shape(module.init, jax.random.key(0), *args))
-    rng = np.random.default_rng(seed)
-    return jax.tree.unflatten(tree, [jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype) for x in leaves])
-
-
 @pytest.fixture(scope="module")
-def var_params():
-    c = TINY.var
-    return _random_like(VAR(c), 1, jnp.zeros((1,), jnp.int32), jnp.zeros((1, c.seq_len - c.first_l, c.cvae)))
+def params():
+    return random_params(TINY, seed=1)
 
 
 def _stepped_logits(model: VAR, params, labels, x_BLCv):
@@ -250,24 +243,21 @@ def _stepped_logits(model: VAR, params, labels, x_BLCv):
     return cached_logits(model, params, labels, x_BLCv, CONDENSED_LOCAL)[0]
 
 
-def test_tiny_model_runs_on_the_tpu_path_with_the_logits_of_xla(var_params, monkeypatch):
+def test_tiny_model_runs_on_the_tpu_path_with_the_logits_of_xla(params, monkeypatch):
     """The TPU path (interpreted) through the whole model; the GPU kernel's whole-model test is the generation below."""
     c = TINY.var
     labels = jnp.array([1, 7], jnp.int32)
     x = jax.random.normal(jax.random.key(2), (2, c.seq_len - c.first_l, c.cvae))
-    expected = jax.jit(functools.partial(_stepped_logits, VAR(c, impl="xla")))(var_params, labels, x)
+    expected = jax.jit(functools.partial(_stepped_logits, VAR(c, impl="xla")))(params["var"], labels, x)
     monkeypatch.setitem(attention.PALLAS_KERNELS, jax.default_backend(), KERNELS["tpu"])
     # A fresh jit wrapper: the kernel is picked at trace time, and a cached trace would hide a swapped one.
-    got = jax.jit(functools.partial(_stepped_logits, VAR(c, impl="pallas")))(var_params, labels, x)
+    got = jax.jit(functools.partial(_stepped_logits, VAR(c, impl="pallas")))(params["var"], labels, x)
     assert _relative_error(got, expected) < 1e-5
 
 
-def test_tiny_generation_with_pallas_gives_the_tokens_of_xla(var_params):
+def test_tiny_generation_with_pallas_gives_the_tokens_of_xla(params):
     from amskv_jax.generate import generate
-    from amskv_jax.vqvae import VQVAE
 
-    size = TINY.vqvae.image_size
-    params = {"var": var_params, "vqvae": _random_like(VQVAE(TINY.vqvae), 2, jnp.zeros((1, size, size, 3)))}
     run = functools.partial(generate, params, [1, 7], jax.random.key(3), config=TINY, layout=CONDENSED_LOCAL, top_k=20)
     expected, got = run(impl="xla"), run(impl="pallas")
     for x, y in zip(expected.tokens, got.tokens, strict=True):

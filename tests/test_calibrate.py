@@ -16,7 +16,7 @@ from amskv_jax.config import get_preset
 from amskv_jax.policies import (
     AMSKV, DEMANDING_FRACTION, ScaleBudget, choose_demanding_layers, policy_from_name, select_layers,
 )
-from test_policies import random_model
+from conftest import random_model
 
 CONFIG = dataclasses.replace(get_preset("tiny").var, patch_nums=(1, 2, 3, 4))
 

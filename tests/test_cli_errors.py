@@ -16,6 +16,7 @@ from amskv_jax import generate as gen_module
 from amskv_jax.calibrate import main as calibrate_main
 from amskv_jax.policies import CALIBRATION_FORMAT
 from amskv_jax.train.__main__ import main as train_main
+from conftest import random_params
 from convert import from_torch
 
 EMOJI32_CALIBRATION = checkpoint.EMBEDDED["emoji32"] / "layers.json"  # depth 6; the tiny preset has depth 2
@@ -125,15 +126,13 @@ def test_convert_refuses_a_hostile_checkpoint_without_running_it(capsys, tmp_pat
 # --- python -m amskv_jax.train finetune ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny16_model(tmp_path_factory):
-    """A tiny16 model directory (random N(0, 0.05²) weights, no initialisers run) and an image folder for it."""
+    """A tiny16 model directory (`random_params`) and an image folder for it."""
     from amskv_jax.train.configs import get_config
 
     root = tmp_path_factory.mktemp("finetune")
     config = get_config("tiny16").model
+    checkpoint.save_checkpoint(root / "model", config, random_params(config))
     rng = np.random.default_rng(0)
-    shapes = jax.eval_shape(lambda: checkpoint.init_params(config))
-    params = jax.tree.map(lambda s: np.asarray(0.05 * rng.standard_normal(s.shape), s.dtype), shapes)
-    checkpoint.save_checkpoint(root / "model", config, params)
     for label in (0, 3):
         (root / "images" / str(label)).mkdir(parents=True)
         for i in range(2):
@@ -172,7 +171,7 @@ def test_finetune_writes_a_model_directory_that_generate_loads(tiny16_model, cap
         (["--model", "tiny"], "no training data is known for tiny; pass --images DIR (one subfolder per class)"),
         (["--model", "tiny", "--images", "missing"], "missing: no such image folder"),
         (["--model", "tiny", "--calibration", str(EMOJI32_CALIBRATION)],
-         "calibration is for a model of depth 6, not 2"),
+         f"{EMOJI32_CALIBRATION}: the calibration is for a model of depth 6, not 2"),
         (["--model", "tiny", "--policy", "fastest"], "invalid choice: 'fastest'"),
     ],
 )
@@ -217,6 +216,22 @@ def test_generate_rejects_a_hostile_calibration_file_in_one_line(content, messag
     error = _error(gen_module.main, ["--model", "tiny", "--labels", "1", "--policy", "amskv", "--calibration",
                                      "layers.json", "--out", "grid.png"], capsys, "python -m amskv_jax.generate")
     assert error.startswith("layers.json: ") and message in error, error
+
+
+def test_a_model_directory_with_a_calibration_for_another_ladder_is_refused_naming_it(capsys, tmp_path):
+    """layers.json of the model's depth but another ladder: the checkpoint gate refuses the directory in one line
+    naming the file, before the file's layers would pick a policy's layers for the wrong scales."""
+    from amskv_jax.config import get_preset
+
+    config = get_preset("tiny")  # depth 2, ladder (1, 2, 3, 4)
+    directory = checkpoint.save_checkpoint(tmp_path / "model", config, random_params(config))
+    calibration = {"format": CALIBRATION_FORMAT, "depth": 2, "patch_nums": [1, 2, 4], "demanding_layers": [1],
+                   "scores": {"similarity": [0.5, 0.1], "dispersion": [0.2, 0.3]}}
+    (directory / "layers.json").write_text(json.dumps(calibration))
+    message = _error(gen_module.main, ["--model", str(directory), "--labels", "1", "--out", str(tmp_path / "x.png")],
+                     capsys, "python -m amskv_jax.generate")
+    assert message == f"{directory / 'layers.json'}: the calibration is for the ladder [1, 2, 4], not [1, 2, 3, 4]"
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_calibration_files_of_the_search_are_checked_field_by_field(tmp_path):

@@ -27,8 +27,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from amskv_jax.checkpoint import MissingVQVAEError, has_vqvae, load_checkpoint, load_model
+from amskv_jax.checkpoint import MissingVQVAEError, load_checkpoint, load_model
 from amskv_jax.generate import generate
+from amskv_jax.untrusted import open_checkpoint
 from convert import from_torch, verify
 from convert.from_torch import ConversionError, convert, count_params
 from convert.mapping import MappingError, is_buffer
@@ -261,7 +262,7 @@ def test_cli_finds_the_vqvae_beside_the_var_checkpoint(tmp_path, capsys):
     assert f"VQ-VAE: {tmp_path / 'vae_ch160v4096z32.pth'} (found beside var_d30.pth" in captured.out
     assert "VQ-VAE 4,378,587" in captured.out and "warning" not in captured.err
     out = tmp_path / "var_d30_flax"
-    assert has_vqvae(out) and load_model(str(out)).config.vqvae.vocab_size == 512
+    assert open_checkpoint(out).has_vqvae and load_model(str(out)).config.vqvae.vocab_size == 512
 
 
 def test_find_vae_prefers_the_published_name(tmp_path):
@@ -285,7 +286,7 @@ def var_only(tmp_path_factory):
 
 def test_conversion_without_a_vqvae_says_the_result_cannot_generate(var_only):
     out, stdout, stderr = var_only
-    assert not has_vqvae(out) and "no VQ-VAE" in stdout
+    assert not open_checkpoint(out).has_vqvae and "no VQ-VAE" in stdout
     assert stderr.startswith("warning: no VQ-VAE") and "cannot generate images until a VQ-VAE is added" in stderr
     assert f"--vae vae_ch160v4096z32.pth --out {out}" in stderr
 

@@ -12,7 +12,7 @@ from amskv_jax.fid import fid
 from amskv_jax.fidelity import format_table, mse, policy_fidelity, psnr
 from amskv_jax.generate import generate
 from amskv_jax.policies import CondensedOnly, FullCache
-from test_policies import random_model
+from conftest import random_model
 
 
 def test_psnr_is_infinite_only_for_identical_images_and_follows_the_mean_squared_error():

@@ -13,9 +13,10 @@ import pytest
 
 from amskv_jax import generate as gen_module
 from amskv_jax import integrity
-from amskv_jax.checkpoint import init_params, load_checkpoint, save_checkpoint
+from amskv_jax.checkpoint import load_checkpoint, save_checkpoint
 from amskv_jax.config import get_preset
 from amskv_jax.untrusted import leaf_name
+from conftest import random_params
 
 CONFIG = get_preset("tiny")
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,10 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def params():
-    """Random numpy params of the tiny preset's shapes (small: initialising through Flax would compile)."""
-    rng = np.random.default_rng(0)
-    shapes = jax.eval_shape(lambda: init_params(CONFIG))
-    return jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+    """Random numpy params of the tiny preset's shapes."""
+    return random_params(CONFIG, std=0.02)
 
 
 @pytest.fixture

@@ -11,41 +11,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amskv_jax.checkpoint import Model, init_params, load_model
+from amskv_jax.checkpoint import Model, load_model
+from amskv_jax.errors import UserError
 from amskv_jax.nll import encode_images, layer_masks, masked_logits, policy_nll, unguided_nll
 from amskv_jax.policies import AMSKV, CondensedOnly, FullCache
-from amskv_jax.var import VAR
+from amskv_jax.var import VAR, per_layer_blocks
 from amskv_jax.train.configs import OptimConfig, get_config
-from amskv_jax.train.data import load_image_folder, reference_transform, render
+from amskv_jax.train.data import load_image_folder, reference_transform
 from amskv_jax.train.finetune import finetune, save_finetuned
 from bench.fidelity import main as fidelity_main
+from conftest import random_params
 
 TINY16 = get_config("tiny16").model  # 16×16 images, 3 scales, one block: the cheapest model to tokenise and train
 
 
 def random_tiny16(seed: int = 0) -> Model:
-    """TINY16 with N(0, 0.05²) weights, made without running the initialisers."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda: init_params(TINY16, seed))
-    params = jax.tree.map(lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape), s.dtype), shapes)
-    return Model(TINY16, params, "tiny16, random weights")
-
-EMOJI = {"faces": ["\U0001F600", "\U0001F60E"], "animals": ["\U0001F436"], "food": ["\U0001F34E"]}
-
-
-def _save(path, image_HWC):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round((image_HWC + 1) * 127.5).astype(np.uint8)).save(path)
-
-
-@pytest.fixture(scope="module")
-def emoji_folder(tmp_path_factory):
-    """Four emoji in class subfolders named by the embedded model's class names."""
-    root = tmp_path_factory.mktemp("emoji")
-    for name, sequences in EMOJI.items():
-        for i, sequence in enumerate(sequences):
-            _save(root / name / f"{i}.png", render(sequence, 32))
-    return root
+    """TINY16 with `random_params` (N(0, 0.05²) weights)."""
+    return Model(TINY16, random_params(TINY16, seed), "tiny16, random weights")
 
 
 def test_nll_is_deterministic_and_condensed_costs_more_than_the_full_cache(emoji_folder, tmp_path):
@@ -74,8 +56,12 @@ def test_folder_classes_follow_the_model_names_and_images_get_the_reference_tran
 
 def test_bad_input_fails_with_a_message(tmp_path, emoji_folder, capsys):
     def error(*argv):
-        with pytest.raises(SystemExit):
-            fidelity_main(["--nll", *argv, "--out", str(tmp_path / "out")])
+        """stderr of a run that fails with status 2 (argparse's errors exit, the user errors return it)."""
+        try:
+            code = fidelity_main(["--nll", *argv, "--out", str(tmp_path / "out")])
+        except SystemExit as exit_:
+            code = exit_.code
+        assert code == 2, argv
         return capsys.readouterr().err
 
     (tmp_path / "flat").mkdir()
@@ -94,7 +80,7 @@ def test_bad_input_fails_with_a_message(tmp_path, emoji_folder, capsys):
     assert "depth 4, not 6" in error("--images", str(emoji_folder), "--calibration", str(tmp_path / "d4.json"))
     model = random_tiny16()
     gt, x = encode_images(model, np.zeros((1, 16, 16, 3), np.float32))
-    with pytest.raises(ValueError, match="does not fit a model of depth 1"):
+    with pytest.raises(UserError, match="does not fit a model of depth 1"):
         policy_nll(model, {"d6": FullCache().layout(emoji32.config.var)}, gt, x, np.zeros(1, np.int32))
 
 
@@ -121,7 +107,8 @@ def test_finetuning_under_a_policy_lowers_its_teacher_forced_loss_and_writes_a_l
 
 def test_masks_as_an_argument_give_the_layouts_logits_and_the_unguided_nll():
     """`masked_logits` with `layer_masks(layout)` equals the layout's own teacher-forced forward (kinds interleaved,
-    one kind, the full cache), and `unguided_nll` equals policy_nll's unguided mean."""
+    one kind, the full cache), with stacked and with per-layer params, and `unguided_nll` equals policy_nll's
+    unguided mean."""
     model = random_tiny16()
     c = dataclasses.replace(model.config.var, depth=3)
     inner = model.params["var"]["params"]
@@ -134,8 +121,10 @@ def test_masks_as_an_argument_give_the_layouts_logits_and_the_unguided_nll():
                FullCache().layout(c)]
     for layout in layouts:
         want = VAR(c).apply(model.params["var"], labels, x, layout)
-        got = masked_logits(model.params["var"], labels, x, jnp.asarray(layer_masks(layout)), config=c)
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        masks = jnp.asarray(layer_masks(layout))
+        for params in (model.params["var"], per_layer_blocks(model.params["var"])):
+            got = masked_logits(params, labels, x, masks, config=c)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     gt = np.asarray(jax.random.randint(jax.random.key(2), (3, c.seq_len), 0, c.vocab_size))
     x3, labels3 = np.asarray(jnp.concatenate([x, x[:1]])), np.array([1, 4, 2], np.int32)
     for layout in layouts:

@@ -11,15 +11,18 @@ import pytest
 
 from amskv_jax.attention import cached_attention, masked_attention, prepare_qk
 from amskv_jax.cache import init_cache
-from amskv_jax.checkpoint import Model, init_params
 from amskv_jax.config import PRESETS, get_preset
+from amskv_jax.errors import UserError
 from amskv_jax.generate import generate
 from amskv_jax.policies import (
-    AMSKV, DEFAULT_POLICY, POLICIES, CondensedOnly, FullCache, Ladder, ScaleBudget, SlidingWindow, budget_levels,
-    fifo_reads, policy_from_name,
+    AMSKV, CALIBRATION_FORMAT, DEFAULT_POLICY, POLICIES, CondensedOnly, FullCache, Ladder, ScaleBudget, SlidingWindow,
+    budget_levels, fifo_reads, policy_from_name,
 )
+from conftest import random_model
 
 LADDER = get_preset("tiny-ladder256").var
+CALIBRATION = {"format": CALIBRATION_FORMAT, "depth": 2, "patch_nums": list(LADDER.patch_nums),
+               "demanding_layers": [1], "scores": {"similarity": [0.5, 0.1], "dispersion": [0.2, 0.3]}}
 EXTRA = [SlidingWindow(3), CondensedOnly(3), Ladder(span=2), Ladder(span=1, condensed_scales=0)]
 
 
@@ -137,15 +140,6 @@ def test_masked_attention_over_the_cache_equals_attention_over_the_gathered_kept
     assert float(error) < 2e-6
 
 
-def random_model(preset: str, seed: int = 0) -> Model:
-    """A model with N(0, 0.05²) weights, made without running the initialisers (much faster than init_params)."""
-    config = get_preset(preset)
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda: init_params(config, seed))
-    params = jax.tree.map(lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape), s.dtype), shapes)
-    return Model(config, params, f"preset {preset}, N(0, 0.05^2) weights (seed {seed})")
-
-
 def test_amskv_with_budgets_keeping_everything_gives_exactly_the_full_cache_tokens_and_logits():
     model = random_model("tiny")
     config = model.config.var
@@ -190,8 +184,12 @@ def test_named_policies_meet_the_memory_goals_and_the_baselines_fit_the_default_
         (lambda: AMSKV(budgets=(5,) * 30).layout(LADDER), "made for a model of depth 30, not 2"),
         (lambda: CondensedOnly(11).layout(LADDER), "condensed_scales 11 exceeds the 10 scales"),
         (lambda: policy_from_name("h2o", LADDER), "unknown policy 'h2o'; known policies: full, amskv"),
+        (lambda: policy_from_name("amskv", LADDER, {**CALIBRATION, "patch_nums": [1, 2, 3]}),
+         r"the calibration is for the ladder \[1, 2, 3\], not \[1, 2, 3, 4"),
+        (lambda: policy_from_name("amskv", LADDER, {**CALIBRATION, "depth": 3}),
+         "the calibration is for a model of depth 3, not 2"),
     ],
 )
 def test_invalid_settings_are_refused_with_a_clear_message(make, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         make()

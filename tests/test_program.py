@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from amskv_jax.cache import init_cache
-from amskv_jax.checkpoint import init_params
+from amskv_jax.checkpoint import init_params, param_shapes
 from amskv_jax.config import get_preset
+from amskv_jax.errors import UserError
 from amskv_jax.generate import generate
 from amskv_jax.policies import AMSKV, FullCache
 from amskv_jax.var import VAR, per_layer_blocks
@@ -30,7 +31,7 @@ LAYOUTS = {
 def cache_stack_copies(layout, kv_dtype: str | None, layer_loop: str, batch: int = 1) -> list[str]:
     """The copies of a cache stack (`bench.compile_time.cache_stack_copies`) in the optimised HLO of jitted
     `generate` on abstract params."""
-    params = jax.eval_shape(lambda: init_params(CONFIG))
+    params = param_shapes(CONFIG)
     fn = jax.jit(functools.partial(
         generate, config=CONFIG, layout=layout, top_k=8, kv_dtype=kv_dtype, layer_loop=layer_loop,
     ))
@@ -44,6 +45,7 @@ def cache_stack_copies(layout, kv_dtype: str | None, layer_loop: str, batch: int
     ("full", None, "scan"),
     ("amskv", None, "scan"),
     ("amskv", "int8", "scan"),
+    ("amskv", "int4", "scan"),  # packed codes: uint8 stacks
     ("full", "int8", "unrolled"),
 ])
 def test_generate_never_copies_a_cache_stack(policy, kv_dtype, layer_loop):
@@ -81,7 +83,7 @@ def test_teacher_forcing_with_per_layer_params_equals_the_scan(params):
 
 
 def test_per_layer_params_refuse_the_scan(params):
-    with pytest.raises(ValueError, match="per-layer"):
+    with pytest.raises(UserError, match="per-layer"):
         generate({**params, "var": per_layer_blocks(params["var"])}, [1], jax.random.key(0), config=CONFIG,
                  layer_loop="scan")
 
@@ -105,5 +107,5 @@ def test_chunks_of_rows_generate_the_same_as_all_rows(params, policy, kv_dtype, 
 
 @pytest.mark.parametrize("row_chunk", [3, 0, 8, True])
 def test_a_row_chunk_that_does_not_divide_the_rows_is_refused(params, row_chunk):
-    with pytest.raises(ValueError, match="row_chunk must be None or a divisor of the 4 rows"):
+    with pytest.raises(UserError, match="row_chunk must be None or a divisor of the 4 rows"):
         generate(params, [1, 4], jax.random.key(0), config=CONFIG, row_chunk=row_chunk)

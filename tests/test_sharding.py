@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from amskv_jax.errors import UserError
+
 DEVICES = 8
 MESHES = {"data8": (8, 1), "data4_model2": (4, 2)}
 # One static top_k, so one compiled program per mesh serves both runs: with top_p below 1/top_k only the argmax
@@ -34,6 +36,7 @@ def _child(out_dir: Path) -> None:
     from amskv_jax import checkpoint, generate as gen_module, sharding
     from amskv_jax.config import get_preset
     from amskv_jax.policies import FullCache
+    from conftest import random_params  # its session settings repeat what this process inherited from pytest's
 
     assert jax.device_count() == DEVICES, jax.devices()
     # a persistent cache in the temporary directory lets the `.lower().compile()` below reuse generate's executable
@@ -41,10 +44,7 @@ def _child(out_dir: Path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     config = get_preset("tiny")
-    # N(0, 0.05²) weights in the shapes of init_params, without running the (slow, eager) initialisers
-    rng = np.random.default_rng(0)
-    shapes = jax.eval_shape(lambda: checkpoint.init_params(config))
-    params = jax.tree.map(lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape), s.dtype), shapes)
+    params = random_params(config)
     layout = FullCache().layout(config.var)
     report: dict = {"specs": {}, "errors": {}, "compiles": {}, "collectives": {}, "all_gathers": {}}
     arrays: dict[str, np.ndarray] = {}
@@ -117,7 +117,7 @@ def _child(out_dir: Path) -> None:
         try:
             gen_module.generate(params, labels, jax.random.key(0), config=config, mesh=mesh)
             report["errors"][name] = None
-        except ValueError as err:
+        except UserError as err:
             report["errors"][name] = str(err)
     report["errors"]["compiled"] = gen_module._generate._cache_size()
     checkpoint.load_model = lambda spec, verify=None: checkpoint.Model(config, params, "test weights")  # the CLI's loader
@@ -235,7 +235,7 @@ def test_parse_mesh_reads_axis_sizes_and_rejects_bad_text():
         ("data=2,data=2", "given twice"),
         ("", "empty mesh"),
     ]:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(UserError, match=message):
             parse_mesh(text)
 
 
@@ -247,11 +247,11 @@ def test_make_mesh_defaults_to_all_devices_on_data_and_rejects_too_many():
     devices = jax.devices()[:1]
     mesh = make_mesh(devices=devices)
     assert dict(mesh.shape) == {"data": 1, "model": 1}
-    with pytest.raises(ValueError, match="needs 4 devices, but only 1 are available"):
+    with pytest.raises(UserError, match="needs 4 devices, but only 1 are available"):
         make_mesh(data=2, model=2, devices=devices)
-    with pytest.raises(ValueError, match="model=2 does not divide the 1 available devices"):
+    with pytest.raises(UserError, match="model=2 does not divide the 1 available devices"):
         make_mesh(model=2, devices=devices)
-    with pytest.raises(ValueError, match="mesh axis 'data' must be a positive integer"):
+    with pytest.raises(UserError, match="mesh axis 'data' must be a positive integer"):
         make_mesh(data=0, devices=devices)
 
 

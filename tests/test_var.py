@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import types
 
 import jax
 import jax.numpy as jnp
@@ -13,21 +12,16 @@ import pytest
 
 from amskv_jax.cache import init_cache, teacher_mask
 from amskv_jax.config import VARConfig, get_preset
+from amskv_jax.errors import UserError
 from amskv_jax.policies import AMSKV, POLICIES, FullCache, policy_from_name
 from amskv_jax.var import VAR, block_causal_mask, stack_blocks, unstack_blocks
+from conftest import random_params
 
 
-def random_like(module, seed: int, *args):
-    """Variables of `module` drawn as N(0, 0.05²) from their shapes (`jax.eval_shape` of its init, numpy draws: no
-    initialiser runs, which on CPU is slow; and at init AdaLN gates are zero, so attention would not matter)."""
-    leaves, tree = jax.tree.flatten(jax.eval_shape(module.init, jax.random.key(0), *args))
-    rng = np.random.default_rng(seed)
-    return jax.tree.unflatten(tree, [jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype) for x in leaves])
-
-
-def _random_var_params(cfg: VARConfig, seed: int = 0):
-    x = jnp.zeros((1, cfg.seq_len - cfg.first_l, cfg.cvae))
-    return random_like(VAR(cfg), seed, jnp.zeros((1,), jnp.int32), x)
+def _random_var_params(preset: str, cfg: VARConfig | None = None):
+    """The VAR variables of `random_params` for a preset (with its VAR config replaced by `cfg`, if given)."""
+    config = get_preset(preset)
+    return random_params(config if cfg is None else dataclasses.replace(config, var=cfg))["var"]
 
 
 def cached_logits(model: VAR, params, labels, x_BLCv, layout, dtype=jnp.float32, kv_dtype=None):
@@ -51,7 +45,7 @@ def cached_logits(model: VAR, params, labels, x_BLCv, layout, dtype=jnp.float32,
 def test_cached_steps_reproduce_teacher_forcing(preset):
     cfg = get_preset(preset).var
     model = VAR(cfg)
-    params = _random_var_params(cfg)
+    params = _random_var_params(preset)
     labels = jnp.array([3, 7], jnp.int32)
     x = jax.random.normal(jax.random.key(5), (2, cfg.seq_len - cfg.first_l, cfg.cvae))
     full = model.apply(params, labels, x)
@@ -67,9 +61,9 @@ def test_block_causal_mask_is_blockwise_lower_triangular():
 
 
 def test_bad_config_fails_with_allowed_values():
-    with pytest.raises(ValueError, match="not divisible by num_heads"):
+    with pytest.raises(UserError, match="not divisible by num_heads"):
         VARConfig(depth=2, embed_dim=130, num_heads=4)
-    with pytest.raises(ValueError, match="unknown preset 'd17'.*d16"):
+    with pytest.raises(UserError, match="unknown preset 'd17'.*d16"):
         get_preset("d17")
 
 
@@ -81,19 +75,10 @@ def _policy_layouts(cfg: VARConfig):
 
 
 def _teacher_under_masks(model: VAR, params, labels, x, masks_DLL):
-    """Teacher forcing with per-layer masks [D, L, L] given as an array, so that one compiled program serves every
-    layout: `VAR.__call__` builds its masks from the layout with `cache.teacher_mask` and picks layer l's by
-    `layout.kind_of[l]`; here a stand-in layout has one kind per layer and its masks are the argument."""
-    import amskv_jax.var as var_module
-
-    depth = model.config.depth
-    stand_in = types.SimpleNamespace(kind_of=tuple(range(depth)))
-    original = var_module.teacher_mask
-    var_module.teacher_mask = lambda layout: masks_DLL if layout is stand_in else original(layout)
-    try:
-        return model.apply(params, labels, x, stand_in)
-    finally:
-        var_module.teacher_mask = original
+    """Teacher forcing with per-layer masks [D, L, L] given as an array (`VAR.teacher_states(masks=...)`, one kind
+    per layer), so that one compiled program serves every layout."""
+    masks = (masks_DLL, np.arange(model.config.depth))
+    return model.apply(params, labels, x, keep=False, masks=masks, method=VAR.teacher_states)[0]
 
 
 def test_teacher_forcing_under_each_policy_equals_its_cached_steps():
@@ -101,7 +86,7 @@ def test_teacher_forcing_under_each_policy_equals_its_cached_steps():
     (float32): the teacher mask is exactly what generation under that layout attends to."""
     cfg = dataclasses.replace(get_preset("tiny").var, depth=5)  # 5 layers: AMS-KV has a demanding one
     model = VAR(cfg)
-    params = _random_var_params(cfg)
+    params = _random_var_params("tiny", cfg)
     labels = jnp.array([3, 7], jnp.int32)
     x = jax.random.normal(jax.random.key(5), (2, cfg.seq_len - cfg.first_l, cfg.cvae))
     teacher = jax.jit(functools.partial(_teacher_under_masks, model))
@@ -111,7 +96,7 @@ def test_teacher_forcing_under_each_policy_equals_its_cached_steps():
     for name, layout in layouts.items():
         masks = teacher_mask(layout)[np.asarray(layout.kind_of)]  # per layer
         masked = teacher(params, labels, x, masks)
-        if name == "full":  # the stand-in gives the model's own teacher forcing
+        if name == "full":  # the masks as an argument give the model's own teacher forcing
             np.testing.assert_allclose(masked, unmasked, rtol=0, atol=1e-5 * float(jnp.abs(unmasked).max()))
         cached, _ = stepped(model, params, labels, x, layout)
         rel = float(jnp.abs(cached - masked).max() / jnp.abs(masked).max())
@@ -141,7 +126,7 @@ def test_teacher_mask_of_the_full_cache_is_block_causal_and_kinds_follow_the_lay
 
 def test_stacked_params_round_trip_through_the_per_block_layout():
     cfg = get_preset("tiny").var
-    params = _random_var_params(cfg)["params"]
+    params = _random_var_params("tiny")["params"]
     per_block = unstack_blocks(params)
     assert "blocks" not in per_block and per_block["blocks_1"]["attn"]["mat_qkv"]["kernel"].shape == (128, 384)
     back = stack_blocks(per_block, cfg.num_heads)

@@ -84,10 +84,6 @@ def valid_block_runs(static_mask: np.ndarray, block_k: int) -> tuple[tuple[int, 
     return tuple((int(a), int(b)) for a, b in zip(edges[::2], edges[1::2]))
 
 
-def _l2_normalize(x):
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
-
-
 def _zero(dtype) -> int | float:
     """The `other` of a masked load: Triton casts it to the ref's dtype, but not from an int to float8."""
     return 0 if jnp.issubdtype(dtype, jnp.integer) else 0.0
@@ -258,15 +254,15 @@ def cached_attention(
     block_q, block_k = block_q or default_q, block_k or default_k
     static_mask = np.ones(capacity, bool) if static_mask is None else np.asarray(static_mask, bool)
     if static_mask.shape != (capacity,):
-        raise UserError(f"static_mask must have shape ({capacity},) like the cache, got {static_mask.shape}")
+        raise ValueError(f"static_mask must have shape ({capacity},) like the cache, got {static_mask.shape}")
     runs = valid_block_runs(static_mask, block_k)
     quantized = scales is not None
     if quantized:
         if k_group is None:
-            raise UserError("a quantised cache needs its scales and k_group together")
+            raise ValueError("a quantised cache needs its scales and k_group together")
         k_group = np.asarray(k_group, np.int32)
         if k_group.shape != (capacity,):
-            raise UserError(f"k_group must have shape ({capacity},) like the cache, got {k_group.shape}")
+            raise ValueError(f"k_group must have shape ({capacity},) like the cache, got {k_group.shape}")
     if not runs:  # nothing to read (e.g. an empty cache): one dummy slot (group) that the loops never touch
         cache_k = jnp.zeros((B, 1, H, width), cache_k.dtype)
         cache_v = jnp.zeros((B, 1, H, width), cache_v.dtype)

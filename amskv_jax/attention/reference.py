@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from amskv_jax import quant
-from amskv_jax.errors import UserError
 
 MAX_SCALE_MUL = math.log(100.0)
 
@@ -70,7 +69,7 @@ def dequantize_cache(cache_k, cache_v, scales: quant.KVScales | None, k_group, d
     if scales is None:
         return cache_k, cache_v
     if k_group is None:
-        raise UserError("a quantised cache needs its scales and k_group together")
+        raise ValueError("a quantised cache needs its scales and k_group together")
     return scales.dequantize_k(cache_k, k_group), scales.dequantize_v(cache_v, dtype)
 
 

@@ -41,7 +41,6 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from amskv_jax import quant
 from amskv_jax.attention.reference import dequantize_cache, prepare_qk
-from amskv_jax.errors import UserError
 
 BLOCK_KV = 128
 
@@ -89,7 +88,7 @@ def cached_attention(
     capacity = cache_k.shape[1]
     static_mask = np.ones(capacity, bool) if static_mask is None else np.asarray(static_mask, bool)
     if static_mask.shape != (capacity,):
-        raise UserError(f"static_mask must have shape ({capacity},) like the cache, got {static_mask.shape}")
+        raise ValueError(f"static_mask must have shape ({capacity},) like the cache, got {static_mask.shape}")
     block_q, block_kv = block_sizes(l)
     lq, nk = _round_up(l, block_q), _round_up(capacity + l, block_kv)
 

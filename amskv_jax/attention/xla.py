@@ -29,7 +29,6 @@ import numpy as np
 
 from amskv_jax import quant
 from amskv_jax.attention.reference import prepare_qk
-from amskv_jax.errors import UserError
 
 
 def live_runs(static_mask: np.ndarray, k_group: np.ndarray | None = None) -> tuple[tuple[int, int], ...]:
@@ -54,10 +53,10 @@ def cached_attention(
     capacity, l = cache_k.shape[1], q.shape[1]
     static_mask = np.ones(capacity, bool) if static_mask is None else np.asarray(static_mask, bool)
     if static_mask.shape != (capacity,):
-        raise UserError(f"static_mask must have shape ({capacity},) like the cache, got {static_mask.shape}")
+        raise ValueError(f"static_mask must have shape ({capacity},) like the cache, got {static_mask.shape}")
     quantized = scales is not None
     if quantized and k_group is None:
-        raise UserError("a quantised cache needs its scales and k_group together")
+        raise ValueError("a quantised cache needs its scales and k_group together")
     k_group = np.asarray(k_group, np.int32) if quantized else None
     out_dtype = v.dtype if quantized else cache_v.dtype
     q, k = prepare_qk(q, k, scale_mul_H)
