@@ -47,6 +47,7 @@ from amskv_jax.errors import UserError
 from amskv_jax.generate import DTYPES
 from amskv_jax.policies import CALIBRATION_FORMAT, DEMANDING_FRACTION, select_layers
 from amskv_jax.resize import resize_bicubic
+from amskv_jax.search import check_budget
 from amskv_jax.untrusted import write_atomic
 from amskv_jax.var import VAR, block_causal_mask
 
@@ -281,7 +282,7 @@ def search_calibrations(
     them, evenly spaced (all when fewer), teacher-forced with both guidance rows for the similarity scores, and the
     per-layer AMS-KV budgets searched on their NLL (`search.search_budgets`, the scores shared between budgets)."""
     from amskv_jax.nll import encode_images
-    from amskv_jax.search import check_budget, nll_score, search_budgets
+    from amskv_jax.search import nll_score, search_budgets
 
     budgets = [check_budget(b) for b in budgets]
     if samples < 1 or batch < 1:
@@ -322,8 +323,8 @@ def search_calibrations(
             },
             **{k: v for k, v in summary.items() if k != "demanding_layers"},
             "search": {
-                "budget": budget, "budgets": list(result.budgets), "condensed_scales": 2, "slots": result.slots,
-                "bound": result.bound, "full_slots": result.full_slots, "nll": result.nll,
+                "budget": budget, "budgets": list(result.budgets), "condensed_scales": result.condensed_scales,
+                "slots": result.slots, "bound": result.bound, "full_slots": result.full_slots, "nll": result.nll,
                 "full_nll": result.full_nll, "levels": list(result.levels), "evaluations": result.evaluations,
                 "steps": list(result.steps), "dtype": dtype,
             },
@@ -414,7 +415,7 @@ def main(argv=None) -> int:
     choice.add_argument("--threshold", type=float, default=None, help="demanding = layers with similarity below")
     parser.add_argument("--search", action="store_true",
                         help="also choose every layer's AMS-KV budget by teacher-forced NLL of real images")
-    parser.add_argument("--budget", type=float, default=None,
+    parser.add_argument("--budget", type=budget_arg, default=None,
                         help="--search: the cache's bound, a fraction of the full cache's slots in (0, 1]")
     parser.add_argument("--images", type=Path, default=None,
                         help="--search: calibration images, one subfolder per class (default: the train split of "
@@ -428,8 +429,8 @@ def main(argv=None) -> int:
 
     try:
         if args.search:
-            if args.budget is None or not 0 < args.budget <= 1:
-                raise UserError(f"--budget must be a fraction of the full cache in (0, 1], got {args.budget}")
+            if args.budget is None:
+                raise UserError("--search needs --budget, a fraction of the full cache in (0, 1]")
             if args.mesh:
                 raise UserError("--search runs on one device; drop --mesh")
             args.samples = 64 if args.samples is None else args.samples
@@ -452,22 +453,18 @@ def main(argv=None) -> int:
             mesh = sharding.mesh_from_text(args.mesh)
             for size in sorted({min(args.batch, args.samples - s) for s in range(0, args.samples, args.batch)}):
                 sharding.check_mesh(model.config, size, mesh)
-        if args.search:
-            images, labels, source = calibration_images(model, args.images)
-    except (UserError, FileNotFoundError) as err:
+    except UserError as err:
         parser.error(str(err))
     selection = dict(similarity=args.similarity, upsample=args.upsample, measure=args.measure,
                      finer_from=args.finer_from, fraction=args.fraction, threshold=args.threshold)
     if args.search:
+        images, labels, source = calibration_images(model, args.images)
         print(f"model {args.model}: {model.description}; search at {args.budget} of the full cache on "
               f"{min(args.samples, len(images))} of {source}", flush=True)
-        try:
-            (data,) = search_calibrations(
-                model, images, labels, [args.budget], samples=args.samples, batch=args.batch, dtype=args.dtype,
-                model_name=args.model, source=source, **selection,
-            )
-        except UserError as err:  # a budget below what the condensed scales alone need
-            parser.error(str(err))
+        (data,) = search_calibrations(
+            model, images, labels, [args.budget], samples=args.samples, batch=args.batch, dtype=args.dtype,
+            model_name=args.model, source=source, **selection,
+        )
     else:
         print(f"model {args.model}: {model.description}; {args.samples} samples", flush=True)
         data = calibrate(
@@ -494,6 +491,15 @@ def main(argv=None) -> int:
         for path in plot(data, out.with_suffix("")):
             print(f"wrote {path}")
     return 0
+
+
+def budget_arg(text: str) -> float:
+    """argparse `type` of a budget: a fraction of the full cache that `search.check_budget` accepts, so that the
+    command line refuses exactly what the search would."""
+    try:
+        return check_budget(float(text))
+    except ValueError as err:  # not a number, or outside (0, 1]
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def calibration_images(model, directory: Path | None) -> tuple[np.ndarray, np.ndarray, str]:

@@ -36,7 +36,8 @@ from amskv_jax.policies import AMSKV, FullCache, budget_levels
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
     """The chosen per-layer budgets (slots), their total and NLL, the bound, the full cache's slots and NLL, the
-    levels searched, how many candidates were scored, and the accepted steps (for the record)."""
+    levels searched and the condensed scales every layer keeps (what `AMSKV` needs to rebuild the policy), how many
+    candidates were scored, and the accepted steps (for the record)."""
 
     budgets: tuple[int, ...]
     slots: int
@@ -45,6 +46,7 @@ class SearchResult:
     full_slots: int
     full_nll: float
     levels: tuple[int, ...]
+    condensed_scales: int
     evaluations: int
     steps: tuple[dict, ...]
 
@@ -112,7 +114,8 @@ def search_budgets(
     bar.close()
     return SearchResult(
         budgets=tuple(levels[i] for i in state), slots=slots(state), nll=nll(state), bound=bound,
-        full_slots=full_slots, full_nll=full_nll, levels=levels, evaluations=len(memo), steps=tuple(steps),
+        full_slots=full_slots, full_nll=full_nll, levels=levels, condensed_scales=condensed_scales,
+        evaluations=len(memo), steps=tuple(steps),
     )
 
 

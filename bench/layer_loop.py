@@ -8,7 +8,7 @@ layer loop (`generate.LAYER_LOOPS`; `--loops`, all three by default): `scan` (st
 the stacked params (split into per-layer weights inside the program, as `bench.run` feeds them) and `per-layer`, the
 unrolled loop fed per-layer params made once (`var.per_layer_blocks`). Each figure is the median of `--reps`
 synchronised calls after a warm-up, the loops interleaved within every repetition. With `--torch-reference` (a FoundationVision/VAR checkout; needs torch) the
-reference's own generation is timed first, with the same weights (`bench.run.torch_reference_times`), and every row
+reference's own generation is timed first, with the same weights (`bench.torch_reference.torch_reference_times`), and every row
 gets its speed ratio (reference seconds ÷ ours). One JSON record per line, then a markdown table; the 1-minute load
 average is recorded, since only ratios from one run on one machine compare.
 """
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amskv_jax import cli
 from amskv_jax.generate import DTYPES, generate
 from amskv_jax.policies import POLICIES
 from amskv_jax.var import per_layer_blocks
@@ -97,6 +98,7 @@ def markdown(records: list[Record]) -> str:
     return "\n".join(lines) + f"\n\nload average (1 min) before the timed runs: {records[0].load_average:.1f}"
 
 
+@cli.command("python -m bench.layer_loop")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.layer_loop", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="d16")

@@ -3,18 +3,19 @@ the command line's file loaded back; bad budgets refused in one line."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import re
 
 import numpy as np
 import pytest
 
-from amskv_jax import calibrate, checkpoint
+from amskv_jax import calibrate, checkpoint, search
 from amskv_jax.config import get_preset
 from amskv_jax.policies import AMSKV, FullCache, budget_levels, policy_from_name, read_calibration
 from amskv_jax.search import check_budget, search_budgets
-from test_nll import emoji_folder  # noqa: F401 (a fixture)
-from test_policies import random_model
+from amskv_jax.train.data import load_image_folder
+from conftest import random_model
 
 CONFIG = dataclasses.replace(get_preset("tiny-ladder256").var, depth=3, patch_nums=(1, 2, 3, 4, 5, 6))
 LEVELS = budget_levels(CONFIG.patch_nums)  # 5 14 21 30 41 46 55
@@ -110,17 +111,37 @@ def test_the_search_file_is_a_calibration_that_amskv_loads(searched):
         policy.layout(get_preset("d16").var)
 
 
+def test_the_search_records_the_condensed_scales_it_searched_with(emoji_folder, monkeypatch):
+    model = random_model("tiny")
+    images, labels = load_image_folder(emoji_folder, model.config.vqvae.image_size, model.config.var.num_classes)
+    monkeypatch.setattr(search, "search_budgets", functools.partial(search.search_budgets, condensed_scales=1))
+    (data,) = calibrate.search_calibrations(model, images, labels, [0.7], samples=3, batch=3, progress=False)
+    assert data["search"]["condensed_scales"] == 1 and data["search"]["levels"][0] == 1  # scale 0 alone
+    assert AMSKV.from_calibration(data).condensed_scales == 1
+
+
+def error_line(err: str, usage: bool) -> str:
+    """stderr's one line: alone, or after argparse's usage (its first line "usage: ...", the rest indented) when
+    `usage` (an error in the command line itself)."""
+    lines = err.splitlines()
+    assert len(lines) >= 1 and (len(lines) > 1) == usage, err
+    assert not usage or lines[0].startswith("usage: ") and all(line.startswith(" ") for line in lines[1:-1]), err
+    return lines[-1]
+
+
 @pytest.mark.parametrize(
-    "extra, message",
+    "extra, message, usage",
     [
-        (["--budget", "0"], r"--budget must be a fraction of the full cache in \(0, 1\], got 0.0"),
-        (["--budget", "1.5"], r"--budget must be a fraction of the full cache in \(0, 1\], got 1.5"),
-        ([], r"--budget must be a fraction of the full cache in \(0, 1\], got None"),
-        (["--budget", "0.7", "--images", "EMPTY"], "no images"),
-        (["--budget", "0.3", "--images", "EMOJI"], r"budget 0.3 leaves 8 slots; the condensed scales alone need 10"),
+        (["--budget", "0"], r"--budget: budget must be a fraction of the full cache in \(0, 1\], got 0.0", True),
+        (["--budget", "1.5"], r"--budget: budget must be a fraction of the full cache in \(0, 1\], got 1.5", True),
+        (["--budget", "x"], r"--budget: could not convert string to float: 'x'", True),
+        ([], r"--search needs --budget, a fraction of the full cache in \(0, 1\]", True),
+        (["--budget", "0.7", "--images", "EMPTY"], "no images", False),
+        (["--budget", "0.3", "--images", "EMOJI"], r"budget 0.3 leaves 8 slots; the condensed scales alone need 10",
+         False),
     ],
 )
-def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, capsys, emoji_folder, extra, message):
+def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, capsys, emoji_folder, extra, message, usage):
     empty = tmp_path / "empty"
     (empty / "faces").mkdir(parents=True)
     out = tmp_path / "out.json"
@@ -128,9 +149,11 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, capsys, emoji_
     argv += [{"EMPTY": str(empty), "EMOJI": str(emoji_folder)}.get(x, x) for x in extra]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(checkpoint, "load_model", lambda spec, verify=None: random_model(spec))
-        with pytest.raises(SystemExit) as exit_info:
-            calibrate.main(argv)
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exit_info.value.code == 2 and last.startswith("python -m amskv_jax.calibrate: error:")
-    assert re.search(message, last), last
+        try:
+            code = calibrate.main(argv)
+        except SystemExit as exit_:  # argparse's errors in the command line itself
+            code = exit_.code
+    line = error_line(capsys.readouterr().err, usage)
+    assert code == 2 and line.startswith("python -m amskv_jax.calibrate: error:")
+    assert re.search(message, line), line
     assert not out.exists()

@@ -1,6 +1,9 @@
 """Training: both stages' losses fall on a handful of rendered emoji, runs resume, and the committed model generates."""
 from __future__ import annotations
 
+import json
+import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,16 +11,20 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from amskv_jax.train import loop
 from amskv_jax.train.__main__ import main
-from amskv_jax.train.configs import get_config
+from amskv_jax.train.configs import OptimConfig, get_config
 
 CFG = get_config("tiny16")
+STEPS = CFG.vqvae_optim.steps
 ASSET = Path(__file__).parents[1] / "amskv_jax" / "assets" / "emoji32"
+# Every VQ-VAE run here takes the config's step count: the step count is part of the compiled program (the learning
+# rate schedule), so the runs share two compiles (fresh state, restored state) through the session's cache.
 
 
 def _first_last(run: Path, n: int = 3) -> tuple[float, float]:
@@ -27,9 +34,8 @@ def _first_last(run: Path, n: int = 3) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A VQ-VAE run trained 4 steps, then resumed to CFG's step count; a VAR run on it."""
+    """A VQ-VAE run, uninterrupted (the reference of the resumed runs below); a VAR run on it."""
     root = tmp_path_factory.mktemp("runs")
-    assert main(["vqvae", "--config", "tiny16", "--out", str(root / "vqvae"), "--steps", "4"]) == 0
     assert main(["vqvae", "--config", "tiny16", "--out", str(root / "vqvae")]) == 0
     assert main(["var", "--config", "tiny16", "--vqvae", str(root / "vqvae"), "--out", str(root / "var")]) == 0
     return root
@@ -38,14 +44,6 @@ def runs(tmp_path_factory):
 def test_vqvae_loss_falls(runs):
     first, last = _first_last(runs / "vqvae")
     assert last < 0.8 * first
-
-
-def test_resumed_run_continues_the_step_count_without_repeating_steps(runs):
-    steps = [int(r["step"]) for r in loop.read_log(runs / "vqvae")]
-    assert steps == list(range(1, CFG.vqvae_optim.steps + 1))
-    options = ocp.CheckpointManagerOptions(read_only=True)
-    with ocp.CheckpointManager(runs / "vqvae" / "checkpoints", options=options) as manager:
-        assert manager.latest_step() == CFG.vqvae_optim.steps
 
 
 def test_var_loss_falls(runs):
@@ -91,15 +89,26 @@ def _logged_steps(out: Path) -> int:
         return 0
 
 
-def _stop_after(out: Path, steps: int, signum: int, *extra: str) -> subprocess.CompletedProcess:
-    """Start a tiny16 VQ-VAE run, send `signum` once it has logged `steps` steps, return the finished process."""
+def _saving(out: Path) -> bool:
+    """Whether a checkpoint is being written (orbax writes it in `<step>.orbax-checkpoint-tmp-*`, then renames it)."""
+    return any((out / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+
+
+def _stop_after(out: Path, steps: int, signum: int, *extra: str, mid_save: bool = False) -> subprocess.CompletedProcess:
+    """Start a tiny16 VQ-VAE run, send `signum` once it has logged `steps` steps (`mid_save`: and is writing a
+    checkpoint), return the finished process."""
     proc = subprocess.Popen(_train_cmd(out, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
-    while _logged_steps(out) < steps and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _logged_steps(out) < steps:
+
+    def ready() -> bool:
+        return _logged_steps(out) >= steps and (not mid_save or _saving(out))
+
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if not ready():
         proc.kill()
-        pytest.fail(f"the run logged {_logged_steps(out)} of {steps} steps before it ended or timed out: "
+        moment = f"{steps} steps" + (" and a save in progress" if mid_save else "")
+        pytest.fail(f"the run ended or timed out before {moment} (it logged {_logged_steps(out)} steps): "
                     f"{proc.communicate()[1][-2000:]}")
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
@@ -114,55 +123,130 @@ def _latest_restorable(out: Path) -> int:
         return step
 
 
-def test_sigterm_saves_and_the_rerun_ends_where_an_uninterrupted_run_does(tmp_path):
-    steps = "30"
-    stopped = _stop_after(tmp_path / "stopped", 5, signal.SIGTERM, "--steps", steps, "--save-every", "1000")
+def test_sigterm_saves_and_the_rerun_ends_where_an_uninterrupted_run_does(runs, tmp_path):
+    """A stopped run resumes in another process, continuing the step count without repeating a step, and ends
+    where the uninterrupted run of the fixture does."""
+    out = tmp_path / "stopped"
+    stopped = _stop_after(out, 5, signal.SIGTERM, "--save-every", "1000")
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
     assert "stopped: SIGTERM at step" in stopped.stderr and "Traceback" not in stopped.stderr
-    saved = _latest_restorable(tmp_path / "stopped")
-    assert 5 <= saved < 30 and saved == _logged_steps(tmp_path / "stopped")  # nothing since the save is lost
-    assert main(["vqvae", "--config", "tiny16", "--out", str(tmp_path / "stopped"), "--steps", steps]) == 0
-    assert main(["vqvae", "--config", "tiny16", "--out", str(tmp_path / "straight"), "--steps", steps]) == 0
-    resumed, straight = (loop.read_log(tmp_path / name) for name in ("stopped", "straight"))
-    assert [r["step"] for r in resumed] == list(range(1, 31))
+    saved = _latest_restorable(out)
+    assert 5 <= saved < STEPS and saved == _logged_steps(out)  # nothing since the save is lost
+    assert main(["vqvae", "--config", "tiny16", "--out", str(out), "--save-every", "1000"]) == 0
+    assert _latest_restorable(out) == STEPS
+    resumed, straight = loop.read_log(out), loop.read_log(runs / "vqvae")
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in straight], rtol=1e-5)
 
 
 def test_a_kill_at_any_moment_leaves_a_checkpoint_that_loads(tmp_path):
-    """SIGKILL cannot be caught: orbax's commit by rename must leave the last finished checkpoint whole. Saving
-    every step puts most kills inside a save."""
+    """SIGKILL cannot be caught: orbax's commit by rename must leave the last finished checkpoint whole. The kill
+    lands while a checkpoint is being written (saving every step), the worst moment; the rerun then finishes."""
     out = tmp_path / "run"
-    for stop_at in (2, 5):
-        killed = _stop_after(out, stop_at, signal.SIGKILL, "--steps", "200", "--save-every", "1")
-        assert killed.returncode == -signal.SIGKILL
-        assert _latest_restorable(out) >= stop_at - 1
-    assert main(["vqvae", "--config", "tiny16", "--out", str(out), "--steps", "10"]) == 0
+    killed = _stop_after(out, 2, signal.SIGKILL, "--save-every", "1", mid_save=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert _latest_restorable(out) >= 1
+    assert main(["vqvae", "--config", "tiny16", "--out", str(out), "--save-every", "1000"]) == 0
+    assert _latest_restorable(out) == STEPS
+
+
+def test_save_seconds_saves_by_wall_time(tmp_path):
+    """`loop.run` on a one-number state, `save_every` far away: with `save_seconds` 0 every step is saved (the last
+    two are kept), without a time limit not the step before the last."""
+    opt = OptimConfig(steps=4, batch_size=1, lr=0.1, warmup_steps=1, save_every=1000)
+
+    def step(state, batch, key):
+        del batch, key
+        return {**state, "params": {"w": state["params"]["w"] + 1}}, {"loss": state["params"]["w"]}
+
+    kept = {}
+    for save_seconds in (0.0, math.inf):
+        out = tmp_path / str(save_seconds)
+        state = {"params": {"w": jnp.zeros(())}, "opt_state": {"n": jnp.zeros(())}}
+        loop.run(out, state, step, lambda i: {}, opt, "count", {"stage": "count"}, save_seconds=save_seconds)
+        with ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True)) as m:
+            kept[save_seconds] = m.all_steps()
+    assert kept[0.0] == [3, 4] and 3 not in kept[math.inf]
+
+
+def test_a_restore_failure_is_a_run_error_only_for_damaged_or_foreign_files():
+    class Manager:
+        def __init__(self, err):
+            self.err = err
+
+        def restore(self, step, args):
+            raise self.err
+
+    damaged = ValueError("DATA_LOSS: Error reading")
+    wrapped = Exception("Encountered error while reading array index")  # how orbax raises a failed array read
+    wrapped.__cause__ = damaged
+    refused = r"/out/checkpoints/3: cannot be restored into this run \(ValueError: DATA_LOSS"
+    for err in (damaged, wrapped):
+        with pytest.raises(loop.RunError, match=refused) as info:
+            loop._restore(Manager(err), 3, {}, Path("/out"))
+        assert info.value.__cause__ is err
+    for bug in (TypeError("a bug"), Exception("a bug")):  # e.g. a malformed state: a traceback, not a user's error
+        with pytest.raises(type(bug), match="a bug"):
+            loop._restore(Manager(bug), 3, {}, Path("/out"))
 
 
 def _tree_bytes(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_a_run_directory_of_another_stage_or_a_damaged_checkpoint_is_refused_untouched(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["vqvae", "--config", "tiny16", "--out", str(out), "--steps", "2"]) == 0
+def _refused(argv: list[str], out: Path, capsys, *words: str) -> None:
+    """The command fails with one line naming `out` and `words`, and leaves every byte of `out` as it was."""
     before, _ = _tree_bytes(out), capsys.readouterr()
-    assert main(["classifier", "--config", "tiny16", "--out", str(out), "--steps", "2"]) == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and str(out) in err[0] and "another run" in err[0] and "stage" in err[0], err
+    assert len(err) == 1 and str(out) in err[0] and all(w in err[0] for w in words), err
     assert _tree_bytes(out) == before
 
-    data = max((p for p in (out / "checkpoints" / "2").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+def test_a_run_directory_of_another_run_or_a_damaged_checkpoint_is_refused_untouched(runs, tmp_path, capsys):
+    """Each stage refuses the others' directories before it writes there (its data and token caches: the copies
+    here lack them, so any early write would show)."""
+    vqvae, var = tmp_path / "vqvae", tmp_path / "var"
+    for source, copy in ((runs / "vqvae", vqvae), (runs / "var", var)):
+        shutil.copytree(source, copy, ignore=shutil.ignore_patterns("data-*.npz", "tokens.npz"))
+    tiny = ["--config", "tiny16"]
+    _refused(["classifier", *tiny, "--out", str(vqvae), "--steps", "2"], vqvae, capsys, "another run", "stage")
+    _refused(["var", *tiny, "--vqvae", str(runs / "vqvae"), "--out", str(vqvae)], vqvae, capsys, "another run", "stage")
+    _refused(["vqvae", *tiny, "--out", str(var)], var, capsys, "another run", "stage")
+
+    # the VAR run resumed on another VQ-VAE (same config, other weights)
+    config, variables = loop.load_params(runs / "vqvae")
+    loop.save_params(tmp_path / "other", config, jax.tree.map(lambda a: np.asarray(a) * 0.5, variables))
+    _refused(["var", *tiny, "--vqvae", str(tmp_path / "other"), "--out", str(var)], var, capsys, "vqvae_run")
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(runs / "vqvae", damaged)
+    checkpoint = damaged / "checkpoints" / str(STEPS)
+    data = max((p for p in checkpoint.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     data.write_bytes(b"\0" * data.stat().st_size)  # the arrays' bytes
-    before = _tree_bytes(out)
-    assert main(["vqvae", "--config", "tiny16", "--out", str(out), "--steps", "4"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"{out}/checkpoints/2" in err[0] and "cannot be restored" in err[0], err
-    assert _tree_bytes(out) == before
+    _refused(["vqvae", *tiny, "--out", str(damaged)], damaged, capsys, f"{checkpoint}", "cannot be restored")
 
 
-def test_runs_default_to_a_directory_outside_the_checkout(monkeypatch, tmp_path):
+def test_a_run_json_from_before_the_later_keys_is_accepted_and_gains_them(tmp_path):
+    """The identity of a run started before "data" and "vqvae_run" existed (it held the image count instead)."""
+    model = {"depth": 6}
+    (tmp_path / "run.json").write_text(json.dumps({"images": 3539, "model": model, "stage": "var"}))
+    identity = {"stage": "var", "model": model, "data": "ranges/all/16", "vqvae_run": "0123"}
+    loop.check_identity(tmp_path, identity)
+    assert json.loads((tmp_path / "run.json").read_text()) == {"images": 3539, **identity}
+    with pytest.raises(loop.RunError, match="its vqvae_run differ"):
+        loop.check_identity(tmp_path, {**identity, "vqvae_run": "4567"})
+    (tmp_path / "run.json").write_text(json.dumps({"images": 3539, "model": model, "stage": "vqvae"}))
+    with pytest.raises(loop.RunError, match="its stage differ"):
+        loop.check_identity(tmp_path, identity)
+
+
+def test_runs_default_to_a_directory_outside_the_checkout(runs, monkeypatch, tmp_path):
+    """Without --out a stage resumes (here: finishes, its steps all done) and writes in its default directory."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert loop.default_run_dir("emoji16l", "var") == tmp_path / "amskv_jax" / "runs" / "emoji16l" / "var"
-    assert main(["vqvae", "--config", "tiny16", "--steps", "1"]) == 0
-    assert _latest_restorable(tmp_path / "amskv_jax" / "runs" / "tiny16" / "vqvae") == 1
+    default = tmp_path / "amskv_jax" / "runs" / "tiny16" / "vqvae"
+    finished = shutil.ignore_patterns("params", "config.json", "checksums.json", "classes.json")
+    shutil.copytree(runs / "vqvae", default, ignore=finished)  # the run, before it wrote its results
+    assert main(["vqvae", "--config", "tiny16"]) == 0
+    assert loop.load_params(default)[0] == CFG.model and _latest_restorable(default) == STEPS

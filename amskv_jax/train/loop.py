@@ -6,7 +6,8 @@ a pure function of (seed, step), so a resumed run sees exactly the batches an un
 Runs survive a stop: checkpoints every `save_every` steps and at least every `SAVE_SECONDS` of wall time; SIGTERM
 or SIGINT saves before the process ends; rerunning the same command resumes. Layout of a run directory `out/`
 (by default outside the checkout, `default_run_dir`):
-    out/run.json              what the run is (stage, model, data): a directory of another run is refused
+    out/run.json              what the run is (stage, model, data): a directory of another run is refused,
+                              before anything is written in it (`check_identity`)
     out/checkpoints/<step>/   orbax checkpoints of the state (the latest few)
     out/loss_log.csv          one row per step: step, the step's metrics, lr, seconds since the run (re)started
     out/config.json, params/  when finished: the ModelConfig and this stage's final variables (`save_params`)
@@ -14,6 +15,7 @@ or SIGINT saves before the process ends; rerunning the same command resumes. Lay
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -37,9 +39,9 @@ from amskv_jax.errors import UserError
 from amskv_jax.train.configs import OptimConfig
 from amskv_jax.untrusted import open_new, write_atomic
 
-# Parameters exempt from weight decay (the reference's `nowd_keys`, plus biases and norms by rank).
 # A running stage saves at least this often (wall time), besides every `save_every` steps.
 SAVE_SECONDS = 300.0
+# Parameters exempt from weight decay (the reference's `nowd_keys`, plus biases and norms by rank).
 _NO_DECAY = ("pos_1LC", "pos_start", "lvl_embed", "class_emb", "scale_mul_1H11", "embedding")
 
 
@@ -47,13 +49,6 @@ def schedule(opt: OptimConfig) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         0.0, opt.lr, opt.warmup_steps, max(opt.steps, opt.warmup_steps + 1), end_value=opt.lr * opt.end_lr_ratio
     )
-
-
-def init_once(init: Callable, *args):
-    """`init(*args)` as one jitted program compiled with the backend's optimisations off: initialisers run once, so
-    compiling them costs more than running them (tiny16's VQ-VAE: 4 s instead of 15 s; eager, every initialiser
-    and draw would compile on its own)."""
-    return jax.jit(init).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
 
 
 def optimizer(opt: OptimConfig) -> optax.GradientTransformation:
@@ -100,24 +95,41 @@ def default_run_dir(config: str, stage: str) -> Path:
     return Path(base) / "amskv_jax" / "runs" / config / stage
 
 
+# What restoring a damaged or foreign checkpoint raises: tensorstore's errors, orbax's tree or shape mismatches and
+# unreadable metadata JSON are ValueErrors, metadata missing an entry a KeyError, the file system an OSError (orbax
+# wraps a failed array read in a bare Exception caused by one of them: `_file_error`). Anything else (a TypeError
+# from a malformed state, say) is a bug and keeps its traceback.
+RESTORE_ERRORS = (ValueError, KeyError, OSError)
+# Identity keys added after run.json came to be: a run.json written before them lacks them, and is compared on the
+# keys it has (its own "images", the number of images, is what "data" replaced), then gains them.
+LATER_KEYS = ("data", "vqvae_run")
+
+
 def check_identity(out: Path, identity: dict) -> None:
     """Refuse a run directory whose `run.json` describes another run (stage, model, data); write it on first use.
+    A stage calls this before it writes anything in `out`, so a refused directory is left untouched.
 
     A directory with checkpoints but no run.json (a run from before run.json) is adopted: its checkpoint's
-    structure is still checked on restore."""
-    path, identity = out / "run.json", json.loads(json.dumps(identity))  # tuples as JSON lists
-    if path.is_file():
-        try:
-            held = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise RunError(f"{path}: unreadable ({err}); remove the run directory or pick another --out") from None
-        differs = sorted(k for k in identity if held.get(k) != identity[k]) if isinstance(held, dict) else ["all"]
-        if differs:
-            raise RunError(f"{out}: holds another run (its {', '.join(differs)} differ from this command's); pick "
-                           f"another --out or remove that directory")
+    structure is still checked on restore. A run.json without some of `LATER_KEYS` gains them."""
+    path, identity = Path(out) / "run.json", json.loads(json.dumps(identity))  # tuples as JSON lists
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(identity, indent=1, sort_keys=True))
         return
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(identity, indent=1, sort_keys=True))
+    try:
+        held = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunError(f"{path}: unreadable ({err}); remove the run directory or pick another --out") from None
+    if not isinstance(held, dict):
+        raise RunError(f"{path}: not a run description (a JSON object); remove the run directory or pick another "
+                       f"--out")
+    compared = [k for k in identity if k in held or k not in LATER_KEYS]
+    differs = sorted(k for k in compared if held.get(k) != identity[k])
+    if differs:
+        raise RunError(f"{out}: holds another run (its {', '.join(differs)} differ from this command's); pick "
+                       f"another --out or remove that directory")
+    if len(compared) < len(identity):
+        write_atomic(path, json.dumps({**held, **identity}, indent=1, sort_keys=True))
 
 
 class _Signals:
@@ -153,7 +165,8 @@ def run(
     """Train `state` to `opt.steps` steps, resuming from the latest checkpoint in `out/checkpoints`.
 
     `train_step(state, batch, key) -> (state, metrics)` is jitted here; `key` is `fold_in(seed key, step)`.
-    `identity` (JSON data: stage, model, data) must match the directory's `run.json` (`check_identity`).
+    `identity` (JSON data: stage, model, data) must match the directory's `run.json` (`check_identity`; a stage
+    that writes in `out` before this, e.g. a data cache, checks it first itself).
     Saves every `opt.save_every` steps, whenever `save_seconds` of wall time passed since the last save, and at the
     end. SIGTERM or SIGINT ends the current step, saves, and raises `TrainingInterrupted`. Orbax commits a
     checkpoint by renaming a finished temporary directory, so a process killed even mid-save leaves the previous
@@ -199,10 +212,21 @@ def _restore(manager: ocp.CheckpointManager, step: int, state: dict, out: Path) 
     over it)."""
     try:
         return manager.restore(step, args=ocp.args.StandardRestore(state))
-    except Exception as err:  # orbax and tensorstore raise many types for damaged or foreign files
-        message = " ".join(str(err).split())[:300]
-        raise RunError(f"{out}/checkpoints/{step}: cannot be restored into this run ({type(err).__name__}: "
-                       f"{message}); remove it to resume from an earlier checkpoint, or pick another --out") from None
+    except Exception as err:  # narrowed here: only what the files cause becomes a RunError
+        cause = _file_error(err)
+        if cause is None:
+            raise
+        message = " ".join(str(cause).split())[:300]
+        raise RunError(f"{out}/checkpoints/{step}: cannot be restored into this run ({type(cause).__name__}: "
+                       f"{message}); remove it to resume from an earlier checkpoint, or pick another --out") from err
+
+
+def _file_error(err: BaseException) -> BaseException | None:
+    """The error of the checkpoint's files behind a restore's `err` (one of `RESTORE_ERRORS`), else None: orbax
+    raises a failed array read as a bare `Exception` caused by tensorstore's error."""
+    while type(err) is Exception and err.__cause__ is not None:
+        err = err.__cause__
+    return err if isinstance(err, RESTORE_ERRORS) else None
 
 
 class _LossLog:
@@ -230,11 +254,31 @@ class _LossLog:
             self.file.close()
 
 
-def npz_bytes(**arrays) -> bytes:
-    """An .npz file's bytes (for `write_atomic`: a data cache is renamed into place whole)."""
+def cached_arrays(path: Path, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays `compute()` returns, kept in the .npz file `path` beside the text `key` (what they were computed
+    from): read back when the file holds the same key, else computed and written whole (`write_atomic`: a stop never
+    leaves half a cache), replacing a cache of another key."""
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            if "key" in data.files and str(data["key"]) == key:
+                return {name: data[name] for name in data.files if name != "key"}
+    arrays = compute()
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
+    np.savez(buffer, **arrays, key=key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, buffer.getvalue())
+    return arrays
+
+
+def params_digest(variables) -> str:
+    """A digest of a tree of arrays (each leaf's path, dtype, shape and bytes): names a trained model's weights, e.g.
+    the VQ-VAE a VAR run trains on, wherever its directory is."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        array = np.ascontiguousarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def read_log(out: str | Path) -> list[dict]:

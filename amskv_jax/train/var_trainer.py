@@ -1,13 +1,12 @@
 """Train the class-conditional VAR on a trained VQ-VAE's tokens (reference `trainer.py`).
 
 The dataset is tokenised once (`img_to_idx` → ground-truth tokens `gt_NL`, `idx_to_var_input` → teacher-forcing
-inputs `x_NLCv`, cached in the run directory). Each step: labels are replaced by the null class with probability
-`cond_drop_rate` (what classifier-free guidance needs), one teacher-forced pass gives logits for all L tokens
-under the block-causal mask, and the loss is the cross-entropy averaged over every token of every scale.
+inputs `x_NLCv`, cached in the run directory: `cached_tokens`). Each step: labels are replaced by the null class with
+probability `cond_drop_rate` (what classifier-free guidance needs), one teacher-forced pass gives logits for all L
+tokens under the block-causal mask, and the loss is the cross-entropy averaged over every token of every scale.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 
@@ -17,11 +16,11 @@ import numpy as np
 import optax
 
 from amskv_jax.cache import CacheLayout
+from amskv_jax.checkpoint import init_once
 from amskv_jax.config import ModelConfig, VARConfig, VQVAEConfig
 from amskv_jax.errors import UserError
 from amskv_jax.train import loop
 from amskv_jax.train.configs import OptimConfig
-from amskv_jax.untrusted import write_atomic
 from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
 
@@ -29,7 +28,7 @@ from amskv_jax.vqvae import VQVAE
 def init_var(config: VARConfig, seed: int) -> dict:
     """VAR variables initialised as the reference's `init_weights` (init_std = √(1/3C), head ×0.02, AdaLN
     ×0.5 with its gammas ×1e-5 so every block starts near the identity, residual projections ÷√(2·depth))."""
-    return loop.init_once(functools.partial(_init_var, config, seed))
+    return init_once(functools.partial(_init_var, config, seed))
 
 
 def _init_var(config: VARConfig, seed: int) -> dict:
@@ -81,17 +80,19 @@ def tokenize(config: VQVAEConfig, vqvae_vars: dict, images_NHWC: np.ndarray, chu
     return np.concatenate(gts), np.concatenate(xs)
 
 
-def cached_tokens(out: Path, config: VQVAEConfig, vqvae_dir: Path, vqvae_vars: dict, images: np.ndarray):
-    """`tokenize`, cached in out/tokens.npz for this VQ-VAE run and image count."""
-    path, source = out / "tokens.npz", str(vqvae_dir.absolute())
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as data:
-            if str(data["source"]) == source and len(data["gt"]) == len(images):
-                return data["gt"], data["x"]
-    gt, x = tokenize(config, vqvae_vars, images)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, loop.npz_bytes(gt=gt, x=x, source=source))  # a stop never leaves half a cache
-    return gt, x
+def load_vqvae(run: str | Path, config: VQVAEConfig) -> dict:
+    """The variables of the finished VQ-VAE run in `run`, refused unless it is a VQ-VAE `config`."""
+    trained_on, variables = loop.load_params(run)
+    if trained_on.vqvae != config:
+        raise UserError(f"{run} holds a VQ-VAE {trained_on.vqvae}, but this config needs {config}")
+    return variables
+
+
+def cached_tokens(out: Path, config: VQVAEConfig, vqvae_vars: dict, images: np.ndarray, key: str):
+    """`tokenize`, cached in out/tokens.npz under `key` (which VQ-VAE weights, which images: `loop.cached_arrays`)."""
+    tokens = loop.cached_arrays(Path(out) / "tokens.npz", key,
+                                lambda: dict(zip(("gt", "x"), tokenize(config, vqvae_vars, images), strict=True)))
+    return tokens["gt"], tokens["x"]
 
 
 def loss_fn(params, labels_B, gt_BL, x_BLCv, key, config: VARConfig, layout: CacheLayout | None = None):
@@ -119,15 +120,11 @@ def make_train_step(config: VARConfig, opt: optax.GradientTransformation, layout
 
 
 def train(
-    model: ModelConfig, opt: OptimConfig, vqvae_dir: str | Path, images: np.ndarray, labels: np.ndarray, out: str | Path
+    model: ModelConfig, opt: OptimConfig, gt: np.ndarray, x: np.ndarray, labels: np.ndarray, out: str | Path,
+    identity: dict,
 ) -> tuple[dict, int]:
-    """Train (or resume) the VAR in `out` on `images` tokenised by the VQ-VAE run in `vqvae_dir`.
-    Returns ({"params": ...}, steps done)."""
-    out, vqvae_dir = Path(out), Path(vqvae_dir)
-    trained_on, vqvae_vars = loop.load_params(vqvae_dir)
-    if trained_on.vqvae != model.vqvae:
-        raise UserError(f"{vqvae_dir} holds a VQ-VAE {trained_on.vqvae}, but this config needs {model.vqvae}")
-    gt, x = cached_tokens(out, model.vqvae, vqvae_dir, vqvae_vars, images)
+    """Train (or resume) the VAR in `out` on tokenised images (`tokenize`: gt, x) with class `labels`; `identity`:
+    what the run is (`loop.check_identity`: stage, model, data, VQ-VAE). Returns ({"params": ...}, steps done)."""
     tx = loop.optimizer(opt)
     params = init_var(model.var, opt.seed)["params"]
     state = {"params": params, "opt_state": tx.init(params)}
@@ -136,7 +133,5 @@ def train(
         rows = loop.batch_indices(len(gt), opt.batch_size, opt.seed, step)
         return {"labels": labels[rows], "gt": gt[rows], "x": x[rows]}
 
-    identity = {"stage": "var", "model": dataclasses.asdict(model.var), "vqvae": dataclasses.asdict(model.vqvae),
-                "images": len(images)}
     state, steps = loop.run(out, state, make_train_step(model.var, tx), get_batch, opt, "var", identity)
     return {"params": state["params"]}, steps

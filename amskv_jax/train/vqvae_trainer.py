@@ -6,7 +6,6 @@ decoder sees f̂ through the straight-through estimator (`VQVAE.__call__`). No p
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from amskv_jax.checkpoint import init_once
 from amskv_jax.config import VQVAEConfig
 from amskv_jax.train import loop
 from amskv_jax.train.configs import OptimConfig, TrainConfig
@@ -23,7 +23,7 @@ from amskv_jax.vqvae import VQVAE
 
 def init_vqvae(config: VQVAEConfig, seed: int) -> dict:
     img = jnp.zeros((1, config.image_size, config.image_size, config.in_channels), jnp.float32)
-    return loop.init_once(VQVAE(config).init, jax.random.key(seed), img)
+    return init_once(VQVAE(config).init, jax.random.key(seed), img)
 
 
 def loss_fn(params, img_BHWC, config: VQVAEConfig, rec_l1: float, rec_l2: float):
@@ -49,8 +49,11 @@ def make_train_step(cfg: TrainConfig, opt: optax.GradientTransformation):
     return train_step
 
 
-def train(cfg: TrainConfig, opt: OptimConfig, images: np.ndarray, out: str | Path) -> tuple[dict, int]:
-    """Train (or resume) the VQ-VAE in `out` on `images` (N, H, W, 3) in [−1, 1]. Returns (variables, steps)."""
+def train(
+    cfg: TrainConfig, opt: OptimConfig, images: np.ndarray, out: str | Path, identity: dict
+) -> tuple[dict, int]:
+    """Train (or resume) the VQ-VAE in `out` on `images` (N, H, W, 3) in [−1, 1]; `identity`: what the run is
+    (`loop.check_identity`: stage, model, data). Returns (variables, steps)."""
     tx = loop.optimizer(opt)
     params = init_vqvae(cfg.model.vqvae, opt.seed)["params"]
     state = {"params": params, "opt_state": tx.init(params)}
@@ -58,6 +61,5 @@ def train(cfg: TrainConfig, opt: OptimConfig, images: np.ndarray, out: str | Pat
     def get_batch(step):
         return {"images": images[loop.batch_indices(len(images), opt.batch_size, opt.seed, step)]}
 
-    identity = {"stage": "vqvae", "model": dataclasses.asdict(cfg.model.vqvae), "images": len(images)}
     state, steps = loop.run(out, state, make_train_step(cfg, tx), get_batch, opt, "vqvae", identity)
     return {"params": state["params"]}, steps
