@@ -458,7 +458,9 @@ def main(argv=None) -> int:
     selection = dict(similarity=args.similarity, upsample=args.upsample, measure=args.measure,
                      finer_from=args.finer_from, fraction=args.fraction, threshold=args.threshold)
     if args.search:
-        images, labels, source = calibration_images(model, args.images)
+        from amskv_jax.nll import model_images
+
+        images, labels, source = model_images(model, args.images, "train")  # never the held-out split
         print(f"model {args.model}: {model.description}; search at {args.budget} of the full cache on "
               f"{min(args.samples, len(images))} of {source}", flush=True)
         (data,) = search_calibrations(
@@ -500,19 +502,6 @@ def budget_arg(text: str) -> float:
         return check_budget(float(text))
     except ValueError as err:  # not a number, or outside (0, 1]
         raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def calibration_images(model, directory: Path | None) -> tuple[np.ndarray, np.ndarray, str]:
-    """(images in [-1, 1], labels, what they are) for the search: a folder, or the train split of the model's
-    training data (never the held-out split the frontier scores)."""
-    from amskv_jax.nll import split_images
-    from amskv_jax.train.data import load_image_folder
-
-    if directory is not None:
-        c = model.config
-        images, labels = load_image_folder(directory, c.vqvae.image_size, c.var.num_classes, model.classes)
-        return images, labels, f"the {len(images)} images of {directory}"
-    return split_images(model, "train")
 
 
 if __name__ == "__main__":

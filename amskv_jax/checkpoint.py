@@ -148,24 +148,39 @@ def load_model(spec: str = DEFAULT_MODEL, verify: bool | None = None, *, need_vq
 
     A directory without a VQ-VAE (converted without `--vae`) raises MissingVQVAEError, naming it and the command that
     adds one, before its params are read; `need_vqvae=False` loads it anyway (for code that never decodes images)."""
-    if spec in EMBEDDED:
+    kind = model_kind(spec)
+    if kind == "embedded":
         if not (EMBEDDED[spec] / "config.json").is_file():
             raise FileNotFoundError(f"the embedded model {spec!r} is missing from {EMBEDDED[spec]}; reinstall")
         config, params, checked = _load(open_checkpoint(EMBEDDED[spec]), verify)
         return Model(config, params, f"embedded model {spec} (trained on OpenMoji emoji)", checked.classes,
                      checked.calibration)
-    if spec in PRESETS:
+    if kind == "preset":
         return Model(get_preset(spec), init_params(get_preset(spec)), f"preset {spec}, random weights (seed 0)")
+    checked = open_checkpoint(spec)
+    if need_vqvae and not checked.has_vqvae:
+        raise MissingVQVAEError(
+            f"{checked.shown} holds a VAR without a VQ-VAE (converted without --vae), so it cannot generate "
+            f"images; rm -r {show(shlex.quote(spec))}, then {MissingVQVAEError.FIX} --out {show(shlex.quote(spec))}"
+        )
+    config, params, _ = _load(checked, verify)
+    return Model(config, params, f"checkpoint {checked.shown}", checked.classes, checked.calibration)
+
+
+def model_kind(spec: str) -> str:
+    """What `--model SPEC` names, in the order every command resolves it: "embedded", "preset" or "directory";
+    anything else raises `unknown_model`'s one line."""
+    if spec in EMBEDDED:
+        return "embedded"
+    if spec in PRESETS:
+        return "preset"
     if Path(spec).is_dir():
-        checked = open_checkpoint(spec)
-        if need_vqvae and not checked.has_vqvae:
-            raise MissingVQVAEError(
-                f"{checked.shown} holds a VAR without a VQ-VAE (converted without --vae), so it cannot generate "
-                f"images; rm -r {show(shlex.quote(spec))}, then {MissingVQVAEError.FIX} --out {show(shlex.quote(spec))}"
-            )
-        config, params, _ = _load(checked, verify)
-        return Model(config, params, f"checkpoint {checked.shown}", checked.classes, checked.calibration)
-    raise UserError(
-        f"--model {show(repr(spec))} is neither an embedded model ({', '.join(EMBEDDED)}), a preset "
+        return "directory"
+    raise unknown_model(spec)
+
+
+def unknown_model(spec: str) -> UserError:
+    return UserError(
+        f"model {show(repr(spec))} is neither an embedded model ({', '.join(EMBEDDED)}), a preset "
         f"({', '.join(PRESETS)}) nor a checkpoint directory"
     )

@@ -32,7 +32,7 @@ from amskv_jax.fid import fid
 from amskv_jax.generate import DTYPES, first_nonfinite_scale, generate
 from amskv_jax.policies import (
     AMSKV, DEMANDING_FRACTION, CondensedOnly, FullCache, Ladder, Policy, ScaleBudget, SlidingWindow,
-    choose_demanding_layers, cut_fits, select_layers,
+    choose_demanding_layers, choose_drafter_layers, cut_fits,
 )
 from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
@@ -202,16 +202,11 @@ def frontier_families(config: VARConfig, calibration: dict | None = None) -> dic
     paper = {f"amskv-{round(100 * cut)}": AMSKV.two_level(config.patch_nums, depth, cut, demanding)
              for cut in FRONTIER_CUTS if cut_fits(config.patch_nums, cut)}
 
-    def drafters(count: int) -> tuple[int, ...]:
-        if calibration is None:
-            return tuple(range(count))
-        return tuple(select_layers(calibration["scores"]["dispersion"], fraction=count / depth, lowest=False))
-
     families = {
         "amskv (paper)": paper,
         "sliding": {f"sliding-w{w}": SlidingWindow(w) for w in range(1, min(4, scales - 2) + 1)},
         "condensed": {f"condensed-c{n}": CondensedOnly(n) for n in range(1, min(4, scales - 1) + 1)},
-        "scalebudget": {f"scalebudget-d{k}": ScaleBudget(drafter_layers=drafters(k), depth=depth)
+        "scalebudget": {f"scalebudget-d{k}": ScaleBudget(drafter_layers=choose_drafter_layers(k, depth, calibration), depth=depth)
                         for k in range(1, max(1, depth // 2) + 1)},
         "ladder": {f"ladder-s{span}": Ladder(span=span) for span in range(1, min(3, scales - 3) + 1)},
     }

@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -41,8 +40,8 @@ import jax.numpy as jnp
 
 from amskv_jax import cli, quant, untrusted
 from amskv_jax.cache import CacheLayout, cache_bytes
-from amskv_jax.checkpoint import EMBEDDED, param_shapes
-from amskv_jax.config import PRESETS, ModelConfig, VARConfig, get_preset
+from amskv_jax.checkpoint import EMBEDDED, model_kind, param_shapes
+from amskv_jax.config import ModelConfig, VARConfig, get_preset
 from amskv_jax.errors import UserError
 from amskv_jax.generate import generate
 from amskv_jax.policies import DEFAULT_POLICY, POLICIES, policy_from_name, read_calibration
@@ -88,6 +87,12 @@ class ProgramMemory:
         """What the program needs resident at once: arguments + outputs + temporaries − the outputs aliasing an
         argument."""
         return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
+
+    @classmethod
+    def from_stats(cls, stats, batch: int) -> ProgramMemory:
+        """From `compiled.memory_analysis()`."""
+        return cls(batch, int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes),
+                   int(stats.temp_size_in_bytes), int(stats.alias_size_in_bytes))
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "total_bytes": self.total_bytes}
@@ -231,8 +236,7 @@ def program_memory(
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
     key = jax.eval_shape(jax.random.key, 0)
     stats = fn.lower(abstract_params(config, dtype), labels, key).compile().memory_analysis()
-    return ProgramMemory(batch, int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes),
-                         int(stats.temp_size_in_bytes), int(stats.alias_size_in_bytes))
+    return ProgramMemory.from_stats(stats, batch)
 
 
 SECOND_PROBE = 16  # the batch of the second compile: with batch 1, the line that predicts the answer
@@ -300,16 +304,12 @@ def parse_bytes(text: str) -> int:
 def load_model_files(spec: str) -> tuple[ModelConfig, dict | None]:
     """(config, calibration) of what `--model` names everywhere: an embedded model, a preset or a checkpoint
     directory. Only config.json (and layers.json, the directory's default calibration, when present) is read."""
-    if spec in PRESETS:
+    kind = model_kind(spec)
+    if kind == "preset":
         return get_preset(spec), None
-    directory = EMBEDDED.get(spec, Path(spec))
-    if os.path.lexists(directory / "config.json"):
-        config, _, calibration = untrusted.read_model_files(directory)  # a directory is untrusted input
-        return config, calibration
-    raise UserError(
-        f"--model {spec!r} is neither an embedded model ({', '.join(EMBEDDED)}), a preset ({', '.join(PRESETS)}) "
-        "nor a checkpoint directory"
-    )
+    directory = EMBEDDED[spec] if kind == "embedded" else Path(spec)
+    config, _, calibration = untrusted.read_model_files(directory)  # a directory is untrusted input
+    return config, calibration
 
 
 def format_programs(entries: list[tuple[MemoryRow, ProgramMemory]], title: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ from amskv_jax.generate import DTYPES
 from amskv_jax.policies import FullCache
 from amskv_jax.quant import KV_DTYPES, check_kv_dtype, is_quantized
 from amskv_jax.train.configs import CONFIGS, TrainConfig
-from amskv_jax.train.data import load_emoji_dataset
+from amskv_jax.train.data import load_emoji_dataset, load_image_folder
 from amskv_jax.train.var_trainer import tokenize
 from amskv_jax.var import VAR
 
@@ -81,6 +82,16 @@ def split_images(model, split: str) -> tuple[np.ndarray, np.ndarray, str]:
     images, labels, _ = load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, split)
     seen = "the model trained on every image" if cfg.split == "all" else f"the model trained on the {cfg.split} split"
     return images, labels, f"the {len(images)} {split}-split images of training config {name} ({cfg.scheme}; {seen})"
+
+
+def model_images(model, directory: Path | None, split: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images in [-1, 1], labels, a line saying what they are): the images of `directory` (one subfolder per class,
+    named by the model's classes), or else `split_images(model, split)`."""
+    if directory is None:
+        return split_images(model, split)
+    c = model.config
+    images, labels = load_image_folder(directory, c.vqvae.image_size, c.var.num_classes, model.classes)
+    return images, labels, f"the {len(images)} images of {directory}"
 
 
 def encode_images(model, images_NHWC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

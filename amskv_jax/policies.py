@@ -417,6 +417,14 @@ def choose_demanding_layers(fraction: float, depth: int, calibration: dict | Non
     return tuple(select_layers(calibration["scores"]["similarity"], fraction=fraction, lowest=True))
 
 
+def choose_drafter_layers(count: int, depth: int, calibration: dict | None) -> tuple[int, ...]:
+    """ScaleBudget's `count` drafters: the layers of highest attention dispersion; without calibration the first
+    layers stand in (as in `choose_demanding_layers`)."""
+    if calibration is None:
+        return tuple(range(count))
+    return tuple(select_layers(calibration["scores"]["dispersion"], fraction=count / depth, lowest=False))
+
+
 def _paper(cut: float) -> Callable[[VARConfig, dict | None], Policy]:
     """The paper's setting at `cut`; on a ladder too short for the cut (the condensed scales alone exceed it, as in
     the 3-scale test presets) every layer keeps the condensed scales alone, the smallest AMS-KV."""
@@ -442,11 +450,7 @@ def _scale_budget(config: VARConfig, calibration: dict | None) -> Policy:
     slots, so the two compare at equal (at most the default's) memory."""
     budget = sum(POLICIES[DEFAULT_POLICY](config, calibration).layout(config).capacities)
     count = min(config.depth, budget // sum(config.patch_nums[s] ** 2 for s in range(config.num_scales - 1)))
-    if calibration is None:
-        drafters = tuple(range(count))
-    else:
-        dispersion = calibration["scores"]["dispersion"]
-        drafters = tuple(select_layers(dispersion, fraction=count / config.depth, lowest=False))
+    drafters = choose_drafter_layers(count, config.depth, calibration)
     return ScaleBudget(drafter_layers=drafters, drafter_window=None, refiner_window=0, depth=config.depth)
 
 

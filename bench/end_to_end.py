@@ -32,7 +32,7 @@ from amskv_jax.checkpoint import load_checkpoint, param_shapes
 from amskv_jax.config import ModelConfig
 from amskv_jax.errors import UserError
 from amskv_jax.generate import DTYPES, generate
-from amskv_jax.memory import load_model_files
+from amskv_jax.memory import ProgramMemory, load_model_files
 from amskv_jax.policies import POLICIES, policy_from_name
 
 
@@ -91,8 +91,7 @@ def compile_generate(config: ModelConfig, abstract: dict, batch: int, policy: st
         "policy": policy, "dtype": dtype, "batch": batch, "trace_lower_s": traced,
         "compile_s": time.perf_counter() - start - traced,
         "images_shape": list(out.images.shape), "tokens_shapes": [list(t.shape) for t in out.tokens],
-        "argument_bytes": int(stats.argument_size_in_bytes), "output_bytes": int(stats.output_size_in_bytes),
-        "temp_bytes": int(stats.temp_size_in_bytes),
+        **ProgramMemory.from_stats(stats, batch).to_json(),
     }
 
 

@@ -43,7 +43,7 @@ from amskv_jax.classifier import load_classifier
 from amskv_jax.fid import fid
 from amskv_jax.fidelity import format_table, policy_fidelity
 from amskv_jax.generate import DTYPES, default_top_k, image_grid
-from amskv_jax.nll import encode_images, format_nll_table, policy_nll, training_config
+from amskv_jax.nll import encode_images, format_nll_table, model_images, policy_nll, training_config
 from amskv_jax.policies import POLICIES, FullCache, policy_from_name, read_calibration
 from amskv_jax.quant import KV_DTYPES
 from amskv_jax.train.data import load_emoji_dataset, load_image_folder
@@ -69,10 +69,8 @@ def lpips_distance():
 def nll_images(model, directory: Path | None) -> tuple[np.ndarray, np.ndarray, str]:
     """(images in [-1, 1], labels, a line saying what they are) for `--nll`: a folder, or the model's training
     data when a training config here built it."""
-    c = model.config
     if directory is not None:
-        images, labels = load_image_folder(directory, c.vqvae.image_size, c.var.num_classes, model.classes)
-        return images, labels, f"{len(images)} images from {directory}"
+        return model_images(model, directory, split="all")
     name, cfg = training_config(model)
     images, labels, _ = load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, cfg.split)
     if cfg.split == "train":

@@ -20,11 +20,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from amskv_jax.calibrate import calibration_images, search_calibrations
+from amskv_jax.calibrate import search_calibrations
 from amskv_jax.fidelity import FRONTIER_SEARCH_BUDGETS, frontier_families, policy_fidelity, reference_share
 from amskv_jax.generate import default_top_k
-from amskv_jax.nll import encode_images, policy_nll, split_images
-from amskv_jax.train.data import load_image_folder
+from amskv_jax.nll import encode_images, model_images, policy_nll
 from amskv_jax.policies import AMSKV, FullCache
 
 TARGET_SHARE = 0.25  # the 75% cut where FID and class accuracy are measured
@@ -58,12 +57,8 @@ def measure_frontier(model, args) -> tuple[list[Point], dict]:
     """Every family's points on held-out images, and what they were measured on ({"heldout", "calibration",
     "searches": the search records, "policies": {name: policy}})."""
     c = model.config.var
-    if args.images is not None:
-        images, labels = load_image_folder(args.images, model.config.vqvae.image_size, c.num_classes, model.classes)
-        heldout = f"the {len(images)} images of {args.images}"
-    else:
-        images, labels, heldout = split_images(model, "heldout")
-    calib_images, calib_labels, calibration = calibration_images(model, args.search_images)
+    images, labels, heldout = model_images(model, args.images, "heldout")
+    calib_images, calib_labels, calibration = model_images(model, args.search_images, "train")
     print(f"held-out: {heldout}; search on {min(args.search_samples, len(calib_images))} of {calibration}",
           flush=True)
     searches = search_calibrations(

@@ -32,7 +32,7 @@ from amskv_jax.checkpoint import init_params, load_model
 from amskv_jax.config import PRESETS, ModelConfig, VARConfig, get_preset
 from amskv_jax.errors import UserError
 from amskv_jax.generate import first_nonfinite_scale, generate
-from amskv_jax.memory import layout_bytes, reference_bytes
+from amskv_jax.memory import ProgramMemory, layout_bytes, reference_bytes
 from amskv_jax.policies import policy_from_name
 from bench.attention import PEAKS, _inputs
 
@@ -61,7 +61,7 @@ def load(spec: str, seed: int, verify: bool | None = None) -> Model:
         config = get_preset(spec)
         return Model(spec, config, init_params(config, seed), f"random (seed {seed}, fan-in scaled)")
     model = load_model(spec, verify)
-    return Model(spec if spec in getattr(checkpoint, "EMBEDDED", {}) else Path(spec).name, model.config,
+    return Model(spec if spec in checkpoint.EMBEDDED else Path(spec).name, model.config,
                  model.params, model.description, model.calibration)
 
 
@@ -147,14 +147,9 @@ def _memory_figures(compiled) -> dict | str:
         return f"unavailable ({type(err).__name__})"
     if stats is None:
         return "unavailable"
-    out = {
-        "argument_bytes": int(stats.argument_size_in_bytes),
-        "output_bytes": int(stats.output_size_in_bytes),
-        "temp_bytes": int(stats.temp_size_in_bytes),
-        "alias_bytes": int(stats.alias_size_in_bytes),
-    }
-    out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
-    return out
+    figures = ProgramMemory.from_stats(stats, batch=0).to_json()
+    del figures["batch"]  # the record carries it
+    return figures
 
 
 def _xla_flops(compiled) -> float | None:

@@ -83,10 +83,7 @@ def parse_args(argv=None) -> Options:
         if not models:
             raise UserError("--models is empty")
         for m in models:
-            embedded = getattr(checkpoint, "EMBEDDED", {})
-            if m not in PRESETS and m not in embedded and not (Path(m) / "config.json").is_file():
-                raise UserError(f"unknown model {m!r}: neither a preset ({', '.join(PRESETS)}), an embedded model "
-                                 f"({', '.join(embedded) or 'none'}) nor a checkpoint directory with config.json")
+            checkpoint.model_kind(m)  # an unknown name fails here, before any model is measured
         policies = list(POLICIES) if args.policies.strip() == "all" else _csv(args.policies)
         unknown = [p for p in policies if p not in POLICIES]
         if unknown or not policies:

@@ -159,7 +159,7 @@ def test_report_shows_the_records_it_is_given():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--models", "d17"], "unknown model 'd17'"),
+        (["--models", "d17"], "model 'd17' is neither an embedded model"),
         (["--policies", "full,nope"], "unknown policy"),
         (["--batches", "0"], "--batches must be integers >= 1"),
         (["--batches", "1,x"], "--batches must be comma-separated integers"),

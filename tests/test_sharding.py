@@ -25,6 +25,7 @@ MESHES = {"data8": (8, 1), "data4_model2": (4, 2)}
 # survives the filter, so the "greedy" run is greedy (as top_k=1 would be) while the other one samples.
 RUNS = {"greedy": dict(top_k=20, top_p=1e-3, cfg=1.5), "sampled": dict(top_k=20, top_p=0.9, cfg=2.0)}
 LABELS = [0, 3, 5, 9, 1, 1, 7, 2]
+LOSSY_MESH_RUNS = {"data4_model2-xla": "xla", "data4_model2-pallas": "pallas"}  # AMS-KV, int8 cache
 COLLECTIVE = r"= (?:\S+|\([^)]*\)) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter|collective-broadcast)\("
 
 
@@ -35,7 +36,7 @@ def _child(out_dir: Path) -> None:
 
     from amskv_jax import checkpoint, generate as gen_module, sharding
     from amskv_jax.config import get_preset
-    from amskv_jax.policies import FullCache
+    from amskv_jax.policies import AMSKV, FullCache
     from conftest import random_params  # its session settings repeat what this process inherited from pytest's
 
     assert jax.device_count() == DEVICES, jax.devices()
@@ -103,6 +104,14 @@ def _child(out_dir: Path) -> None:
         specs["cache_k_shard_shape"] = list(kind.k.addressable_shards[0].data.shape)
         specs["cache_k_shape"] = list(kind.k.shape)
 
+    # AMS-KV's two cache kinds with an int8 cache, the XLA path and the Pallas kernel (interpreted on CPU)
+    amskv = AMSKV(budgets=(10, None), condensed_scales=1).layout(config.var)
+    report["amskv_kinds"] = len(amskv.kinds)
+    lossy = dict(RUNS["greedy"], layout=amskv, kv_dtype="int8")
+    run("amskv_int8/single", None, **lossy)
+    for mesh_name, impl in LOSSY_MESH_RUNS.items():
+        run(f"amskv_int8/{mesh_name}", sharding.make_mesh(data=4, model=2), impl=impl, **lossy)
+
     report["meshes"] = {
         text: dict(sharding.mesh_from_text(text).shape) if text else dict(sharding.make_mesh().shape)
         for text in ("", "data=4", "model=2", "model=2,data=2")
@@ -156,6 +165,22 @@ def test_sharded_generation_equals_the_single_device_run(child, mesh, run):
     for si in range(scales):
         np.testing.assert_array_equal(arrays[f"{mesh}/{run}/tokens{si}"], arrays[f"single/{run}/tokens{si}"])
     np.testing.assert_allclose(arrays[f"{mesh}/{run}/images"], arrays[f"single/{run}/images"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("mesh_run", list(LOSSY_MESH_RUNS))
+def test_sharded_amskv_with_an_int8_cache_equals_the_single_device_run(child, mesh_run):
+    """Two cache kinds, int8 storage, rows over data and heads over model, through the XLA path and through the
+    Pallas kernel's shard_map: the single device's tokens (greedy) and images."""
+    report, arrays, _ = child
+    assert report["amskv_kinds"] == 2
+    for si in range(4):
+        np.testing.assert_array_equal(arrays[f"amskv_int8/{mesh_run}/tokens{si}"],
+                                      arrays[f"amskv_int8/single/tokens{si}"])
+    np.testing.assert_allclose(arrays[f"amskv_int8/{mesh_run}/images"], arrays["amskv_int8/single/images"],
+                               rtol=0, atol=1e-4)
+    full = np.concatenate([arrays[f"single/greedy/tokens{si}"].ravel() for si in range(4)])
+    lossy = np.concatenate([arrays[f"amskv_int8/single/tokens{si}"].ravel() for si in range(4)])
+    assert (full != lossy).any()  # the layout and the int8 cache are really in use
 
 
 def test_sampled_runs_really_sample(child):

@@ -171,7 +171,7 @@ def _run_stage(args) -> int:
 
 def finetune_command(args) -> int:
     from amskv_jax.checkpoint import load_model
-    from amskv_jax.train.data import load_image_folder
+    from amskv_jax.nll import model_images, training_config
     from amskv_jax.train.finetune import finetune, save_finetuned
 
     if args.out.joinpath("params").exists():
@@ -180,13 +180,8 @@ def finetune_command(args) -> int:
     c = model.config.var
     policy = policy_from_name(args.policy, c, args.calibration or model.calibration)
     layout = policy.layout(c)
-    if args.images is not None:
-        images, labels = load_image_folder(args.images, model.config.vqvae.image_size, c.num_classes, model.classes)
-    else:
-        matches = [cfg for cfg in CONFIGS.values() if cfg.model == model.config]
-        if not matches:
-            raise UserError(f"no training data is known for {args.model}; pass --images DIR (one subfolder per class)")
-        images, labels, _ = _dataset(matches[0])
+    split = "all" if args.images is not None else training_config(model)[1].split  # what the model trained on
+    images, labels, _ = model_images(model, args.images, split)
     opt = _optim(FINETUNE_OPTIM, args)
     print(f"fine-tuning {args.model} ({model.description}) under {args.policy}: {policy.describe()}; "
           f"{len(images)} images, {opt.steps} steps, batch {opt.batch_size}, lr {opt.lr}")
