@@ -297,19 +297,19 @@ def test_bad_kv_dtype_and_missing_group_fail_with_a_message():
 
 def test_greedy_generation_with_int8_storage_agrees_with_bf16_storage():
     """A random-weights tiny model, AMS-KV's default policy, float32 compute, 20 images greedy: the tokens of each
-    scale with an int8 cache against a bf16 one. Measured: 100 % at every scale (and 100/100/100/99.4 % with the
-    full cache; float8: 99.4-98.8 % at the last scale); an early flip changes every later scale's input, so the floor
-    is set per scale at 95 %."""
+    scale with an int8 cache against a bf16 one. Measured: 2 of the 80 tokens of scale 1 differ (near ties of the
+    argmax), every other scale agrees fully: 2 of 600 tokens. The bound: at most 1 % of all tokens differ."""
     model = random_model("tiny")
     config = model.config.var
     layout = policy_from_name("amskv", config).layout(config)
     run = functools.partial(generate, model.params, list(range(10)) * 2, jax.random.key(0), config=model.config,
                             layout=layout, top_k=1, top_p=0.0)
     bf16, int8 = run(kv_dtype="bfloat16"), run(kv_dtype="int8")
-    agreement = [float((np.asarray(a) == np.asarray(b)).mean()) for a, b in zip(bf16.tokens, int8.tokens, strict=True)]
-    print("per-scale token agreement int8 vs bf16:", [f"{a:.3f}" for a in agreement])
-    assert min(agreement) >= 0.95, agreement
-    assert agreement[0] == 1.0  # scale 0 reads no cache
+    differ = [int((np.asarray(a) != np.asarray(b)).sum()) for a, b in zip(bf16.tokens, int8.tokens, strict=True)]
+    total = sum(int(np.asarray(t).size) for t in bf16.tokens)
+    print("per-scale tokens that differ, int8 vs bf16:", differ, "of", total)
+    assert sum(differ) <= 0.01 * total, differ
+    assert differ[0] == 0  # scale 0 reads no cache
 
 
 @pytest.mark.parametrize("kv_dtype, bound", [("int8", 2e-4), ("float8_e4m3fn", 3e-3), ("int4", 2e-3)])
