@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amskv_jax import attention
+from amskv_jax import attention, quant
 from amskv_jax.attention import pallas_gpu, tpu, xla
 from amskv_jax.attention.reference import cached_attention_reference as _reference
 from amskv_jax.cache import build_layout
@@ -318,3 +318,24 @@ def test_pallas_kernel_runs_per_shard_under_a_mesh_with_the_unsharded_result():
     for name, (err, spec) in errors.items():
         assert err < 1e-5, (name, err)
         assert spec[0] == "data" and spec[2] in ("model", None), (name, spec)
+
+
+@pytest.mark.parametrize("kernel", ["xla", "gpu"])
+def test_kernel_argument_errors_name_the_argument(kernel):
+    """A static mask or slot-group map of the wrong length, and a quantised cache without its group map, are
+    programming errors (ValueError, with a traceback); a head dim the Triton kernel cannot tile is the model's, so
+    a UserError naming what it needs. All raise before anything is traced."""
+    run = KERNELS[kernel]
+    q, k, v, cache_k, cache_v, scale_mul_H = _inputs(0, 1, 4, 8, jnp.float32)
+    mask = jnp.ones((8,), bool)
+    scales = quant.KVScales(jnp.ones((1, 1, 2, 64)), jnp.ones((1, 8, 2)), kv_dtype="int8")
+    with pytest.raises(ValueError, match=r"static_mask must have shape \(8,\) like the cache, got \(7,\)"):
+        run(q, k, v, cache_k, cache_v, mask, scale_mul_H, static_mask=np.ones(7, bool))
+    with pytest.raises(ValueError, match="a quantised cache needs its scales and k_group together"):
+        run(q, k, v, cache_k, cache_v, mask, scale_mul_H, scales=scales)
+    if kernel == "gpu":
+        with pytest.raises(ValueError, match=r"k_group must have shape \(8,\) like the cache, got \(3,\)"):
+            run(q, k, v, cache_k, cache_v, mask, scale_mul_H, scales=scales, k_group=np.zeros(3, np.int32))
+        odd = _inputs(0, 1, 4, 8, jnp.float32, head_dim=48)
+        with pytest.raises(UserError, match="power-of-two head dim >= 16 for kv_dtype None .* got 48"):
+            run(*odd[:5], mask, odd[5])
