@@ -18,6 +18,8 @@ every slot's content at every step is a compile-time fact:
   ("group"), and for int4 / int2 their minima; int4 / int2 codes are packed into uint8 along the head dim. Groups
   are planned like slots (`LayerLayout.group(si)`, `group_capacity`, `slot_groups(si)`): a scale's group is reused
   once no later query reads that scale.
+* Floats narrower than 32 bits (bfloat16, float16, float8 codes) are stored as their bits, unsigned integers of
+  their width (`bits_dtype`); `KindCache.layer` reads them back as the floats they are. See `bits_dtype` for why.
 
 Layouts are frozen and hashable: they are `jax.jit` static arguments. Policies (`policies.py`) build them.
 """
@@ -226,15 +228,30 @@ class LayerCache:
         return (self.slot_scale[:, None] == jnp.asarray(reads, jnp.int32)[None, :]).any(-1)
 
 
+def bits_dtype(dtype) -> np.dtype:
+    """The dtype a stack stores values of `dtype` in: a float narrower than 32 bits as the unsigned integer of its
+    width (its bits), anything else as itself.
+
+    Why: XLA:CPU computes 16- and 8-bit float selects in float32, so a scanned layer loop's masked write
+    (`KindCache.write(active=...)`) on a bfloat16 stack compiled to convert(update(convert(stack))), a copy of the
+    whole stack per write. On integer bits the select and the update stay in the stack's buffer. Bitcasts are free."""
+    dtype = np.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+        return np.dtype(f"uint{8 * dtype.itemsize}")
+    return dtype
+
+
 @flax.struct.dataclass
 class KindCache:
     """The stacked buffers of the n layers of one kind (one `LayerLayout`): `LayerCache`'s fields with a leading
-    layer axis. k, v: [n, rows, capacity, H, Dh or Dh / P]; slot_scale: int32 [n, capacity]; quantised only:
-    scales, the stacked `quant.KVScales`."""
+    layer axis. k, v: [n, rows, capacity, H, Dh or Dh / P], values of `dtype` stored as `bits_dtype(dtype)`;
+    slot_scale: int32 [n, capacity]; quantised only: scales, the stacked `quant.KVScales`. dtype (static): what K
+    and V hold (the compute dtype, or the quantised storage's codes)."""
 
     k: jax.Array
     v: jax.Array
     slot_scale: jax.Array
+    dtype: np.dtype = flax.struct.field(pytree_node=False)
     scales: quant.KVScales | None = None
 
     @property
@@ -249,7 +266,11 @@ class KindCache:
             x = jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False)
             return x if rows is None or x.ndim == 1 else jax.lax.dynamic_slice_in_dim(x, rows[0], rows[1], 0)
 
-        return LayerCache(**{f.name: jax.tree.map(take, getattr(self, f.name)) for f in dataclasses.fields(self)})
+        def values(x):
+            return jax.lax.bitcast_convert_type(take(x), self.dtype)
+
+        return LayerCache(k=values(self.k), v=values(self.v), slot_scale=take(self.slot_scale),
+                          scales=jax.tree.map(take, self.scales))
 
     def write(
         self, index, segments: tuple[Segment, ...], si: int, k_BlHD: jax.Array, v_BlHD: jax.Array,
@@ -290,6 +311,7 @@ class KindCache:
                 k=put(scales.k, k_scale_BHD[:, None], group),
                 k_min=put(scales.k_min, None if k_min_BHD is None else k_min_BHD[:, None], group),
             )
+        k_BlHD, v_BlHD = (jax.lax.bitcast_convert_type(x.astype(self.dtype), k.dtype) for x in (k_BlHD, v_BlHD))
         for seg in segments:
             src = slice(seg.token, seg.token + seg.length)
             k = put(k, k_BlHD[:, src], seg.slot)
@@ -301,7 +323,7 @@ class KindCache:
                 )
             if mark:
                 slot_scale = put(slot_scale, jnp.full((seg.length,), si, jnp.int32), seg.slot)
-        return KindCache(k=k, v=v, slot_scale=slot_scale, scales=scales)
+        return self.replace(k=k, v=v, slot_scale=slot_scale, scales=scales)
 
     def mark(self, segments: tuple[Segment, ...], si: int) -> KindCache:
         """Mark the segments' slots as holding scale si in every layer of the stack (after `write(mark=False)`)."""
@@ -357,12 +379,17 @@ def init_cache(
         return quant.KVScales(k=k(), v=v(), k_min=k() if asymmetric else None, v_min=v() if asymmetric else None,
                               kv_dtype=kv_dtype)
 
+    def buffer(n: int, plan: LayerLayout, fill) -> jax.Array:
+        values = jnp.full((n, rows, plan.capacity, num_heads, width), fill, store)
+        return jax.lax.bitcast_convert_type(values, bits_dtype(store))
+
     return KVCache(
         kinds=tuple(
             KindCache(
-                k=jnp.zeros((n, rows, plan.capacity, num_heads, width), store),
-                v=jnp.full((n, rows, plan.capacity, num_heads, width), empty_v(store), store),
+                k=buffer(n, plan, 0),
+                v=buffer(n, plan, empty_v(store)),
                 slot_scale=jnp.full((n, plan.capacity), -1, jnp.int32),
+                dtype=store,
                 scales=scales(n, plan),
             )
             for plan, n in zip(layout.kinds, layout.kind_sizes, strict=True)
