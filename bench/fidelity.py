@@ -2,15 +2,17 @@
 
     python -m bench.fidelity [--model emoji32] [--samples 64] [--policies full,amskv,...]
         [--calibration layers.json] [--kv-dtypes default,int8,float8_e4m3fn] [--out DIR]
-    python -m bench.fidelity --nll [--images DIR] [--model ...] [--policies ...] [--kv-dtypes ...] [--out DIR]
+    python -m bench.fidelity --nll [--images DIR | --split train|heldout|all] [--limit N] [--model ...]
+        [--policies ...] [--kv-dtypes ...] [--out DIR]
     python -m bench.fidelity --frontier [--model ...] [--search-budgets 0.1,0.25,0.5] [--search-samples 64]
         [--fid-samples 400] [--images HELDOUT_DIR] [--search-images DIR] [--out DIR]
 
 `--nll` instead scores real images: each policy's teacher-forced NLL per token, unguided and guided, per scale, with
 ΔNLL against the full cache (`amskv_jax.nll`; deterministic). Images: `--images DIR` (one subfolder per class,
-resized with the reference's transform), by default the model's training data when it is one of ours (emoji32 saw
-all of its images in training, so that NLL is not held out, and the output says so). It writes `DIR/nll.md` and
-`DIR/nll.json`.
+resized with the reference's transform), by default the model's training data when it is one of ours: its
+held-out split when it has one (emoji16l), else all of it (emoji32 saw all of its images in training, so that NLL is
+not held out, and the output says so); `--split` picks a split, `--limit N` keeps N images evenly spaced. It writes
+`DIR/nll.md` and `DIR/nll.json`.
 
 `--frontier` draws the memory–fidelity frontier (`bench/frontier.py`): held-out ΔNLL of every policy family at
 several budgets, the searched per-layer budgets among them, with FID and class accuracy at the 75% cut; it writes
@@ -46,7 +48,7 @@ from amskv_jax.generate import DTYPES, default_top_k, image_grid
 from amskv_jax.nll import encode_images, format_nll_table, model_images, policy_nll, training_config
 from amskv_jax.policies import POLICIES, FullCache, policy_from_name, read_calibration
 from amskv_jax.quant import KV_DTYPES
-from amskv_jax.train.data import load_emoji_dataset, load_image_folder
+from amskv_jax.train.data import SPLITS, load_emoji_dataset, load_image_folder
 
 
 def lpips_distance():
@@ -66,18 +68,21 @@ def lpips_distance():
     return distance
 
 
-def nll_images(model, directory: Path | None) -> tuple[np.ndarray, np.ndarray, str]:
-    """(images in [-1, 1], labels, a line saying what they are) for `--nll`: a folder, or the model's training
-    data when a training config here built it."""
-    if directory is not None:
-        return model_images(model, directory, split="all")
-    name, cfg = training_config(model)
-    images, labels, _ = load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, cfg.split)
-    if cfg.split == "train":
-        held, held_labels, _ = load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, "heldout")
-        return held, held_labels, f"the {len(held)} held-out images of training config {name} ({cfg.scheme})"
-    return images, labels, (f"the {len(images)} images of training config {name} ({cfg.scheme}, split "
-                            f"{cfg.split}): the model saw every one in training, so this NLL is not held out")
+def nll_images(
+    model, directory: Path | None, split: str | None = None, limit: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images in [-1, 1], labels, a line saying what they are) for `--nll`: a folder, or a split of the model's
+    training data when a training config here built it (default: its held-out split when it has one, else all of
+    it); at most `limit` of them, evenly spaced (None: all)."""
+    if directory is not None and split is not None:
+        raise UserError("--split picks from the model's own training data; it does not apply to --images")
+    if directory is None and split is None:
+        split = "heldout" if training_config(model)[1].split == "train" else "all"
+    images, labels, source = model_images(model, directory, split)
+    if limit is not None and limit < len(images):
+        keep = np.linspace(0, len(images) - 1, limit).round().astype(int)
+        images, labels, source = images[keep], labels[keep], f"{limit} of {source}, evenly spaced"
+    return images, labels, source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +218,11 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=Path, default=None,
                         help="--nll: image folder, one subfolder per class (default: the model's training data); "
                         "--frontier: the held-out images (default: the held-out split of its training data)")
+    parser.add_argument("--split", choices=SPLITS, default=None,
+                        help="--nll: which split of the model's training data (default: the held-out split when it "
+                        "has one, else all)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="--nll: at most this many of the images, evenly spaced (default: all)")
     parser.add_argument("--frontier", action="store_true",
                         help="the memory-fidelity frontier of every policy family (held-out NLL; FID at the 75%% cut)")
     parser.add_argument("--search-budgets", type=search_budgets_arg, default=frontier.default_search_budgets(),
@@ -226,6 +236,8 @@ def main(argv=None) -> int:
     compile_cache.add_flag(parser)
     args = parser.parse_args(argv)
     compile_cache.enable(args.no_compile_cache)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
     if args.samples < 1 or args.batch < 1:
         parser.error(f"--samples and --batch must be >= 1, got {args.samples} and {args.batch}")
     if args.frontier and (args.search_samples < 1 or args.fid_samples < 0):
@@ -249,7 +261,7 @@ def main(argv=None) -> int:
             frontier.write_frontier(args, model, points, sources)
         return 0
     if args.nll:
-        return nll_report(args, model, policies, kv_dtypes, *nll_images(model, args.images))
+        return nll_report(args, model, policies, kv_dtypes, *nll_images(model, args.images, args.split, args.limit))
     distance = None if args.no_lpips else lpips_distance()
     reference = real_reference(args, model)
     top_k = default_top_k(model.config) if args.top_k is None else args.top_k

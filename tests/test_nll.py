@@ -19,7 +19,7 @@ from amskv_jax.var import VAR, per_layer_blocks
 from amskv_jax.train.configs import OptimConfig, get_config
 from amskv_jax.train.data import load_image_folder, reference_transform
 from amskv_jax.train.finetune import finetune, save_finetuned
-from bench.fidelity import main as fidelity_main
+from bench.fidelity import main as fidelity_main, nll_images
 from conftest import random_params
 
 TINY16 = get_config("tiny16").model  # 16×16 images, 3 scales, one block: the cheapest model to tokenise and train
@@ -44,6 +44,26 @@ def test_nll_is_deterministic_and_condensed_costs_more_than_the_full_cache(emoji
     # scale 0 reads no cache under any policy; scale 1 reads scale 0, which `condensed` keeps
     assert condensed["unguided"][:2] == pytest.approx(full["unguided"][:2], rel=1e-6)
     assert "| condensed | " in (tmp_path / "a" / "nll.md").read_text()
+
+
+def test_nll_images_are_the_chosen_split_or_an_even_subset_of_it(emoji_folder):
+    """`--nll`'s images: the default for a model trained on all its data is all of it; `--split` picks another
+    split (`train.data`'s fixed held-out split), `--limit` keeps evenly spaced images; `--split` with `--images`
+    is refused."""
+    model = random_tiny16()  # tiny16 trains on all of its data
+    images, labels, source = nll_images(model, None)
+    assert "all-split" in source and len(images) == len(labels) > 3
+    held, held_labels, held_source = nll_images(model, None, "heldout")
+    train, _, _ = nll_images(model, None, "train")
+    assert "heldout-split" in held_source and len(held) and len(train)
+    assert not {h.tobytes() for h in held} & {t.tobytes() for t in train}  # no image in both
+    some, some_labels, some_source = nll_images(model, None, "all", limit=3)
+    keep = np.linspace(0, len(images) - 1, 3).round().astype(int)
+    np.testing.assert_array_equal(some, images[keep])
+    np.testing.assert_array_equal(some_labels, labels[keep])
+    assert some_source.startswith("3 of ") and keep[0] == 0 and keep[-1] == len(images) - 1
+    with pytest.raises(UserError, match="--split picks from the model's own training data"):
+        nll_images(model, emoji_folder, "train")
 
 
 def test_folder_classes_follow_the_model_names_and_images_get_the_reference_transform(emoji_folder):
