@@ -26,8 +26,8 @@ from amskv_jax.var import stack_blocks
 
 
 ASSETS = Path(__file__).parent / "assets"
-# Trained models shipped with the package (see README "The embedded model"); the first is the default.
-EMBEDDED = {"emoji32": ASSETS / "emoji32"}
+# Trained models shipped with the package (see README "The embedded models"); DEFAULT_MODEL is the main job's.
+EMBEDDED = {"emoji32": ASSETS / "emoji32", "emoji16l": ASSETS / "emoji16l"}
 DEFAULT_MODEL = "emoji32"
 
 

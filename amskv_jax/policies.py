@@ -447,9 +447,11 @@ def _default(config: VARConfig, calibration: dict | None) -> Policy:
 
 def _scale_budget(config: VARConfig, calibration: dict | None) -> Policy:
     """Drafters keep everything, refiners only the current scale; as many drafters as fit in the default AMS-KV's
-    slots, so the two compare at equal (at most the default's) memory."""
+    slots, so the two compare at equal (at most the default's) memory, but at least one: where one whole layer
+    exceeds the default's slots (emoji16l: 424 against 380) zero drafters would be no cache at all."""
     budget = sum(POLICIES[DEFAULT_POLICY](config, calibration).layout(config).capacities)
-    count = min(config.depth, budget // sum(config.patch_nums[s] ** 2 for s in range(config.num_scales - 1)))
+    full_layer = sum(config.patch_nums[s] ** 2 for s in range(config.num_scales - 1))
+    count = min(config.depth, max(1, budget // full_layer))
     drafters = choose_drafter_layers(count, config.depth, calibration)
     return ScaleBudget(drafter_layers=drafters, drafter_window=None, refiner_window=0, depth=config.depth)
 

@@ -166,6 +166,17 @@ def test_named_policies_meet_the_memory_goals_and_the_baselines_fit_the_default_
     assert slots["scalebudget"] <= slots["amskv"] < slots["scalebudget"] + 424
 
 
+def test_scalebudget_keeps_one_drafter_where_a_whole_layer_exceeds_the_default_memory():
+    """A 6-layer model on the 256px ladder (emoji16l's shape): the default AMS-KV holds 380 slots, one whole layer
+    424, so 'as many drafters as fit' would be none and the policy no cache at all."""
+    config = dataclasses.replace(get_preset("d16").var, depth=6)
+    default = sum(policy_from_name("amskv", config).layout(config).capacities)
+    assert default < 424
+    policy = policy_from_name("scalebudget", config)
+    assert policy.drafter_layers == (0,)
+    assert sum(policy.layout(config).capacities) == 424
+
+
 @pytest.mark.parametrize(
     "make, message",
     [

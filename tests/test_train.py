@@ -22,7 +22,6 @@ from amskv_jax.train.configs import OptimConfig, get_config
 
 CFG = get_config("tiny16")
 STEPS = CFG.vqvae_optim.steps
-ASSET = Path(__file__).parents[1] / "amskv_jax" / "assets" / "emoji32"
 # Every VQ-VAE run here takes the config's step count: the step count is part of the compiled program (the learning
 # rate schedule), so the runs share two compiles (fresh state, restored state) through the session's cache.
 
@@ -63,11 +62,15 @@ def test_export_writes_a_loadable_bf16_checkpoint(runs):
     assert kernel.dtype == jax.numpy.bfloat16
 
 
-def test_committed_model_generates_a_batch_on_cpu():
-    from amskv_jax.checkpoint import load_model
+@pytest.mark.parametrize("name", ["emoji32", "emoji16l"])
+def test_committed_model_generates_a_batch_on_cpu(name):
+    from amskv_jax.checkpoint import EMBEDDED, load_model
+    from amskv_jax.classifier import load_classifier
     from amskv_jax.generate import generate
 
-    model = load_model(str(ASSET))
+    model = load_model(name)
+    assert model.classes == load_classifier(name).config.classes  # its sample classifier names the same classes
+    assert sum(f.stat().st_size for f in EMBEDDED[name].rglob("*") if f.is_file()) <= 16 * 2**20
     labels = np.arange(4) % model.config.var.num_classes
     out = generate(model.params, labels, jax.random.key(0), config=model.config, top_k=100, top_p=0.95)
     images = np.asarray(out.images)
