@@ -206,8 +206,10 @@ def frontier_families(config: VARConfig, calibration: dict | None = None) -> dic
         "amskv (paper)": paper,
         "sliding": {f"sliding-w{w}": SlidingWindow(w) for w in range(1, min(4, scales - 2) + 1)},
         "condensed": {f"condensed-c{n}": CondensedOnly(n) for n in range(1, min(4, scales - 1) + 1)},
-        "scalebudget": {f"scalebudget-d{k}": ScaleBudget(drafter_layers=choose_drafter_layers(k, depth, calibration), depth=depth)
-                        for k in range(1, max(1, depth // 2) + 1)},
+        "scalebudget": {
+            f"scalebudget-d{k}": ScaleBudget(drafter_layers=choose_drafter_layers(k, depth, calibration), depth=depth)
+            for k in range(1, max(1, depth // 2) + 1)
+        },
         "ladder": {f"ladder-s{span}": Ladder(span=span) for span in range(1, min(3, scales - 3) + 1)},
     }
     return {family: distinct(settings, config) for family, settings in families.items()}

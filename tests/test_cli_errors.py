@@ -168,7 +168,8 @@ def test_finetune_writes_a_model_directory_that_generate_loads(tiny16_model, cap
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--model", "tiny"], "this model has no known training data here; pass --images DIR (one subfolder per class)"),
+        (["--model", "tiny"],
+         "this model has no known training data here; pass --images DIR (one subfolder per class)"),
         (["--model", "tiny", "--images", "missing"], "missing: no such image folder"),
         (["--model", "tiny", "--calibration", str(EMOJI32_CALIBRATION)],
          f"{EMOJI32_CALIBRATION}: the calibration is for a model of depth 6, not 2"),
