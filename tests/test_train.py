@@ -1,6 +1,7 @@
 """Training: both stages' losses fall on a handful of rendered emoji, runs resume, and the committed model generates."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -16,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from amskv_jax.errors import UserError
 from amskv_jax.train import loop
 from amskv_jax.train.__main__ import main
 from amskv_jax.train.configs import OptimConfig, get_config
@@ -170,6 +172,46 @@ def test_save_seconds_saves_by_wall_time(tmp_path):
         with ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True)) as m:
             kept[save_seconds] = m.all_steps()
     assert kept[0.0] == [3, 4] and 3 not in kept[math.inf]
+
+
+def test_an_evaluation_hook_logs_every_save_every_steps_and_at_the_end(tmp_path):
+    """`loop.run(evaluate=...)` scores the state after steps 2, 4 and the last (5) into eval_log.csv; a resumed
+    run keeps the rows up to its checkpoint and adds the rest once."""
+    opt = OptimConfig(steps=5, batch_size=1, lr=0.1, warmup_steps=1, save_every=2)
+
+    def step(state, batch, key):
+        del batch, key
+        return {**state, "params": {"w": state["params"]["w"] + 1}}, {"loss": state["params"]["w"]}
+
+    state = {"params": {"w": jnp.zeros(())}, "opt_state": {"n": jnp.zeros(())}}
+    score = lambda s: {"w": s["params"]["w"]}  # noqa: E731
+    loop.run(tmp_path, state, step, lambda i: {}, dataclasses.replace(opt, steps=3), "count", {"stage": "count"},
+             evaluate=score, save_seconds=math.inf)
+    loop.run(tmp_path, state, step, lambda i: {}, opt, "count", {"stage": "count"}, evaluate=score)
+    assert [(r["step"], r["w"]) for r in loop.read_log(tmp_path, "eval_log.csv")] == [(2, 2), (3, 3), (4, 4), (5, 5)]
+
+
+def test_token_nll_is_the_mean_cross_entropy_of_whole_batches():
+    """`var_trainer.token_nll` against log-softmax in numpy on one teacher-forced pass: 40 images score as their
+    first 32 (one batch of 32), per token."""
+    from amskv_jax.train.var_trainer import init_var, token_nll
+    from amskv_jax.var import VAR
+
+    c = CFG.model.var
+    params = init_var(c, 0)["params"]
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, c.vocab_size, (40, c.seq_len)).astype(np.int32)
+    x = rng.normal(size=(40, c.seq_len - c.first_l, c.cvae)).astype(np.float32)
+    labels = rng.integers(0, c.num_classes, 40).astype(np.int32)
+    scores = token_nll(c, {"probe": (gt, x, labels)})({"params": params})
+    logits = np.asarray(VAR(c).apply({"params": params}, labels[:32], x[:32]), np.float64)
+    log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    expected = -np.take_along_axis(log_p, gt[:32, :, None], -1).mean()
+    assert scores.keys() == {"probe_nll"}
+    np.testing.assert_allclose(scores["probe_nll"], expected, rtol=1e-5)
+    with pytest.raises(UserError, match="the few set has 8 images; the NLL needs at least 32"):
+        token_nll(c, {"few": (gt[:8], x[:8], labels[:8])})
 
 
 def test_a_restore_failure_is_a_run_error_only_for_damaged_or_foreign_files():

@@ -41,6 +41,8 @@ DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # Fine-tuning continues a converged model: a fifth of the emoji32 VAR's learning rate, a short warmup; 100 steps
 # (4 epochs of emoji32) is what bench/RESULTS.md section 11 measured.
 FINETUNE_OPTIM = OptimConfig(steps=100, batch_size=32, lr=2e-4, warmup_steps=20)
+# How many train and held-out images the VAR stage's evaluation scores (every save_every steps; eval_log.csv).
+EVAL_IMAGES = 128
 
 
 def _optim(base: OptimConfig, args) -> OptimConfig:
@@ -76,6 +78,28 @@ def _dataset(cfg: TrainConfig, cache: Path | None = None):
     print(f"data: {len(images)} emoji {images.shape[1:]} ({cfg.scheme}, {cfg.split}), {len(groups)} classes: "
           f"{', '.join(groups)}")
     return images, labels, groups
+
+
+def _var_evaluation(cfg: TrainConfig, out: Path, vqvae_vars: dict, key: str, images: np.ndarray,
+                    labels: np.ndarray):
+    """For a config that keeps the held-out split unseen: `var_trainer.token_nll` of `EVAL_IMAGES` fixed random
+    train images and as many held-out ones (tokens cached in out/eval_tokens.npz), else None."""
+    from amskv_jax.train import var_trainer
+
+    if cfg.split != "train":
+        return None
+    heldout, heldout_labels, _ = _dataset(dataclasses.replace(cfg, split="heldout"), out)
+    sets = {}
+    for name, (imgs, labs) in {"train": (images, labels), "heldout": (heldout, heldout_labels)}.items():
+        rows = np.sort(np.random.default_rng(0).permutation(len(imgs))[:EVAL_IMAGES])
+        sets[name] = (imgs[rows], labs[rows])
+    tokens = loop.cached_arrays(
+        out / "eval_tokens.npz", f"{key}/eval{EVAL_IMAGES}",
+        lambda: {f"{name}_{part}": array for name, (imgs, _) in sets.items()
+                 for part, array in zip(("gt", "x"), var_trainer.tokenize(cfg.model.vqvae, vqvae_vars, imgs))})
+    return var_trainer.token_nll(cfg.model.var, {
+        name: (tokens[f"{name}_gt"], tokens[f"{name}_x"], labs) for name, (_, labs) in sets.items()
+    })
 
 
 def _summary(out: Path, columns: tuple[str, ...], last: int = 50) -> str:
@@ -157,10 +181,17 @@ def _run_stage(args) -> int:
         vqvae_run = loop.params_digest(vqvae_vars)
         identity = {"stage": "var", "model": dataclasses.asdict(cfg.model.var),
                     "vqvae": dataclasses.asdict(cfg.model.vqvae), "data": data, "vqvae_run": vqvae_run}
+        if cfg.flip:
+            identity["augment"] = "flip"
         loop.check_identity(args.out, identity)
         images, labels, classes = _dataset(cfg, args.out)
-        gt, x = var_trainer.cached_tokens(args.out, cfg.model.vqvae, vqvae_vars, images, f"{vqvae_run}/{data}")
-        variables, _ = var_trainer.train(cfg.model, _optim(cfg.var_optim, args), gt, x, labels, args.out, identity)
+        evaluate = _var_evaluation(cfg, args.out, vqvae_vars, f"{vqvae_run}/{data}", images, labels)
+        if cfg.flip:
+            images, labels = var_trainer.mirrored(images, labels)
+        key = f"{vqvae_run}/{data}" + ("/flip" if cfg.flip else "")
+        gt, x = var_trainer.cached_tokens(args.out, cfg.model.vqvae, vqvae_vars, images, key)
+        variables, _ = var_trainer.train(cfg.model, _optim(cfg.var_optim, args), gt, x, labels, args.out, identity,
+                                         evaluate)
         columns = ("loss", "acc", "acc_last")
     loop.save_params(args.out, cfg.model, variables)
     write_atomic(args.out / "classes.json", json.dumps(list(classes)))

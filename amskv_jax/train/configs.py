@@ -48,7 +48,8 @@ class TrainConfig:
     """The model, the emoji data, and the optimisers of both stages and of the sample classifier.
 
     The data is the `scheme`'s emoji (`amskv_jax.train.data.SCHEMES`), of the `split` both stages train on ("all", or
-    "train" to keep the held-out split unseen); `max_per_group` caps each class (None = all).
+    "train" to keep the held-out split unseen); `max_per_group` caps each class (None = all). `flip`: the VAR also
+    trains on every image's left-right mirror image (tokenised by the same VQ-VAE, which trains on the originals).
     The VQ-VAE reconstruction loss is `l1·|x − x̂| + l2·(x − x̂)²` plus the quantiser's vq loss.
     """
 
@@ -61,6 +62,7 @@ class TrainConfig:
     max_per_group: int | None = None
     rec_l1: float = 1.0
     rec_l2: float = 1.0
+    flip: bool = False
 
     def __post_init__(self):
         _check(self.scheme in SCHEMES, f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
@@ -108,15 +110,19 @@ CONFIGS: dict[str, TrainConfig] = {
     # VQ-VAE's CPU run near two hours on a shared machine. The VAR takes ~9 s a step at batch 32 on an idle 2-core
     # CPU (L = 680 tokens); batch 16 for 2000 steps (32k samples, 9 epochs of the train split, ~2.5 h idle) fits
     # the budget of two sessions shared with other work, where batch 32 for 1500 steps (~3.8 h idle) did not.
+    # That run (2000 steps, no mirror images) reached a held-out NLL 28% above its train NLL (bench/RESULTS.md
+    # §13): the VAR now also sees every emoji mirrored (twice the data) for 1500 steps (3.4 passes over it), and
+    # logs the NLL of 128 train and 128 held-out images every 100 steps (eval_log.csv).
     "emoji16l": TrainConfig(
         model=_model(
             image_ladder=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), num_classes=UNICODE_EMOJI_CLASSES, vocab=512, cvae=8,
             ch=64, ch_mult=(1, 1), depth=6, width=192, heads=3, mlp_ratio=3.0,
         ),
         vqvae_optim=OptimConfig(steps=800, batch_size=16, lr=2e-3, warmup_steps=50, weight_decay=0.0, save_every=50),
-        var_optim=OptimConfig(steps=2000, batch_size=16, lr=1e-3, warmup_steps=100, save_every=100),
+        var_optim=OptimConfig(steps=1500, batch_size=16, lr=1e-3, warmup_steps=100, save_every=100),
         scheme="unicode",
         split="train",
+        flip=True,
     ),
     # For tests: 16×16 images, 3 scales, a one-block VAR; trains in seconds.
     "tiny16": TrainConfig(

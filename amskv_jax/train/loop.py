@@ -10,6 +10,7 @@ or SIGINT saves before the process ends; rerunning the same command resumes. Lay
                               before anything is written in it (`check_identity`)
     out/checkpoints/<step>/   orbax checkpoints of the state (the latest few)
     out/loss_log.csv          one row per step: step, the step's metrics, lr, seconds since the run (re)started
+    out/eval_log.csv          with an `evaluate` hook: one row every `save_every` steps and at the end
     out/config.json, params/  when finished: the ModelConfig and this stage's final variables (`save_params`)
 """
 from __future__ import annotations
@@ -161,6 +162,7 @@ def run(
     desc: str,
     identity: dict,
     save_seconds: float = SAVE_SECONDS,
+    evaluate: Callable[[dict], dict] | None = None,
 ) -> tuple[dict, int]:
     """Train `state` to `opt.steps` steps, resuming from the latest checkpoint in `out/checkpoints`.
 
@@ -168,7 +170,9 @@ def run(
     `identity` (JSON data: stage, model, data) must match the directory's `run.json` (`check_identity`; a stage
     that writes in `out` before this, e.g. a data cache, checks it first itself).
     Saves every `opt.save_every` steps, whenever `save_seconds` of wall time passed since the last save, and at the
-    end. SIGTERM or SIGINT ends the current step, saves, and raises `TrainingInterrupted`. Orbax commits a
+    end. `evaluate(state) -> metrics`, if given, runs every `save_every` steps and after the last one; its rows go
+    to out/eval_log.csv (e.g. held-out NLL beside train NLL). SIGTERM or SIGINT ends the current step, saves, and
+    raises `TrainingInterrupted`. Orbax commits a
     checkpoint by renaming a finished temporary directory, so a process killed even mid-save leaves the previous
     one loadable. Returns (state, steps done).
     """
@@ -187,6 +191,7 @@ def run(
         if start:
             state = _restore(manager, start, state, out)
         log = _LossLog(out / "loss_log.csv", start)
+        eval_log = _LossLog(out / "eval_log.csv", start)
         t0 = last_save = time.perf_counter()
         bar = tqdm(range(start, opt.steps), initial=start, total=opt.steps, desc=desc, dynamic_ncols=True)
         for step in bar:
@@ -199,9 +204,14 @@ def run(
             due = step + 1 == opt.steps or signals.received or time.perf_counter() - last_save >= save_seconds
             if manager.save(step + 1, args=ocp.args.StandardSave(state), force=bool(due)):
                 last_save = time.perf_counter()
+            if evaluate is not None and ((step + 1) % opt.save_every == 0 or step + 1 == opt.steps):
+                scores = {k: float(v) for k, v in evaluate(state).items()}
+                eval_log.write(step + 1, scores, float(lr_at(step)), time.perf_counter() - t0)
+                bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         bar.close()
         manager.wait_until_finished()
         log.close()
+        eval_log.close()
     if signals.received:
         raise TrainingInterrupted(out, manager.latest_step() or 0, signals.received)
     return state, max(start, opt.steps)
@@ -281,9 +291,9 @@ def params_digest(variables) -> str:
     return digest.hexdigest()[:16]
 
 
-def read_log(out: str | Path) -> list[dict]:
-    """loss_log.csv as a list of {column: float}."""
-    with (Path(out) / "loss_log.csv").open() as f:
+def read_log(out: str | Path, name: str = "loss_log.csv") -> list[dict]:
+    """A run's log (loss_log.csv, or eval_log.csv) as a list of {column: float}."""
+    with (Path(out) / name).open() as f:
         return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 

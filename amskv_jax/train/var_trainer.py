@@ -119,12 +119,44 @@ def make_train_step(config: VARConfig, opt: optax.GradientTransformation, layout
     return train_step
 
 
+def mirrored(images_NHWC: np.ndarray, labels_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The images followed by their left-right mirror images [2N, H, W, C], and their labels [2N]."""
+    return np.concatenate([images_NHWC, images_NHWC[:, :, ::-1]]), np.concatenate([labels_N, labels_N])
+
+
+def token_nll(config: VARConfig, sets: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], batch: int = 32):
+    """`nll(state) -> {name: mean cross-entropy per token}` of fixed tokenised image sets {name: (gt_NL, x_NLCv,
+    labels_N)}: teacher forcing with the true labels, no label dropout, full attention (the full cache). Each set is
+    cut to a multiple of `batch` images, so one program serves them all."""
+
+    @jax.jit
+    def summed(params, labels_B, gt_BL, x_BLCv):
+        logits_BLV = VAR(config).apply({"params": params}, labels_B, x_BLCv)
+        return optax.softmax_cross_entropy_with_integer_labels(logits_BLV, gt_BL).sum()
+
+    for name, (gt, _, _) in sets.items():
+        if len(gt) < batch:
+            raise UserError(f"the {name} set has {len(gt)} images; the NLL needs at least {batch}")
+
+    def nll(state: dict) -> dict[str, float]:
+        scores = {}
+        for name, (gt, x, labels) in sets.items():
+            n = len(gt) - len(gt) % batch
+            total = sum(float(summed(state["params"], labels[i:i + batch], gt[i:i + batch], x[i:i + batch]))
+                        for i in range(0, n, batch))
+            scores[f"{name}_nll"] = total / (n * gt.shape[1])
+        return scores
+
+    return nll
+
+
 def train(
     model: ModelConfig, opt: OptimConfig, gt: np.ndarray, x: np.ndarray, labels: np.ndarray, out: str | Path,
-    identity: dict,
+    identity: dict, evaluate=None,
 ) -> tuple[dict, int]:
     """Train (or resume) the VAR in `out` on tokenised images (`tokenize`: gt, x) with class `labels`; `identity`:
-    what the run is (`loop.check_identity`: stage, model, data, VQ-VAE). Returns ({"params": ...}, steps done)."""
+    what the run is (`loop.check_identity`: stage, model, data, VQ-VAE); `evaluate`: `loop.run`'s hook (e.g.
+    `token_nll`). Returns ({"params": ...}, steps done)."""
     tx = loop.optimizer(opt)
     params = init_var(model.var, opt.seed)["params"]
     state = {"params": params, "opt_state": tx.init(params)}
@@ -133,5 +165,6 @@ def train(
         rows = loop.batch_indices(len(gt), opt.batch_size, opt.seed, step)
         return {"labels": labels[rows], "gt": gt[rows], "x": x[rows]}
 
-    state, steps = loop.run(out, state, make_train_step(model.var, tx), get_batch, opt, "var", identity)
+    state, steps = loop.run(out, state, make_train_step(model.var, tx), get_batch, opt, "var", identity,
+                            evaluate=evaluate)
     return {"params": state["params"]}, steps
