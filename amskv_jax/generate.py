@@ -23,6 +23,7 @@ from amskv_jax import cli, compile_cache, sampling, sharding
 from amskv_jax.attention import check_impl
 from amskv_jax.cache import CacheLayout, init_cache
 from amskv_jax.checkpoint import MissingVQVAEError
+from amskv_jax.chunks import block_row_chunk, map_in_chunks, sampler_chunk
 from amskv_jax.errors import UserError
 from amskv_jax.quant import KV_DTYPES, check_kv_dtype
 from amskv_jax.config import ModelConfig
@@ -135,9 +136,12 @@ def generate(
     and as one scanned body elsewhere; both give the same tokens. Unrolled, stacked block params are split into
     per-layer ones here (a copy of the block weights per call; pass `var.per_layer_blocks` params to skip it) and
     compile time grows with depth.
-    `row_chunk` (a divisor of 2·len(labels), the rows under guidance; None: all): each scale's blocks run over
-    chunks of that many rows, one after the other, against the whole cache (`VAR.step`), so their activations stop
-    growing with the batch; same tokens. Not with a mesh (a device's rows are already a share of the batch).
+    Per-image work runs in bounded chunks (`chunks`), so that the program's temporaries stop growing with the
+    batch: each scale's blocks over chunks of rows against the whole cache (`VAR.step_states`), the head and the
+    sampler over chunks of images, the VQ-VAE decode too. Every image draws from keys of its own
+    (`sampling.image_keys`), so the tokens do not depend on the chunks. `row_chunk` (a divisor of 2·len(labels),
+    the rows under guidance) fixes the blocks' chunk for every scale (2·len(labels): all rows at once); None picks
+    it per scale (`chunks.block_row_chunk`). Not with a mesh (a device's rows are already a share of the batch).
     """
     top_k = default_top_k(config) if top_k is None else top_k
     validate(config, labels, top_k=top_k, top_p=top_p, dtype=dtype, impl=impl, kv_dtype=kv_dtype,
@@ -156,8 +160,8 @@ def generate(
     rows = 2 * np.shape(labels)[0]
     if row_chunk is not None and (mesh is not None or isinstance(row_chunk, bool) or not isinstance(row_chunk, int)
                                   or row_chunk < 1 or rows % row_chunk):
-        raise UserError(f"row_chunk must be None or a divisor of the {rows} rows (2 per image), without a mesh; got "
-                         f"{row_chunk!r}" + (" with a mesh" if mesh is not None else ""))
+        raise UserError(f"row_chunk must be None (automatic) or a divisor of the {rows} rows (2 per image), without a "
+                        f"mesh; got {row_chunk!r}" + (" with a mesh" if mesh is not None else ""))
     unrolled = resolve_layer_loop(layer_loop, mesh) == "unrolled"
     if not unrolled and isinstance(params["var"]["params"]["blocks"], tuple):
         raise UserError(f"layer_loop {layer_loop!r} runs the scan over stacked block params, but these are per-layer "
@@ -204,19 +208,39 @@ def _generate(
     pn_last = c.patch_nums[-1]
     f_hat = jnp.zeros((batch, pn_last, pn_last, c.cvae), jnp.float32)
     tokens, guided, finite = [], [], []
+    devices = 1 if mesh is None else mesh.shape.get("data", 1)
+    image_B = jnp.arange(batch, dtype=jnp.int32)
     for si, pn in enumerate(c.patch_nums):
-        logits, cache = var.apply(params["var"], x, cond_BD, cache, si, layout, row_chunk, method=VAR.step)
-        logits, cache = sharding.constrain(logits, mesh), sharding.constrain_cache(cache, mesh)
+        chunk_rows = row_chunk if row_chunk is not None or mesh is not None else block_row_chunk(c, 2 * batch, si)
+        h_2BlC, cache = var.apply(params["var"], x, cond_BD, cache, si, layout, chunk_rows, method=VAR.step_states)
+        h_2BlC, cache = sharding.constrain(h_2BlC, mesh), sharding.constrain_cache(cache, mesh)
         ratio = sampling.guidance_ratio(si, c.num_scales)
-        logits = sampling.apply_guidance(logits, cfg, ratio)
-        finite.append(jnp.isfinite(logits).all(axis=(1, 2)))
+        key, draw_key, smooth_key = jax.random.split(key, 3)
+
+        def sample(h_b2lC, cond_b2D, image_b, ratio=ratio, draw_key=draw_key, smooth_key=smooth_key):
+            """The head, guidance and one draw per token for a chunk of b images (both rows of each)."""
+            flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731
+            logits = var.apply(params["var"], flat(h_b2lC), flat(cond_b2D), method=VAR.logits)
+            logits = sampling.apply_guidance(logits, cfg, ratio)
+            ok = jnp.isfinite(logits).all(axis=(1, 2))
+            # row-local, but XLA does not partition lax.top_k by rows: run the filter shard by shard
+            kept = sharding.per_row(lambda lg, p: sampling.top_k_top_p_filter(lg, top_k, p), mesh)(logits, top_p)
+            idx_bl = sampling.sample_tokens(sampling.image_keys(draw_key, image_b), kept)
+            if more_smooth:
+                keys = sampling.image_keys(smooth_key, image_b)
+                h_blC = sampling.gumbel_smooth(keys, kept, ratio, codebook.astype(jnp.float32))
+            else:
+                h_blC = codebook[idx_bl].astype(jnp.float32)
+            return idx_bl, h_blC, ok, logits if return_logits else None
+
+        pairs = lambda a: a.reshape(batch, 2, *a.shape[1:])  # noqa: E731
+        idx_Bl, h_BlC, ok, logits = map_in_chunks(
+            sample, sampler_chunk(c, si) * devices, pairs(h_2BlC), pairs(cond_BD), image_B
+        )
+        tokens.append(idx_Bl)
+        finite.append(ok)
         if return_logits:
             guided.append(logits)
-        key, draw_key, smooth_key = jax.random.split(key, 3)
-        # row-local, but XLA does not partition lax.top_k by rows: run the filter shard by shard
-        logits = sharding.per_row(lambda lg, p: sampling.top_k_top_p_filter(lg, top_k, p), mesh)(logits, top_p)
-        idx_Bl = sampling.sample_tokens(draw_key, logits)
-        tokens.append(idx_Bl)
         if progress:
             # ordered effects need a single device; sharded, one (replicated) token sequences the print after
             # the draw, and each scale's draw depends on the previous one's
@@ -225,17 +249,13 @@ def _generate(
                 idx_Bl if mesh is None else sharding.constrain(idx_Bl[:1, :1], mesh, sharding.REPLICATED),
                 ordered=mesh is None,
             )
-        if more_smooth:
-            h_BlC = sampling.gumbel_smooth(smooth_key, logits, ratio, codebook.astype(jnp.float32))
-        else:
-            h_BlC = codebook[idx_Bl].astype(jnp.float32)
         f_hat, next_BlCv = vqvae.apply(
             params["vqvae"], si, f_hat, h_BlC.reshape(batch, pn, pn, c.cvae), method=VQVAE.next_input
         )
         if next_BlCv is not None:
             x = var.apply(params["var"], si + 1, next_BlCv, method=VAR.next_input)
             x = sharding.constrain(jnp.repeat(x, 2, axis=0), mesh)
-    chunk = decode_chunk(config.vqvae) * (1 if mesh is None else mesh.shape.get("data", 1))  # images per device
+    chunk = decode_chunk(config.vqvae) * devices  # images per device
     images = sharding.constrain(decode_in_chunks(vqvae, params["vqvae"], f_hat, chunk), mesh)
     return Generation(tokens=tuple(tokens), images=(images.astype(jnp.float32) + 1) * 0.5, finite=jnp.stack(finite, axis=1),
                       logits=tuple(guided))

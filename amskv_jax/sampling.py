@@ -58,14 +58,22 @@ def top_k_top_p_filter(logits_BlV: jax.Array, top_k: int, top_p) -> jax.Array:
     return jnp.where((top_p > 0) & (logits < smallest_kept), -jnp.inf, logits)
 
 
-def sample_tokens(key: jax.Array, logits_BlV: jax.Array) -> jax.Array:
-    """One draw per token from softmax(logits): int32 [B, l]."""
-    return jax.random.categorical(key, logits_BlV, axis=-1).astype(jnp.int32)
+def image_keys(key: jax.Array, image_B: jax.Array) -> jax.Array:
+    """One key per image, `fold_in(key, image index)`: an image's draws do not depend on which other images share
+    its batch or its chunk (`chunks.map_in_chunks`)."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(image_B)
 
 
-def gumbel_smooth(key: jax.Array, logits_BlV: jax.Array, ratio: float, codebook_VC: jax.Array) -> jax.Array:
-    """The `more_smooth` code vectors: softmax((logits·(1+ratio) + Gumbel)/tau) @ codebook -> [B, l, Cvae]."""
+def sample_tokens(keys_B: jax.Array, logits_BlV: jax.Array) -> jax.Array:
+    """One draw per token from softmax(logits), image b's from keys_B[b] (`image_keys`): int32 [B, l]."""
+    draw = lambda k, lg: jax.random.categorical(k, lg, axis=-1)  # noqa: E731
+    return jax.vmap(draw)(keys_B, logits_BlV).astype(jnp.int32)
+
+
+def gumbel_smooth(keys_B: jax.Array, logits_BlV: jax.Array, ratio: float, codebook_VC: jax.Array) -> jax.Array:
+    """The `more_smooth` code vectors: softmax((logits·(1+ratio) + Gumbel)/tau) @ codebook -> [B, l, Cvae], image
+    b's noise from keys_B[b]."""
     tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-    gumbels = jax.random.gumbel(key, logits_BlV.shape, jnp.float32)
+    gumbels = jax.vmap(lambda k: jax.random.gumbel(k, logits_BlV.shape[1:], jnp.float32))(keys_B)
     weights = jax.nn.softmax((logits_BlV * (1 + ratio) + gumbels) / tau, axis=-1)
     return weights @ codebook_VC

@@ -355,7 +355,15 @@ class VAR(nn.Module):
         return self.logits(x, cond_BD), states
 
     def step(self, x_BlC, cond_BD, cache: KVCache, si: int, layout: CacheLayout, row_chunk: int | None = None):
-        """One scale: every block on this scale's tokens against the cache. Returns (logits [B, l, V], cache).
+        """One scale: `step_states`, then the head on every row. Returns (logits float32 [B, l, V], cache)."""
+        x_BlC, cache = self.step_states(x_BlC, cond_BD, cache, si, layout, row_chunk)
+        return self.logits(x_BlC, cond_BD), cache
+
+    def step_states(
+        self, x_BlC, cond_BD, cache: KVCache, si: int, layout: CacheLayout, row_chunk: int | None = None
+    ):
+        """One scale: every block on this scale's tokens against the cache. Returns (the last block's output
+        [B, l, C], cache); `logits` makes them the scale's logits (generation runs it over chunks of images).
 
         A layer reads and writes only its kind's stacked cache (`layout.kinds`, `cache_reader`, `cache_write`).
         Stacked block params (leaves [D, ...]) run as one scanned body (compile time flat in depth), the kind picked
@@ -366,7 +374,7 @@ class VAR(nn.Module):
         row_chunk (static, a divisor of B; None: B): the blocks run over chunks of that many rows, one after the
         other (`lax.scan`), each against its rows of the whole cache, so the blocks' activations and attention
         scores are those of row_chunk rows whatever B is; rows are independent in every op, so the result is the
-        same. The head runs on all rows (its logits are the output)."""
+        same."""
         rows = x_BlC.shape[0]
         chunk = rows if row_chunk is None else row_chunk
         assert 0 < chunk <= rows and rows % chunk == 0, f"row_chunk must divide the {rows} rows, got {row_chunk}"
@@ -409,7 +417,7 @@ class VAR(nn.Module):
             kinds, x_BlC = jax.lax.scan(one_chunk, cache.kinds, xs)
             x_BlC = x_BlC.reshape(rows, *x_BlC.shape[2:])
         kinds = tuple(cache.mark(plan.writes[si], si) for plan, cache in zip(layout.kinds, kinds, strict=True))
-        return self.logits(x_BlC, cond_BD), KVCache(kinds=kinds)
+        return x_BlC, KVCache(kinds=kinds)
 
 
 def stack_blocks(var_params: dict, num_heads: int) -> dict:

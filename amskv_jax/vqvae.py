@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from amskv_jax.chunks import map_in_chunks
 from amskv_jax.config import VQVAEConfig
 from amskv_jax.resize import resize_area, resize_bicubic
 
@@ -351,18 +352,7 @@ def decode_chunk(config: VQVAEConfig) -> int:
 
 
 def decode_in_chunks(vqvae: VQVAE, variables, f_hat_BhwC, chunk: int):
-    """`VQVAE.decode` of f_hat (B, h, w, Cv) over at most `chunk` images at a time: a `lax.map` over ⌈B/chunk⌉
-    chunks, the batch padded with zeros to whole chunks (the padding's images are dropped). Images (B, H, W, 3), equal
-    to decoding all at once; B ≤ chunk is one plain call.
-
-    Chunk j holds images j, n + j, 2n + j, … (n chunks): with the batch split over devices in contiguous blocks and
-    `chunk` a multiple of their number, every device decodes chunk/devices of its own images in each step."""
-    decode = functools.partial(vqvae.apply, variables, method=VQVAE.decode)
-    b = f_hat_BhwC.shape[0]
-    if b <= chunk:
-        return decode(f_hat_BhwC)
-    n = -(-b // chunk)
-    padded = jnp.pad(f_hat_BhwC, ((0, n * chunk - b),) + ((0, 0),) * (f_hat_BhwC.ndim - 1))
-    chunks_NcHWC = padded.reshape(chunk, n, *f_hat_BhwC.shape[1:]).swapaxes(0, 1)
-    images_NcHWC = jax.lax.map(decode, chunks_NcHWC)
-    return images_NcHWC.swapaxes(0, 1).reshape(n * chunk, *images_NcHWC.shape[2:])[:b]
+    """`VQVAE.decode` of f_hat (B, h, w, Cv) over at most `chunk` images at a time (`chunks.map_in_chunks`: the
+    last chunk padded, strided so that a batch split over devices decodes its own images): images (B, H, W, 3),
+    equal to decoding all at once."""
+    return map_in_chunks(functools.partial(vqvae.apply, variables, method=VQVAE.decode), chunk, f_hat_BhwC)

@@ -74,7 +74,8 @@ def test_filter_works_per_row_under_jit_with_a_traced_top_p():
 
 def test_draws_follow_the_softmax_and_never_leave_the_support():
     logits = jnp.log(jnp.asarray([0.7, 0.2, 0.1, 0.0]))
-    draws = sampling.sample_tokens(jax.random.key(0), jnp.broadcast_to(logits, (20000, 1, 4)))
+    keys = sampling.image_keys(jax.random.key(0), jnp.arange(20000))
+    draws = sampling.sample_tokens(keys, jnp.broadcast_to(logits, (20000, 1, 4)))
     counts = np.bincount(np.asarray(draws).ravel(), minlength=4) / 20000
     np.testing.assert_allclose(counts, [0.7, 0.2, 0.1, 0.0], atol=0.015)
     assert draws.dtype == jnp.int32
@@ -83,13 +84,24 @@ def test_draws_follow_the_softmax_and_never_leave_the_support():
 def test_gumbel_smoothing_mixes_code_vectors_and_sharpens_with_the_scale():
     codebook = jnp.eye(3)
     logits = jnp.broadcast_to(jnp.asarray([2.0, 1.0, 0.0]), (4000, 1, 3))
-    early = sampling.gumbel_smooth(jax.random.key(1), logits, 0.0, codebook)
-    late = sampling.gumbel_smooth(jax.random.key(1), logits, 1.0, codebook)
+    keys = sampling.image_keys(jax.random.key(1), jnp.arange(4000))
+    early = sampling.gumbel_smooth(keys, logits, 0.0, codebook)
+    late = sampling.gumbel_smooth(keys, logits, 1.0, codebook)
     np.testing.assert_allclose(early.sum(-1), 1.0, rtol=1e-5)  # convex mixtures of code vectors
     # tau 0.27 -> 0.0135 and logits doubled: the late mixtures are nearly one-hot
     assert float(late.max(-1).mean()) > 0.99 > float(early.max(-1).mean())
     # the mixture weights favour the larger logits
     assert float(early[..., 0].mean()) > float(early[..., 1].mean()) > float(early[..., 2].mean())
+
+
+def test_an_images_draws_depend_on_its_index_only():
+    """Image b draws from fold_in(key, b): the same image index gives the same tokens whatever else is in the batch
+    (what lets generation sample in chunks of images); other indices give other tokens."""
+    logits = jnp.zeros((6, 16, 32))
+    whole = sampling.sample_tokens(sampling.image_keys(jax.random.key(3), jnp.arange(6)), logits)
+    part = sampling.sample_tokens(sampling.image_keys(jax.random.key(3), jnp.asarray([4, 1])), logits[:2])
+    np.testing.assert_array_equal(np.asarray(part), np.asarray(whole)[[4, 1]])
+    assert len({tuple(np.asarray(row)) for row in whole}) == 6
 
 
 def _filter_by_sorting(logits, top_k: int, top_p: float):
@@ -106,6 +118,7 @@ def _filter_by_sorting(logits, top_k: int, top_p: float):
 
 @pytest.mark.parametrize("top_k, top_p", [(0, 0.96), (900, 0.96), (900, 0.0), (50, 0.5), (4096, 0.99)])
 def test_threshold_filter_equals_the_reference_sorting_filter(top_k, top_p):
-    logits = 3 * jax.random.normal(jax.random.key(top_k), (2, 37, 4096))  # distinct values: no ties
+    # distinct values: no ties
+    logits = jnp.asarray(3 * np.random.default_rng(top_k).standard_normal((2, 37, 4096), np.float32))
     np.testing.assert_array_equal(sampling.top_k_top_p_filter(logits, top_k, top_p),
                                   _filter_by_sorting(logits, top_k, top_p))
