@@ -136,7 +136,7 @@ def test_masks_as_an_argument_give_the_layouts_logits_and_the_unguided_nll():
     var_params = {**model.params["var"], "params": {**inner, "blocks": blocks}}
     model = Model(dataclasses.replace(model.config, var=c), {**model.params, "var": var_params}, "depth 3")
     labels = jnp.array([1, 4], jnp.int32)
-    x = jax.random.normal(jax.random.key(1), (2, c.seq_len - c.first_l, c.cvae))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, c.seq_len - c.first_l, c.cvae), np.float32))
     layouts = [AMSKV(budgets=(5, 1, 5), condensed_scales=1).layout(c), CondensedOnly(1).layout(c),
                FullCache().layout(c)]
     for layout in layouts:
@@ -145,7 +145,7 @@ def test_masks_as_an_argument_give_the_layouts_logits_and_the_unguided_nll():
         for params in (model.params["var"], per_layer_blocks(model.params["var"])):
             got = masked_logits(params, labels, x, masks, config=c)
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    gt = np.asarray(jax.random.randint(jax.random.key(2), (3, c.seq_len), 0, c.vocab_size))
+    gt = np.random.default_rng(2).integers(0, c.vocab_size, (3, c.seq_len)).astype(np.int32)
     x3, labels3 = np.asarray(jnp.concatenate([x, x[:1]])), np.array([1, 4, 2], np.int32)
     for layout in layouts:
         full = policy_nll(model, {"p": layout}, gt, x3, labels3, batch=2)["p"].mean_unguided

@@ -98,7 +98,8 @@ def test_idx_to_var_input_matches_reference_teacher_forcing_input(ref):
 def test_next_input_at_the_last_scale_returns_no_input(ref):
     model, variables, _, idx = ref
     side = model.config.patch_nums[-1]
-    h_BpnpnC = jax.random.normal(jax.random.key(0), (2, side, side, model.config.z_channels))
+    shape = (2, side, side, model.config.z_channels)
+    h_BpnpnC = jnp.asarray(np.random.default_rng(0).standard_normal(shape, np.float32))
     f_hat, nxt = model.apply(variables, len(idx) - 1, jnp.zeros_like(h_BpnpnC), h_BpnpnC, method=VQVAE.next_input)
     assert nxt is None
     np.testing.assert_allclose(f_hat, model.apply(variables, len(idx) - 1, h_BpnpnC, method=VQVAE.phi), atol=1e-6)
@@ -133,7 +134,7 @@ def test_init_creates_every_phi_conv_under_its_torch_name(share, quant_resi, nam
 
 def test_training_forward_loss_and_straight_through_gradients():
     model = VQVAE(MICRO)
-    img_BHWC = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3), minval=-1, maxval=1)
+    img_BHWC = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32))
     # Random weights straight from numpy: compiling `init` (its random initialisers) takes ~10 s on CPU.
     rng = np.random.default_rng(0)
     variables = {"params": jax.tree.map(lambda x: 0.3 * rng.standard_normal(x.shape, np.float32), _target(model))}
