@@ -124,9 +124,16 @@ def spread(times: list[float]) -> dict:
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": len(times)}
 
 
-def _generate_fn(model: Model, layout: CacheLayout, dtype: str, impl: str):
+# The row of `--all-rows`: the full cache, each scale's blocks on every row at once (`generate(row_chunk=2·batch)`)
+# instead of the default chunks (`amskv_jax.chunks`), so the tables show what the chunks cost in time and save in
+# memory.
+ALL_ROWS = "full, all rows"
+
+
+def _generate_fn(model: Model, layout: CacheLayout, dtype: str, impl: str, row_chunk: int | None = None):
     return jax.jit(functools.partial(
         generate, config=model.config, layout=layout, cfg=CFG, top_p=TOP_P, dtype=dtype, impl=impl,
+        row_chunk=row_chunk,
     ))
 
 
@@ -182,6 +189,7 @@ class Options:
     plots: bool = True
     verify: bool | None = None  # the checkpoints' array checksums (None: unless AMSKV_SKIP_VERIFY is set)
     compile_cache: bool = True  # JAX's persistent compilation cache (amskv_jax.compile_cache)
+    all_rows: bool = False  # also the full cache with every row at once (`ALL_ROWS`): what the chunks cost
 
 
 def check_backend(opts: Options) -> None:
@@ -205,7 +213,7 @@ class Bench:
     def _units(self, model: Model) -> int:
         o, s = self.opts, model.config.var.num_scales
         p = len(o.policies)
-        return len(o.batches) * (p * (2 + o.reps) + p * s * (1 + o.reps))
+        return len(o.batches) * ((p + o.all_rows) * (2 + o.reps) + p * s * (1 + o.reps))
 
     def _tick(self, text: str, n: int = 1) -> None:
         if self.bar is not None:
@@ -264,13 +272,16 @@ class Bench:
         labels = _labels(batch, c.num_classes)
         keys = [jax.random.fold_in(jax.random.key(o.seed), rep) for rep in range(o.reps + 1)]
         compiled, rows = {}, {}
-        for p, layout in layouts.items():
+        variants = [(p, layout, None) for p, layout in layouts.items()]
+        if o.all_rows:
+            variants.append((ALL_ROWS, layouts["full"], 2 * batch))
+        for p, layout, row_chunk in variants:
             cache, peak_kv = layout_bytes(layout, c, batch, o.dtype)
             self.results["memory"].append({
                 "model": model.name, "batch": batch, "policy": p, "slots": sum(layout.capacities),
                 "cache_bytes": cache, "peak_kv_bytes": peak_kv, "compiled": "not compiled",
             })
-            if batch == o.batches[0]:
+            if batch == o.batches[0] and row_chunk is None:
                 self.results["kv_per_scale"].append({
                     "model": model.name, "policy": p, "batch": batch, "dtype": o.dtype,
                     "patch_nums": list(c.patch_nums), "read_bytes": read_bytes_per_scale(layout, c, batch, o.dtype),
@@ -281,7 +292,8 @@ class Bench:
             rows[p] = row
             self._tick(f"{model.name} b{batch} compile {p}")
             try:
-                exe, row["compile_s"] = _compile(_generate_fn(model, layout, o.dtype, impl), params, labels, keys[0])
+                fn = _generate_fn(model, layout, o.dtype, impl, row_chunk)
+                exe, row["compile_s"] = _compile(fn, params, labels, keys[0])
                 self.results["memory"][-1]["compiled"] = _memory_figures(exe)
                 row["xla_flops"] = _xla_flops(exe)
                 self._tick(f"{model.name} b{batch} warm-up {p}")

@@ -34,7 +34,7 @@ from amskv_jax.attention import IMPLS
 from amskv_jax.config import PRESETS
 from amskv_jax.errors import UserError
 from amskv_jax.policies import POLICIES
-from bench.measure import Bench, Options, check_backend, load
+from bench.measure import ALL_ROWS, Bench, Options, check_backend, load
 from bench.plots import write_plots
 from bench.report import format_report
 from bench.torch_reference import torch_reference_times
@@ -72,6 +72,9 @@ def parse_args(argv=None) -> Options:
     parser.add_argument("--out", default="bench-out", help="directory for results.md, results.json and plots")
     parser.add_argument("--torch-reference", default=None, metavar="PATH",
                         help="a checkout of FoundationVision/VAR to time its autoregressive_infer_cfg (needs torch)")
+    parser.add_argument("--all-rows", action="store_true",
+                        help="also time the full cache with each scale's blocks on every row at once (row "
+                             f"'{ALL_ROWS}'), beside the default chunks of rows: what the chunks cost")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plots", action="store_true")
     cli.add_verify_flag(parser)
@@ -114,7 +117,7 @@ def parse_args(argv=None) -> Options:
         suite=args.suite, models=models, policies=policies, batches=batches, reps=reps,
         dtype=args.dtype or suite["dtype"], impl=args.impl, out=Path(args.out), torch_reference=torch_ref,
         max_batch=suite["max_batch"] if args.max_batch is None else args.max_batch, seed=args.seed,
-        plots=not args.no_plots, verify=args.verify, compile_cache=not args.no_compile_cache,
+        plots=not args.no_plots, verify=args.verify, compile_cache=not args.no_compile_cache, all_rows=args.all_rows,
     )
 
 

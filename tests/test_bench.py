@@ -19,7 +19,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    opts = bench.parse_args(["--suite", "cpu", "--models", "tiny", "--batches", "1", "--reps", "1",
+    opts = bench.parse_args(["--suite", "cpu", "--models", "tiny", "--batches", "1", "--reps", "1", "--all-rows",
                              "--out", str(out)])
     printed = []
     results = bench.run(opts, log=printed.append)
@@ -39,6 +39,13 @@ def test_cpu_suite_files_and_keys(cpu_run):
     for heading in ("KV-cache bytes", "Attention time per scale", "End-to-end generation", "Largest batch"):
         assert heading in md and heading in printed
     assert all(r["nonfinite_scale"] is None for r in data["generate"]) and "| finite |" in md
+    # --all-rows: the full cache once more with every row at once; at batch 1 the default chunk is every row too,
+    # so both compile to the same program (same temporaries), and the row names it
+    generated = {r["policy"]: r for r in data["generate"]}
+    assert list(generated) == ["full", "amskv", measure.ALL_ROWS] and f"| {measure.ALL_ROWS} |" in md
+    memory = {r["policy"]: r["compiled"] for r in data["memory"]}
+    assert memory[measure.ALL_ROWS]["temp_bytes"] == memory["full"]["temp_bytes"] > 0
+    assert generated[measure.ALL_ROWS]["status"] == "ok" and generated[measure.ALL_ROWS]["time_ratio_vs_full"] > 0
     assert report._finite({"status": "ok", "nonfinite_scale": 2}) == "NO, from scale 2"
 
 
@@ -61,7 +68,7 @@ def test_cpu_suite_byte_and_flop_figures_match_counts_made_here(cpu_run):
     layouts = {p: policy_from_name(p, c).layout(c) for p in ("full", "amskv")}
     rows = 2  # batch 1 under guidance
     mem = {r["policy"]: r for r in results["memory"]}
-    assert set(mem) == {"full", "amskv", "reference"}
+    assert set(mem) == {"full", "amskv", measure.ALL_ROWS, "reference"}
     for p, layout in layouts.items():
         cache = init_cache(layout, rows, c.num_heads, c.head_dim, jnp.float32)
         assert mem[p]["cache_bytes"] == sum(x.nbytes for x in jax.tree.leaves(cache)), p
@@ -86,6 +93,7 @@ def test_cpu_suite_byte_and_flop_figures_match_counts_made_here(cpu_run):
                 for f, a in zip(layouts["full"].layers, layouts["amskv"].layers, strict=True)
                 for si, pn in enumerate(c.patch_nums))
     assert saved > 0 and gen["full"]["flops_per_image"] - gen["amskv"]["flops_per_image"] == 2 * saved
+    assert gen[measure.ALL_ROWS]["flops_per_image"] == gen["full"]["flops_per_image"]
     assert all(r["mfu"] == measure.NA_CPU and r["torch_reference"] == bench.TORCH_NOT_RUN for r in gen.values())
     attention = results["attention"]
     assert [(r["policy"], r["scale"]) for r in attention] == [(p, si) for si in range(4) for p in ("full", "amskv")]
