@@ -247,7 +247,8 @@ def largest_batch(measure, memory_bytes: int, max_compiles: int = 16) -> BatchFi
     """The largest batch b with measure(b).total_bytes <= memory_bytes, `measure(b) -> ProgramMemory` being a compile
     (e.g. `functools.partial(program_memory, config, layout, dtype=...)` with batch left free).
 
-    The program's memory is affine in the batch (plus small steps, e.g. the decode's padding to whole chunks), so
+    The program's memory is affine in the batch plus small steps (the padding of the decode and the sampler to whole
+    chunks of images; the blocks' chunk of rows, a divisor of the rows: `amskv_jax.chunks`), so
     the line through batch 1 and `SECOND_PROBE` predicts the answer b; compiling b and b + 1 confirms it, in four
     compiles. Until a batch that does not fit is found, the next guess is on the line through the two largest that
     do; then the bracket [fits, does not fit] narrows by the Illinois variant of regula falsi, so the answer is exact
