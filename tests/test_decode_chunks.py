@@ -45,40 +45,27 @@ def test_chunk_bounds_a_256px_decode_and_leaves_small_models_whole():
     assert decode_chunk(TINY.vqvae) >= 256  # 64 px, 32 channels: the tests' batches decode in one piece
 
 
-def test_generate_decodes_in_chunks_with_the_same_images(monkeypatch):
-    """generate with a 2-image chunk on 5 images (3 chunks, the last padded) gives the one-piece images."""
-    params = init_params(TINY)
-    labels = jnp.arange(5) % TINY.var.num_classes
-    run = lambda: generate(params, labels, jax.random.key(0), config=TINY, top_k=0)  # noqa: E731
-    whole = run()
-    chunks = []
-    monkeypatch.setattr(generate_module, "decode_chunk", lambda config: 2)
-    monkeypatch.setattr(generate_module, "decode_in_chunks",
-                        lambda *args: chunks.append(args[-1]) or decode_in_chunks(*args))
-    jax.clear_caches()  # the chunk is read while tracing
-    chunked = run()
-    assert chunks == [2]
-    np.testing.assert_allclose(np.asarray(chunked.images), np.asarray(whole.images), rtol=0, atol=ATOL)
-    for a, b in zip(chunked.tokens, whole.tokens, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_generate_samples_in_chunks_of_images_with_the_same_tokens(monkeypatch):
-    """The head and the sampler over 2 images at a time on 5 (3 chunks, the last padded), Gumbel smoothing on:
-    every image draws from its own keys, so tokens equal the one-piece sampler's; logits agree to float rounding."""
+def test_generate_decodes_and_samples_in_chunks_of_images_with_the_same_tokens(monkeypatch):
+    """The VQ-VAE decode and the head and sampler over 2 images at a time on 5 (3 chunks, the last padded), Gumbel
+    smoothing on: every image draws from its own keys, so tokens equal the one-piece program's; logits agree to float
+    rounding (guidance amplifies the head's), images to the decoder's rounding at another batch size (ATOL). A wrong
+    chunk order, padding or key per image would differ by far more."""
     params = init_params(TINY)
     labels = jnp.arange(5) % TINY.var.num_classes
     run = lambda: generate(params, labels, jax.random.key(4), config=TINY, top_k=8, more_smooth=True,  # noqa: E731
                            return_logits=True)
     whole = run()
-    sizes = []
-    monkeypatch.setattr(generate_module, "sampler_chunk", lambda config, si: sizes.append(si) or 2)
-    jax.clear_caches()
+    decode_chunks, sampler_scales = [], []
+    monkeypatch.setattr(generate_module, "decode_chunk", lambda config: 2)
+    monkeypatch.setattr(generate_module, "decode_in_chunks",
+                        lambda *args: decode_chunks.append(args[-1]) or decode_in_chunks(*args))
+    monkeypatch.setattr(generate_module, "sampler_chunk", lambda config, si: sampler_scales.append(si) or 2)
+    jax.clear_caches()  # the chunks are read while tracing
     chunked = run()
-    assert sizes == list(range(TINY.var.num_scales))
+    assert decode_chunks == [2] and sampler_scales == list(range(TINY.var.num_scales))
     for a, b in zip(chunked.tokens, whole.tokens, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    for a, b in zip(chunked.logits, whole.logits, strict=True):  # guidance amplifies the head's rounding
+    for a, b in zip(chunked.logits, whole.logits, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=ATOL)
     np.testing.assert_allclose(np.asarray(chunked.images), np.asarray(whole.images), rtol=0, atol=ATOL)
     np.testing.assert_array_equal(np.asarray(chunked.finite), np.asarray(whole.finite))

@@ -76,7 +76,7 @@ def test_image_grid_tiles_with_gutters():
 def test_main_job_writes_one_grid_row_per_class_with_the_embedded_model(tmp_path, capsys):
     from PIL import Image
 
-    from amskv_jax.checkpoint import load_model
+    from amskv_jax.checkpoint import DEFAULT_MODEL, load_model
 
     model = load_model()
     assert model.classes is not None and len(model.classes) == model.config.var.num_classes
@@ -85,9 +85,11 @@ def test_main_job_writes_one_grid_row_per_class_with_the_embedded_model(tmp_path
     assert gen_module.main(["--batch", "2", "--policy", "amskv", "--out", str(out)]) == 0
     side = model.config.vqvae.image_size
     rows = min(model.config.var.num_classes, 10)
-    assert Image.open(out).size == (2 * (side + 2) + 2, rows * (side + 2) + 2)
+    grid = np.asarray(Image.open(out))
+    assert grid.shape[:2] == (rows * (side + 2) + 2, 2 * (side + 2) + 2)
+    assert grid[2:2 + side, 2:2 + side].std() > 0.05 * 255  # the first image is not a flat colour
     printed = capsys.readouterr().out
-    assert "embedded model emoji32" in printed and "images/s" in printed and "0 faces" in printed
+    assert f"embedded model {DEFAULT_MODEL}" in printed and "images/s" in printed and f"0 {model.classes[0]}" in printed
     assert f"generating {len(model.config.var.patch_nums)} scales" in printed
     assert "persistent compilation cache off" in printed  # tests/conftest.py keeps the user's cache out of tests
     assert "saved" in printed and "full cache" in printed  # the cache used beside the full cache's

@@ -1,5 +1,5 @@
 """The compiled program of `generate`: it never copies a cache stack (every write in place), and its two layer loops
-(the scan, the per-layer Python loop) give the same generation."""
+(the scan, the per-layer Python loop) and its chunks of rows give the same generation."""
 from __future__ import annotations
 
 import dataclasses
@@ -63,18 +63,27 @@ def params():
     return jax.device_put(init_params(CONFIG, seed=3))
 
 
-@pytest.mark.parametrize("policy, kv_dtype", [("full", None), ("amskv", "int8")])
-def test_scan_and_unrolled_layer_loops_generate_the_same(params, policy, kv_dtype):
-    run = functools.partial(generate, labels=[1, 4], key=jax.random.key(2), config=CONFIG, layout=LAYOUTS[policy],
-                            top_k=20, kv_dtype=kv_dtype, return_logits=True)
-    scan = run(params, layer_loop="scan")
-    unrolled = run(params, layer_loop="unrolled")
-    per_layer = run({**params, "var": per_layer_blocks(params["var"])}, layer_loop="unrolled")
-    for out in (unrolled, per_layer):
-        for a, b in zip(scan.tokens, out.tokens, strict=True):
+# Each case runs three programs that differ in the layer loop and in the chunk of rows the blocks take at a time
+# (4: both images' conditional and unconditional rows at once); every other pair differs in both, so each
+# mechanism is compared with another setting of itself.
+@pytest.mark.parametrize("policy, kv_dtype, runs", [
+    ("full", None, (("scan", 4, False), ("unrolled", 1, False), ("unrolled", 2, True))),
+    ("amskv", "int8", (("unrolled", 4, False), ("scan", 2, False), ("unrolled", 1, True))),
+])
+def test_layer_loops_and_chunks_of_rows_generate_the_same(params, policy, kv_dtype, runs):
+    """(layer_loop, row_chunk, per-layer params): tokens equal, logits and images to float rounding (matmuls over
+    fewer rows round differently; with int8 that can move a cached value by one quantisation step)."""
+    outs = [generate({**params, "var": per_layer_blocks(params["var"])} if per_layer else params, [1, 4],
+                     jax.random.key(2), config=CONFIG, layout=LAYOUTS[policy], top_k=20, kv_dtype=kv_dtype,
+                     layer_loop=loop, row_chunk=chunk, return_logits=True)
+            for loop, chunk, per_layer in runs]
+    tol = 1e-5 if kv_dtype is None else 1e-3
+    for out in outs[1:]:
+        for a, b in zip(outs[0].tokens, out.tokens, strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        for a, b in zip(scan.logits, out.logits, strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        for a, b in zip(outs[0].logits, out.logits, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+        np.testing.assert_allclose(np.asarray(outs[0].images), np.asarray(out.images), atol=1e-5)
 
 
 def test_teacher_forcing_with_per_layer_params_equals_the_scan(params):
@@ -91,23 +100,6 @@ def test_per_layer_params_refuse_the_scan(params):
     with pytest.raises(UserError, match="per-layer"):
         generate({**params, "var": per_layer_blocks(params["var"])}, [1], jax.random.key(0), config=CONFIG,
                  layer_loop="scan")
-
-
-@pytest.mark.parametrize("policy, kv_dtype, layer_loop, row_chunk", [
-    ("amskv", None, "scan", 2),
-    ("full", "int8", "unrolled", 1),
-])
-def test_chunks_of_rows_generate_the_same_as_all_rows(params, policy, kv_dtype, layer_loop, row_chunk):
-    run = functools.partial(generate, params, [1, 4], jax.random.key(5), config=CONFIG, layout=LAYOUTS[policy],
-                            top_k=20, kv_dtype=kv_dtype, layer_loop=layer_loop, return_logits=True)
-    whole, chunked = run(row_chunk=4), run(row_chunk=row_chunk)  # 4: both images' rows at once
-    for a, b in zip(whole.tokens, chunked.tokens, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # float rounding of matmuls over fewer rows; int8 can turn it into one quantisation step of a cached value
-    tol = 1e-5 if kv_dtype is None else 1e-3
-    for a, b in zip(whole.logits, chunked.logits, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
-    np.testing.assert_allclose(np.asarray(whole.images), np.asarray(chunked.images), atol=1e-5)
 
 
 @pytest.mark.parametrize("row_chunk", [3, 0, 8, True])
