@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from amskv_jax import sampling
 from amskv_jax.cache import CacheLayout, teacher_mask
@@ -188,11 +189,12 @@ def unguided_nll(model, layout: CacheLayout, gt_NL: np.ndarray, x_NLCv: np.ndarr
 
 def policy_nll(
     model, layouts: Mapping[str, CacheLayout], gt_NL: np.ndarray, x_NLCv: np.ndarray, labels_N: np.ndarray, *,
-    cfg: float = 1.5, batch: int = 64, dtype: str = "float32", kv_dtype: str | None = None,
+    cfg: float = 1.5, batch: int = 64, dtype: str = "float32", kv_dtype: str | None = None, progress: bool = False,
 ) -> dict[str, NLL]:
     """Teacher-forced NLL of the tokens `gt_NL` (inputs `x_NLCv`, classes `labels_N`) under each layout, `batch`
     images per call (the last call padded; the layouts' masks are an argument, so one program serves them all).
-    `model`: a `checkpoint.Model`; `kv_dtype` reproduces a quantised cache (`quant.py`)."""
+    `model`: a `checkpoint.Model`; `kv_dtype` reproduces a quantised cache (`quant.py`); `progress`: a bar on stderr
+    over the layouts' batches."""
     config: ModelConfig = model.config
     c = config.var
     if check_kv_dtype(kv_dtype, c.head_dim) is not None and not is_quantized(kv_dtype):
@@ -205,7 +207,9 @@ def policy_nll(
         raise UserError(f"tokens, inputs and labels differ in count: {n}, {len(x_NLCv)}, {len(labels_N)}")
     full_slots = sum(FullCache().layout(c).capacities)
     out = {}
+    bar = tqdm(total=len(layouts) * -(-n // batch), desc="teacher-forced NLL", unit="batch", disable=not progress)
     for name, layout in layouts.items():
+        bar.set_postfix_str(name + ("" if kv_dtype is None else f"+{kv_dtype}"))
         masks = jnp.asarray(layer_masks(layout))
         sums = np.zeros((2, c.num_scales))
         for rows, weight in _padded_batches(n, batch):
@@ -215,10 +219,12 @@ def policy_nll(
                 kv_dtype=kv_dtype,
             )
             sums += np.stack([np.asarray(unguided, np.float64), np.asarray(guided, np.float64)])
+            bar.update()
         out[name] = NLL(
             unguided=tuple((sums[0] / n).tolist()), guided=tuple((sums[1] / n).tolist()),
             sizes=tuple(pn * pn for pn in c.patch_nums), slots=sum(layout.capacities), full_slots=full_slots,
         )
+    bar.close()
     return out
 
 

@@ -175,7 +175,7 @@ def nll_report(args, model, policies, kv_dtypes, images, labels, source) -> int:
         for kv_dtype in kv_dtypes:
             suffix = "" if kv_dtype is None else f"+{kv_dtype}"
             measured = policy_nll(which, layouts, gt, x, labels, cfg=args.cfg, batch=args.batch, dtype=args.dtype,
-                                  kv_dtype=kv_dtype)
+                                  kv_dtype=kv_dtype, progress=True)
             results.update({prefix + name + suffix: r for name, r in measured.items()})
     table = format_nll_table(results)
     print(table)

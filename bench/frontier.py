@@ -73,7 +73,8 @@ def measure_frontier(model, args) -> tuple[list[Point], dict]:
     gt, x = encode_images(model, images)
     layouts = {name: policy.layout(c) for name, policy in policies.items()}
     print(f"scoring {len(layouts)} policies on held-out NLL", flush=True)
-    results = policy_nll(model, layouts, gt, x, labels, cfg=args.cfg, batch=args.batch, dtype=args.dtype)
+    results = policy_nll(model, layouts, gt, x, labels, cfg=args.cfg, batch=args.batch, dtype=args.dtype,
+                         progress=True)
     full = results["full"]
     points = [
         Point(family_of[name], name, policies[name].describe(), r.slots, r.full_slots, reference_share(r.slots, c),

@@ -45,9 +45,10 @@ def main(argv=None) -> int:
     for split in splits:
         images, labels, _ = load_emoji_dataset(cfg.image_size, cfg.max_per_group, cfg.scheme, split)
         gt, x = encode_images(model, images)
-        results = dict(policy_nll(model, layouts, gt, x, labels, cfg=args.cfg, batch=args.batch))
+        results = dict(policy_nll(model, layouts, gt, x, labels, cfg=args.cfg, batch=args.batch, progress=True))
         for kv_dtype in kv_dtypes:
-            measured = policy_nll(model, layouts, gt, x, labels, cfg=args.cfg, batch=args.batch, kv_dtype=kv_dtype)
+            measured = policy_nll(model, layouts, gt, x, labels, cfg=args.cfg, batch=args.batch, kv_dtype=kv_dtype,
+                                  progress=True)
             results.update({f"{policy}+{kv_dtype}": r for policy, r in measured.items()})
         print(f"\n### {args.model}, training config {name} ({cfg.scheme}), split {split}: {len(images)} images\n")
         print(format_nll_table(results), flush=True)
