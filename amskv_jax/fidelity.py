@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from amskv_jax import sampling
 from amskv_jax.config import ModelConfig, VARConfig
@@ -119,7 +120,7 @@ def policy_fidelity(
     model, policies: Mapping[str, Policy], labels, key, *, batch: int | None = None, cfg: float = 1.5,
     top_k: int = 900, top_p: float = 0.96, dtype: str = "float32",
     image_distance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, kv_dtype: str | None = None,
-    classifier=None, real_features: np.ndarray | None = None,
+    classifier=None, real_features: np.ndarray | None = None, progress: bool = False,
 ) -> dict[str, Fidelity]:
     """Fidelity of each policy against the full cache on `labels`, `batch` images per call (default: all), the
     same PRNG key per batch for every policy. `model`: a `checkpoint.Model`. `image_distance(a, b)` maps two image
@@ -127,7 +128,7 @@ def policy_fidelity(
     among `policies` (agreement 1, KL 0: a check of determinism). `kv_dtype` is the policies' cache storage
     (`quant.py`); the full cache it is compared with always stores the compute dtype. `classifier` (an
     `amskv_jax.classifier.Classifier`) adds class accuracy, and with `real_features` ([N, F], its features of real
-    images) the FID of every policy's samples against them."""
+    images) the FID of every policy's samples against them. `progress`: a bar on stderr over the generation calls."""
     config: ModelConfig = model.config
     c = config.var
     labels = np.asarray(labels, np.int32)
@@ -142,6 +143,7 @@ def policy_fidelity(
     features = {name: [] for name in policies}
     nonfinite = {name: None for name in policies}
     samples = {}
+    bar = tqdm(total=-(-len(labels) // batch) * (1 + len(policies)), desc="samples", unit="call", disable=not progress)
     for start in range(0, len(labels), batch):
         chunk = labels[start : start + batch]
         chunk_key = jax.random.fold_in(key, start)
@@ -149,9 +151,13 @@ def policy_fidelity(
             generate, model.params, chunk, chunk_key, config=config, cfg=cfg, top_k=top_k, top_p=top_p, dtype=dtype,
             return_logits=True,
         )
+        bar.set_postfix_str("full")
         full = run(layout=full_layout)
+        bar.update()
         for name, layout in layouts.items():
+            bar.set_postfix_str(name)
             out = run(layout=layout, kv_dtype=kv_dtype)
+            bar.update()
             agreement, top1, kl = _compare(
                 model.params, jnp.asarray(chunk), jnp.float32(cfg), out.tokens, out.logits, full.tokens,
                 config=config, dtype=dtype,
@@ -168,6 +174,7 @@ def policy_fidelity(
                 hits[name].extend((classifier.predict(images).argmax(-1) == chunk).tolist())
                 features[name].append(classifier.features(images))
             samples.setdefault(name, images)
+    bar.close()
     sizes = tuple(pn * pn for pn in c.patch_nums)
     full_slots = sum(full_layout.capacities)
     return {

@@ -276,7 +276,7 @@ def main(argv=None) -> int:
             measured = policy_fidelity(
                 which, policies, labels, jax.random.key(args.seed), batch=args.batch, cfg=args.cfg, top_k=top_k,
                 top_p=args.top_p, dtype=args.dtype, image_distance=distance, kv_dtype=kv_dtype,
-                classifier=reference.classifier, real_features=reference.features,
+                classifier=reference.classifier, real_features=reference.features, progress=True,
             )
             for name, result in measured.items():
                 results[prefix + name + suffix], described[prefix + name + suffix] = result, policies[name]

@@ -103,7 +103,7 @@ def with_sample_quality(model, args, points: list[Point], policies: dict, refere
     measured = policy_fidelity(
         model, {name: policies[name] for name in chosen}, labels, jax.random.key(args.seed), batch=args.batch,
         cfg=args.cfg, top_k=default_top_k(model.config) if args.top_k is None else args.top_k, top_p=args.top_p,
-        dtype=args.dtype, classifier=reference.classifier, real_features=reference.features,
+        dtype=args.dtype, classifier=reference.classifier, real_features=reference.features, progress=True,
     )
     return [dataclasses.replace(p, fid=measured[p.name].fid, accuracy=measured[p.name].accuracy)
             if p.name in measured else p for p in points]
