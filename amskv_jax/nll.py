@@ -95,6 +95,14 @@ def model_images(model, directory: Path | None, split: str) -> tuple[np.ndarray,
     return images, labels, f"the {len(images)} images of {directory}"
 
 
+def evenly_spaced(images: np.ndarray, labels: np.ndarray, source: str, limit: int | None):
+    """(images, labels, source) cut to at most `limit` of them, evenly spaced over the set (None: all)."""
+    if limit is None or limit >= len(images):
+        return images, labels, source
+    keep = np.linspace(0, len(images) - 1, limit).round().astype(int)
+    return images[keep], labels[keep], f"{limit} of {source}, evenly spaced"
+
+
 def encode_images(model, images_NHWC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Images in [-1, 1] → (ground-truth tokens int32 [N, L], teacher-forcing inputs float32 [N, L − first_l, Cv])
     by the model's VQ-VAE (`model`: a `checkpoint.Model`)."""

@@ -5,7 +5,7 @@
     python -m bench.fidelity --nll [--images DIR | --split train|heldout|all] [--limit N] [--model ...]
         [--policies ...] [--kv-dtypes ...] [--out DIR]
     python -m bench.fidelity --frontier [--model ...] [--search-budgets 0.1,0.25,0.5] [--search-samples 64]
-        [--fid-samples 400] [--images HELDOUT_DIR] [--search-images DIR] [--out DIR]
+        [--fid-samples 400] [--images HELDOUT_DIR] [--limit N] [--search-images DIR] [--out DIR]
 
 `--nll` instead scores real images: each policy's teacher-forced NLL per token, unguided and guided, per scale, with
 ΔNLL against the full cache (`amskv_jax.nll`; deterministic). Images: `--images DIR` (one subfolder per class,
@@ -45,7 +45,7 @@ from amskv_jax.classifier import load_classifier
 from amskv_jax.fid import fid
 from amskv_jax.fidelity import format_table, policy_fidelity
 from amskv_jax.generate import DTYPES, default_top_k, image_grid
-from amskv_jax.nll import encode_images, format_nll_table, model_images, policy_nll, training_config
+from amskv_jax.nll import encode_images, evenly_spaced, format_nll_table, model_images, policy_nll, training_config
 from amskv_jax.policies import POLICIES, FullCache, policy_from_name, read_calibration
 from amskv_jax.quant import KV_DTYPES
 from amskv_jax.train.data import SPLITS, load_emoji_dataset, load_image_folder
@@ -78,11 +78,7 @@ def nll_images(
         raise UserError("--split picks from the model's own training data; it does not apply to --images")
     if directory is None and split is None:
         split = "heldout" if training_config(model)[1].split == "train" else "all"
-    images, labels, source = model_images(model, directory, split)
-    if limit is not None and limit < len(images):
-        keep = np.linspace(0, len(images) - 1, limit).round().astype(int)
-        images, labels, source = images[keep], labels[keep], f"{limit} of {source}, evenly spaced"
-    return images, labels, source
+    return evenly_spaced(*model_images(model, directory, split), limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +218,8 @@ def main(argv=None) -> int:
                         help="--nll: which split of the model's training data (default: the held-out split when it "
                         "has one, else all)")
     parser.add_argument("--limit", type=int, default=None,
-                        help="--nll: at most this many of the images, evenly spaced (default: all)")
+                        help="--nll, --frontier: at most this many of the (held-out) images, evenly spaced (default: "
+                        "all)")
     parser.add_argument("--frontier", action="store_true",
                         help="the memory-fidelity frontier of every policy family (held-out NLL; FID at the 75%% cut)")
     parser.add_argument("--search-budgets", type=search_budgets_arg, default=frontier.default_search_budgets(),

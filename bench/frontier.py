@@ -23,7 +23,7 @@ import numpy as np
 from amskv_jax.calibrate import search_calibrations
 from amskv_jax.fidelity import FRONTIER_SEARCH_BUDGETS, frontier_families, policy_fidelity, reference_share
 from amskv_jax.generate import default_top_k
-from amskv_jax.nll import encode_images, model_images, policy_nll
+from amskv_jax.nll import encode_images, evenly_spaced, model_images, policy_nll
 from amskv_jax.policies import AMSKV, FullCache
 
 TARGET_SHARE = 0.25  # the 75% cut where FID and class accuracy are measured
@@ -57,7 +57,7 @@ def measure_frontier(model, args) -> tuple[list[Point], dict]:
     """Every family's points on held-out images, and what they were measured on ({"heldout", "calibration",
     "searches": the search records, "policies": {name: policy}})."""
     c = model.config.var
-    images, labels, heldout = model_images(model, args.images, "heldout")
+    images, labels, heldout = evenly_spaced(*model_images(model, args.images, "heldout"), args.limit)
     calib_images, calib_labels, calibration = model_images(model, args.search_images, "train")
     print(f"held-out: {heldout}; search on {min(args.search_samples, len(calib_images))} of {calibration}",
           flush=True)

@@ -1,5 +1,5 @@
-"""`bench.fidelity --frontier`: every family on held-out NLL with both memory shares, the searches written and
-loadable, the plot drawn; bad input refused in one line with nothing written."""
+"""`bench.fidelity --frontier`: every family on held-out NLL (of `--limit` images) with both memory shares, the
+searches written and loadable, the plot drawn; bad input refused in one line with nothing written."""
 from __future__ import annotations
 
 import json
@@ -25,9 +25,11 @@ def test_the_frontier_covers_every_family_with_both_memory_shares(tmp_path, emoj
     out = tmp_path / "frontier"
     argv = ["--frontier", "--model", "tiny", "--images", str(emoji_folder), "--search-images", str(emoji_folder),
             "--search-budgets", "0.7,1", "--search-samples", "3", "--fid-samples", "0", "--batch", "4",
-            "--out", str(out)]
+            "--limit", "3", "--out", str(out)]
     assert bench.fidelity.main(argv) == 0
-    points = {p["name"]: p for p in json.loads((out / "frontier.json").read_text())["points"]}
+    report = json.loads((out / "frontier.json").read_text())
+    assert "held-out: 3 of the 4 images" in report["setting"]  # --limit: 3 of the 4 held-out images, evenly spaced
+    points = {p["name"]: p for p in report["points"]}
     families = {p["family"] for p in points.values()}
     assert families == {"full", "amskv (paper)", "sliding", "condensed", "scalebudget", "ladder", "searched"}
     assert points["full"]["delta"] == 0 and points["full"]["share"] == 1
