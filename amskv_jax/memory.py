@@ -21,9 +21,13 @@ activations, the VQ-VAE decode, copies). `--device-memory` finds, for each row, 
 (arguments + outputs + temporaries) fits that many bytes (`largest_batch`): the program's memory is affine in the
 batch, so a line through two compiles predicts it, and compiles around the prediction confirm it. The figures are
 the backend's own buffer assignment (on CPU, the CPU compiler's): compile on the accelerator for its figures.
+`--layer-loop` picks the layer loop compiled (`generate`'s; default the platform's: unrolled on one CPU, scan
+elsewhere); `--layer-loop scan` on a CPU compiles the loop a GPU runs, d30 in well under a minute where the
+unrolled loop takes minutes.
 
     python -m amskv_jax.memory --model d30 --batch 128 --dtype bfloat16 [--json] [--calibration layers.json]
         [--kv-dtype default int8 ...] [--policy full amskv ...] [--compile] [--device-memory 80GiB]
+        [--layer-loop auto|scan|unrolled]
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ from amskv_jax.cache import CacheLayout, cache_bytes
 from amskv_jax.checkpoint import EMBEDDED, model_kind, param_shapes
 from amskv_jax.config import ModelConfig, VARConfig, get_preset
 from amskv_jax.errors import UserError
-from amskv_jax.generate import generate
+from amskv_jax.generate import LAYER_LOOPS, generate, resolve_layer_loop
 from amskv_jax.policies import DEFAULT_POLICY, POLICIES, policy_from_name, read_calibration
 
 DTYPES = ("bfloat16", "float32")
@@ -228,11 +232,14 @@ def abstract_params(config: ModelConfig, dtype: str) -> dict:
 
 
 def program_memory(
-    config: ModelConfig, layout: CacheLayout, batch: int, dtype: str, kv_dtype: str | None = None, impl: str = "auto"
+    config: ModelConfig, layout: CacheLayout, batch: int, dtype: str, kv_dtype: str | None = None, impl: str = "auto",
+    layer_loop: str = "auto",
 ) -> ProgramMemory:
     """Compile the public `generate` for `batch` images on abstract params (weights in `dtype`) for the default
-    backend and return XLA's buffer assignment. Nothing is allocated or run."""
-    fn = jax.jit(functools.partial(generate, config=config, layout=layout, dtype=dtype, kv_dtype=kv_dtype, impl=impl))
+    backend and return XLA's buffer assignment. Nothing is allocated or run. `layer_loop` as `generate`'s ("auto":
+    the platform's; "scan" compiles on a CPU the loop a GPU or TPU runs, in a fraction of the unrolled loop's time)."""
+    fn = jax.jit(functools.partial(generate, config=config, layout=layout, dtype=dtype, kv_dtype=kv_dtype, impl=impl,
+                                   layer_loop=layer_loop))
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
     key = jax.eval_shape(jax.random.key, 0)
     stats = fn.lower(abstract_params(config, dtype), labels, key).compile().memory_analysis()
@@ -356,6 +363,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device-memory", default=None, metavar="SIZE",
                         help="also find each policy's largest batch whose compiled program fits SIZE: 80GiB, 80GB or "
                         "a byte count (give what the runtime leaves to programs)")
+    parser.add_argument("--layer-loop", default="auto", choices=LAYER_LOOPS,
+                        help="the layer loop compiled (default: this platform's; scan is a GPU's or TPU's)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of tables")
     args = parser.parse_args(argv)
     try:
@@ -380,12 +389,13 @@ def main(argv=None) -> int:
         layout = policy_from_name(row.policy, config, calibration).layout(config)
         kv_dtype = None if row.kv_dtype == args.dtype else row.kv_dtype
         measure = functools.cache(functools.partial(program_memory, model_config, layout, dtype=args.dtype,
-                                                    kv_dtype=kv_dtype))
+                                                    kv_dtype=kv_dtype, layer_loop=args.layer_loop))
         if args.compile:
             programs[row] = measure(args.batch)
         if device_memory:
             fit = largest_batch(measure, device_memory)
             fits[row] = fit, layout_bytes(layout, config, fit.batch, args.dtype, kv_dtype)[0] if fit.batch else 0
+    layer_loop = resolve_layer_loop(args.layer_loop)
     if args.json:
         out = []
         for row in rows:
@@ -396,11 +406,13 @@ def main(argv=None) -> int:
                 entry["largest_batch"] = {**fits[row][0].to_json(), "cache_bytes": fits[row][1]}
             if programs or fits:
                 entry["backend"] = backend_name()
+                entry["layer_loop"] = layer_loop
             out.append(entry)
         print(json.dumps(out, indent=1))
         return 0
     print(format_table(rows, config, args.batch, args.dtype, f"model {args.model}"))
-    compiled_for = f"`generate` compiled for {backend_name()}, jax {jax.__version__}, weights and compute in {args.dtype}"
+    compiled_for = (f"`generate` compiled for {backend_name()} ({layer_loop} layer loop), jax {jax.__version__}, "
+                    f"weights and compute in {args.dtype}")
     if programs:
         print()
         print(format_programs(list(programs.items()), f"{compiled_for}, batch {args.batch}:"))

@@ -193,10 +193,10 @@ def test_compiled_generate_counts_bf16_weights_and_the_largest_batch_fits(capsys
     largest batch's program fits and the next batch's does not."""
     memory = 96 * 2**20
     assert main(["--model", "tiny", "--batch", "1", "--policy", "amskv", "--compile", "--device-memory", "96MiB",
-                 "--json"]) == 0  # batch 1: the table's program is the search's first
+                 "--layer-loop", "scan", "--json"]) == 0  # batch 1: the table's program is the search's first
     row = json.loads(capsys.readouterr().out)[0]
     program, fit = row["program"], row["largest_batch"]
-    assert row["backend"].startswith(jax.default_backend())
+    assert row["backend"].startswith(jax.default_backend()) and row["layer_loop"] == "scan"
     weights = _nbytes(abstract_params(get_preset("tiny"), "bfloat16"))
     assert 2 * weights == _nbytes(abstract_params(get_preset("tiny"), "float32"))  # every weight cast
     # the weights it reads (not the VQ-VAE's encoder: jit drops unused arguments), the label (int32) and the key
