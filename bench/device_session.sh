@@ -10,7 +10,8 @@
 # the PyTorch reference. Each step has its own time limit, so one that overruns costs its limit, not the session;
 # the steps come in the order the brief asks for: the compiled program's memory on the GPU, the largest batch whose
 # program fits, the attention sweep, the GPU suite (which also runs the largest batch for real). Everything lands
-# in at most 8 files directly under $OUT (what the device tool brings back); copy the tables into bench/RESULTS.md with the machine, versions and these commands.
+# in at most 8 files directly under $OUT (what the device tool brings back); copy the tables into bench/RESULTS.md
+# with the machine, versions and these commands.
 set -u -o pipefail
 OUT=${OUT:-bench-out/device}
 STEPS=${STEPS:-"memory largest attention run"}
