@@ -49,11 +49,17 @@ class Segment:
 
 @dataclasses.dataclass(frozen=True)
 class LayerLayout:
-    """One layer's static slot plan. `reads[si]`: earlier scales scale si reads; `writes[si]`: its segments."""
+    """One layer's static slot plan. `reads[si]`: earlier scales scale si reads; `writes[si]`: its segments.
+    kv_dtype: the layer's own storage dtype (`quant.KV_DTYPES`; per-layer precision), None for the cache's."""
 
     capacity: int
     reads: tuple[tuple[int, ...], ...]
     writes: tuple[tuple[Segment, ...], ...]
+    kv_dtype: str | None = None
+
+    def storage(self, kv_dtype: str | None) -> str | None:
+        """The dtype this layer's K/V are stored in when the cache's is `kv_dtype`: its own, if it has one."""
+        return kv_dtype if self.kv_dtype is None else self.kv_dtype
 
     @functools.cached_property
     def _slot_scales(self) -> np.ndarray:
@@ -149,6 +155,10 @@ class CacheLayout:
     def group_capacities(self) -> tuple[int, ...]:
         return tuple(layer.group_capacity for layer in self.layers)
 
+    def storages(self, kv_dtype: str | None) -> tuple[str | None, ...]:
+        """Each layer's storage dtype when the cache's is `kv_dtype` (`LayerLayout.storage`)."""
+        return tuple(layer.storage(kv_dtype) for layer in self.layers)
+
 
 def teacher_mask(layout: CacheLayout) -> np.ndarray:
     """bool [kinds, L, L], per kind of `layout.kinds`: token t may attend token u iff u's scale is t's own or one of
@@ -165,15 +175,22 @@ def teacher_mask(layout: CacheLayout) -> np.ndarray:
 
 
 def build_layout(
-    reads: Callable[[int, int], tuple[int, ...]], depth: int, patch_nums: tuple[int, ...], policy: str
+    reads: Callable[[int, int], tuple[int, ...]], depth: int, patch_nums: tuple[int, ...], policy: str,
+    kv_dtypes: tuple[str | None, ...] | None = None,
 ) -> CacheLayout:
-    """Plan slots for every layer from `reads(layer, si)` (the earlier scales scale si's queries read).
+    """Plan slots for every layer from `reads(layer, si)` (the earlier scales scale si's queries read) and, with
+    `kv_dtypes`, each layer's own storage dtype (per-layer precision; None: the cache's).
 
     A scale is written only if a later scale reads it. When scale si writes, the slots of every scale that no query
     after si reads are free (si itself has just read them), and si fills free slots in ascending order, as few
     contiguous segments as that gives. Capacity is the most tokens live at once, which the allocator never exceeds.
     """
     sizes = [pn * pn for pn in patch_nums]
+    kv_dtypes = (None,) * depth if kv_dtypes is None else tuple(kv_dtypes)
+    if len(kv_dtypes) != depth:
+        raise UserError(f"per-layer storage dtypes for {len(kv_dtypes)} layers, but the model has {depth}")
+    for kv_dtype in kv_dtypes:
+        quant.check_kv_dtype(kv_dtype)
     layers = []
     for layer in range(depth):
         reads_l = tuple(tuple(sorted(set(reads(layer, si)))) for si in range(len(sizes)))
@@ -195,7 +212,7 @@ def build_layout(
             free = np.flatnonzero((held == -1) | expired)[:n]
             held[free] = si
             writes.append(_segments(free))
-        layers.append(LayerLayout(capacity=capacity, reads=reads_l, writes=tuple(writes)))
+        layers.append(LayerLayout(capacity=capacity, reads=reads_l, writes=tuple(writes), kv_dtype=kv_dtypes[layer]))
     return CacheLayout(patch_nums=tuple(patch_nums), layers=tuple(layers), policy=policy)
 
 
@@ -363,49 +380,52 @@ def init_cache(
 ) -> KVCache:
     """Empty buffers for `rows` sequences (2·batch under classifier-free guidance), one stack per layout kind.
 
-    dtype: the model's compute dtype; kv_dtype: the storage dtype (`quant.KV_DTYPES`), None for `dtype`. The
-    quantised ones add their float32 scales (`quant.KVScales`; int4 / int2 also the minima) and int4 / int2 pack
-    their codes into uint8 [.., head_dim / P]."""
-    quant.check_kv_dtype(kv_dtype, head_dim)
-    store = quant.storage_dtype(kv_dtype, dtype)
-    width = head_dim // quant.chunks(kv_dtype)
-    asymmetric = kv_dtype in quant.ASYMMETRIC
+    dtype: the model's compute dtype; kv_dtype: the storage dtype (`quant.KV_DTYPES`), None for `dtype`; a layer
+    with its own (`LayerLayout.kv_dtype`, per-layer precision) keeps its own. The quantised ones add their float32
+    scales (`quant.KVScales`; int4 / int2 also the minima) and int4 / int2 pack their codes into uint8
+    [.., head_dim / P]."""
+    for storage in {kv_dtype, *layout.storages(kv_dtype)}:
+        quant.check_kv_dtype(storage, head_dim)
 
-    def scales(n: int, plan: LayerLayout) -> quant.KVScales | None:
-        if not quant.is_quantized(kv_dtype):
-            return None
-        k = lambda: jnp.zeros((n, rows, plan.group_capacity, num_heads, head_dim), quant.SCALE_DTYPE)  # noqa: E731
-        v = lambda: jnp.zeros((n, rows, plan.capacity, num_heads), quant.SCALE_DTYPE)  # noqa: E731
-        return quant.KVScales(k=k(), v=v(), k_min=k() if asymmetric else None, v_min=v() if asymmetric else None,
-                              kv_dtype=kv_dtype)
+    def kind(n: int, plan: LayerLayout) -> KindCache:
+        storage = plan.storage(kv_dtype)
+        store = quant.storage_dtype(storage, dtype)
+        width = head_dim // quant.chunks(storage)
 
-    def buffer(n: int, plan: LayerLayout, fill) -> jax.Array:
-        values = jnp.full((n, rows, plan.capacity, num_heads, width), fill, store)
-        return jax.lax.bitcast_convert_type(values, bits_dtype(store))
+        def buffer(fill) -> jax.Array:
+            values = jnp.full((n, rows, plan.capacity, num_heads, width), fill, store)
+            return jax.lax.bitcast_convert_type(values, bits_dtype(store))
 
-    return KVCache(
-        kinds=tuple(
-            KindCache(
-                k=buffer(n, plan, 0),
-                v=buffer(n, plan, empty_v(store)),
-                slot_scale=jnp.full((n, plan.capacity), -1, jnp.int32),
-                dtype=store,
-                scales=scales(n, plan),
-            )
-            for plan, n in zip(layout.kinds, layout.kind_sizes, strict=True)
-        )
-    )
+        scales = None
+        if quant.is_quantized(storage):
+            asymmetric = storage in quant.ASYMMETRIC
+            k = lambda: jnp.zeros((n, rows, plan.group_capacity, num_heads, head_dim), quant.SCALE_DTYPE)  # noqa: E731
+            v = lambda: jnp.zeros((n, rows, plan.capacity, num_heads), quant.SCALE_DTYPE)  # noqa: E731
+            scales = quant.KVScales(k=k(), v=v(), k_min=k() if asymmetric else None,
+                                    v_min=v() if asymmetric else None, kv_dtype=storage)
+        return KindCache(k=buffer(0), v=buffer(empty_v(store)), slot_scale=jnp.full((n, plan.capacity), -1, jnp.int32),
+                         dtype=store, scales=scales)
+
+    return KVCache(kinds=tuple(kind(n, plan) for plan, n in zip(layout.kinds, layout.kind_sizes, strict=True)))
+
+
+def layer_bytes(
+    plan: LayerLayout, rows: int, num_heads: int, head_dim: int, dtype=jnp.bfloat16, kv_dtype: str | None = None
+) -> int:
+    """Exact bytes of one layer's buffers in `init_cache` with the same arguments (its slot_scale's few bytes
+    included): K and V at `quant.value_bits` per element of the layer's storage (int4 / int2 packed), plus for
+    quantised storage the float32 scales (K: per group and channel, V: per slot and head), twice for int4 / int2
+    (scale and minimum)."""
+    storage, slots = plan.storage(kv_dtype), plan.capacity
+    total = 2 * rows * slots * num_heads * head_dim * quant.value_bits(storage, dtype) // 8 + 4 * slots
+    if quant.is_quantized(storage):
+        per_scale = jnp.dtype(quant.SCALE_DTYPE).itemsize * (2 if storage in quant.ASYMMETRIC else 1)
+        total += per_scale * rows * num_heads * (plan.group_capacity * head_dim + slots)
+    return total
 
 
 def cache_bytes(
     layout: CacheLayout, rows: int, num_heads: int, head_dim: int, dtype=jnp.bfloat16, kv_dtype: str | None = None
 ) -> int:
-    """Exact bytes of the buffers of `init_cache` with the same arguments (slot_scale's few bytes included): K and V
-    at `quant.value_bits` per element (int4 / int2 packed), plus for quantised storage the float32 scales (K: per
-    group and channel, V: per slot and head), twice for int4 / int2 (scale and minimum)."""
-    slots = sum(layout.capacities)
-    total = 2 * rows * slots * num_heads * head_dim * quant.value_bits(kv_dtype, dtype) // 8 + 4 * slots
-    if quant.is_quantized(kv_dtype):
-        per_scale = jnp.dtype(quant.SCALE_DTYPE).itemsize * (2 if kv_dtype in quant.ASYMMETRIC else 1)
-        total += per_scale * rows * num_heads * (sum(layout.group_capacities) * head_dim + slots)
-    return total
+    """Exact bytes of the buffers of `init_cache` with the same arguments: every layer's `layer_bytes`."""
+    return sum(layer_bytes(plan, rows, num_heads, head_dim, dtype, kv_dtype) for plan in layout.layers)

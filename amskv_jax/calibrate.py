@@ -16,10 +16,13 @@ attention are captured and reduced to:
   (ScaleKV's drafters spread their attention over the history, refiners keep it on the current map).
 
 With `--search --budget B`, also every layer's AMS-KV budget, chosen to minimise the teacher-forced NLL of the
-calibration images within B × the full cache's slots (`search.py`).
+calibration images within B × the full cache's slots (`search.py`); with `--precisions int8,int4,int2`, also each
+layer's storage dtype (KVTuner's layer-wise precision, judged by the NLL), B then a fraction of the full cache's
+bytes.
 
     python -m amskv_jax.calibrate --model d16 --samples 64 --out layers.json [--fraction 0.35 | --threshold T] [--plot]
     python -m amskv_jax.calibrate --model d16 --search --budget 0.25 [--images DIR] [--samples 64] --out search.json
+    python -m amskv_jax.calibrate --model d16 --search --budget 0.1 --precisions int8,int4,int2 --out mixed.json
 
 The JSON records the scores, the per-scale statistics, the choice, the search if any and the method;
 `AMSKV.from_calibration(path)` and `ScaleBudget.from_calibration(path)` load it.
@@ -45,9 +48,9 @@ from amskv_jax.attention import prepare_qk
 from amskv_jax.config import ModelConfig, VARConfig
 from amskv_jax.errors import UserError
 from amskv_jax.generate import DTYPES
-from amskv_jax.policies import CALIBRATION_FORMAT, DEMANDING_FRACTION, select_layers
+from amskv_jax.policies import CALIBRATION_FORMAT, DEMANDING_FRACTION, select_layers, storage_label
 from amskv_jax.resize import resize_bicubic
-from amskv_jax.search import check_budget
+from amskv_jax.search import check_budget, check_precisions
 from amskv_jax.untrusted import write_atomic
 from amskv_jax.var import VAR, block_causal_mask
 
@@ -276,15 +279,18 @@ def search_calibrations(
     model, images_NHWC: np.ndarray, labels_N: np.ndarray, budgets: Sequence[float], *, samples: int = 64,
     batch: int = 64, dtype: str = "float32", upsample: str = "bicubic", measure: str = "k", similarity: str = "l2",
     finer_from: int = 2, fraction: float | None = None, threshold: float | None = None, model_name: str = "",
-    source: str = "", progress: bool = True,
+    source: str = "", progress: bool = True, precisions: Sequence[str] = (),
 ) -> list[dict]:
-    """One calibration record per budget (a fraction of the full cache's slots) from real images: `samples` of
-    them, evenly spaced (all when fewer), teacher-forced with both guidance rows for the similarity scores, and the
-    per-layer AMS-KV budgets searched on their NLL (`search.search_budgets`, the scores shared between budgets)."""
+    """One calibration record per budget (a fraction of the full cache's slots; with `precisions`, of its bytes)
+    from real images: `samples` of them, evenly spaced (all when fewer), teacher-forced with both guidance rows for
+    the similarity scores, and the per-layer AMS-KV budgets (and storage dtypes, among the compute dtype and
+    `precisions`) searched on their NLL (`search.search_budgets`, the scores shared between budgets)."""
     from amskv_jax.nll import encode_images
     from amskv_jax.search import nll_score, search_budgets
 
     budgets = [check_budget(b) for b in budgets]
+    precisions = tuple(precisions)
+    check_precisions(precisions, model.config.var.head_dim)
     if samples < 1 or batch < 1:
         raise UserError(f"samples and batch must be >= 1, got {samples} and {batch}")
     c = model.config.var
@@ -302,9 +308,14 @@ def search_calibrations(
     summary = summarise(total, finer_from=finer_from, measure=measure, similarity=similarity, fraction=fraction,
                         threshold=threshold)
     selection = summary.pop("selection")
-    score, memo, out = nll_score(model, gt, x, labels, batch=batch, dtype=dtype), {}, []
+    score, memo, out = nll_score(model, gt, x, labels, batch=batch, dtype=dtype, precisions=precisions), {}, []
     for budget in budgets:
-        result = search_budgets(c, score, budget, progress=progress, memo=memo)
+        result = search_budgets(c, score, budget, progress=progress, memo=memo, precisions=precisions)
+        mixed = {} if result.kv_dtypes is None else {
+            "kv_dtypes": list(result.kv_dtypes), "precisions": [None, *precisions], "bytes": result.bytes,
+            "byte_bound": result.byte_bound, "full_bytes": result.full_bytes,
+            "cost": "bytes per image row of a bfloat16-compute cache, float32 scales included (cache.layer_bytes)",
+        }
         out.append({
             "format": CALIBRATION_FORMAT,
             "model": model_name,
@@ -318,15 +329,16 @@ def search_calibrations(
                 "similarity": similarity_method(similarity, upsample, measure, finer_from),
                 "metric": similarity, "upsample": upsample, "measure": measure, "finer_from": finer_from,
                 "selection": {**selection, "rule": "demanding = lowest similarity"},
-                "search": "per-layer AMS-KV budgets minimising the mean unguided teacher-forced NLL of the images "
-                          "(conditional rows) within the bound; amskv_jax/search.py",
+                "search": "per-layer AMS-KV budgets" + (" and storage dtypes" if precisions else "")
+                          + " minimising the mean unguided teacher-forced NLL of the images (conditional rows) "
+                          "within the bound; amskv_jax/search.py",
             },
             **{k: v for k, v in summary.items() if k != "demanding_layers"},
             "search": {
                 "budget": budget, "budgets": list(result.budgets), "condensed_scales": result.condensed_scales,
                 "slots": result.slots, "bound": result.bound, "full_slots": result.full_slots, "nll": result.nll,
                 "full_nll": result.full_nll, "levels": list(result.levels), "evaluations": result.evaluations,
-                "steps": list(result.steps), "dtype": dtype,
+                "steps": list(result.steps), "dtype": dtype, **mixed,
             },
         })
     return out
@@ -417,6 +429,10 @@ def main(argv=None) -> int:
                         help="also choose every layer's AMS-KV budget by teacher-forced NLL of real images")
     parser.add_argument("--budget", type=budget_arg, default=None,
                         help="--search: the cache's bound, a fraction of the full cache's slots in (0, 1]")
+    parser.add_argument("--precisions", default="",
+                        help="--search: also choose each layer's storage dtype, the compute dtype or one of these "
+                        "(comma-separated quantised dtypes, finest first, e.g. int8,int4,int2); the budget is then "
+                        "a fraction of the full cache's bytes (bfloat16)")
     parser.add_argument("--images", type=Path, default=None,
                         help="--search: calibration images, one subfolder per class (default: the train split of "
                         "the model's training data; never its held-out split)")
@@ -434,8 +450,10 @@ def main(argv=None) -> int:
             if args.mesh:
                 raise UserError("--search runs on one device; drop --mesh")
             args.samples = 64 if args.samples is None else args.samples
-        elif args.budget is not None or args.images is not None:
-            raise UserError("--budget and --images go with --search")
+            args.precisions = [p for p in args.precisions.split(",") if p]
+            check_precisions(args.precisions)
+        elif args.budget is not None or args.images is not None or args.precisions:
+            raise UserError("--budget, --precisions and --images go with --search")
         if args.samples is None:
             raise UserError("--samples is required (images generated with the full cache)")
         if args.samples < 1 or args.batch < 1:
@@ -465,7 +483,7 @@ def main(argv=None) -> int:
               f"{min(args.samples, len(images))} of {source}", flush=True)
         (data,) = search_calibrations(
             model, images, labels, [args.budget], samples=args.samples, batch=args.batch, dtype=args.dtype,
-            model_name=args.model, source=source, **selection,
+            model_name=args.model, source=source, precisions=args.precisions, **selection,
         )
     else:
         print(f"model {args.model}: {model.description}; {args.samples} samples", flush=True)
@@ -480,6 +498,8 @@ def main(argv=None) -> int:
         mark = "  demanding" if layer in data["demanding_layers"] else ""
         k, v, spread = (scores[name][layer] for name in ("similarity_k", "similarity_v", "dispersion"))
         budget = f"  budget {data['search']['budgets'][layer]} slots" if args.search else ""
+        if args.search and "kv_dtypes" in data["search"]:
+            budget += f" in {storage_label(data['search']['kv_dtypes'][layer])}"
         print(f"layer {layer:3d}: similarity ({args.similarity}) K {k:.3f} V {v:.3f}  dispersion {spread:.3f}"
               f"{mark}{budget}")
     print(f"wrote {out}: demanding layers {data['demanding_layers']}")
@@ -489,6 +509,9 @@ def main(argv=None) -> int:
               f"({found['slots'] / found['full_slots']:.1%}; bound {found['bound']}), calibration NLL "
               f"{found['nll']:.4f} against the full cache's {found['full_nll']:.4f}; {found['evaluations']} "
               f"candidates scored. Load it with --policy amskv --calibration {out}")
+        if "kv_dtypes" in found:
+            print(f"with per-layer storage: {found['bytes']:,} of {found['full_bytes']:,} bytes per row "
+                  f"({found['bytes'] / found['full_bytes']:.1%} of the full bfloat16 cache; bound {found['byte_bound']:,})")
     if args.plot:
         for path in plot(data, out.with_suffix("")):
             print(f"wrote {path}")

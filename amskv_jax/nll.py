@@ -127,13 +127,25 @@ def layer_masks(layout: CacheLayout) -> np.ndarray:
     return teacher_mask(layout)[np.asarray(layout.kind_of)]
 
 
+def storage_codes(per_layer: tuple[str | None, ...], choices: tuple[str | None, ...] | None = None):
+    """(choices, code int32 [D]): each layer's storage dtype as an index into `choices` (default: the distinct ones
+    in order), the form `VAR.teacher_states(storage=...)` takes, the codes an argument of the compiled program."""
+    choices = tuple(dict.fromkeys(per_layer)) if choices is None else tuple(choices)
+    missing = sorted({str(s) for s in per_layer if s not in choices})
+    if missing:
+        raise ValueError(f"storage dtypes {missing} are not among the choices {choices}")
+    return choices, np.asarray([choices.index(s) for s in per_layer], np.int32)
+
+
 def masked_logits(var_params, labels_B, x_BLCv, masks_DLL, *, config: VARConfig, dtype=jnp.float32,
-                  kv_dtype: str | None = None):
-    """Teacher-forced logits [B, L, V] with layer l attending under masks_DLL[l] (bool [D, L, L], traced): equal to
-    `VAR.apply(params, labels, x, layout)` for masks_DLL = `layer_masks(layout)` (`VAR.teacher_states` with the
-    masks as an argument, so one compiled program serves every layout of a model: the search scores hundreds)."""
+                  storage: tuple | None = None):
+    """Teacher-forced logits [B, L, V] with layer l attending under masks_DLL[l] (bool [D, L, L], traced) and
+    reading earlier scales as its storage holds them (`storage` = (choices, code [D], may be traced); None:
+    unquantised): equal to `VAR.apply(params, labels, x, layout)` for masks_DLL = `layer_masks(layout)` (and the
+    layout's storage, `storage_codes`). `VAR.teacher_states` with both as arguments, so one compiled program
+    serves every layout of a model: the search scores hundreds."""
     logits, _ = VAR(config, dtype=dtype).apply(
-        var_params, labels_B, x_BLCv, keep=False, kv_dtype=kv_dtype, masks=(masks_DLL, np.arange(config.depth)),
+        var_params, labels_B, x_BLCv, keep=False, masks=(masks_DLL, np.arange(config.depth)), storage=storage,
         method=VAR.teacher_states,
     )
     return logits
@@ -149,24 +161,35 @@ def _scale_sums(logits_BLV, gt_BL, weight_B, begin_ends) -> jax.Array:
     return jnp.stack(out)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "kv_dtype"))
-def _nll_sums(var_params, labels_B, gt_BL, x_BLCv, weight_B, cfg, masks_DLL, *, config: VARConfig, dtype, kv_dtype):
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "choices"))
+def _nll_sums(var_params, labels_B, gt_BL, x_BLCv, weight_B, cfg, masks_DLL, codes_D, *, config: VARConfig, dtype,
+              choices):
     """Per-scale sums over rows (weighted by weight_B, 0 for padding) of the mean unguided and guided NLL."""
     c = config
     labels_2B = sampling.guidance_rows(labels_B, c.num_classes)
     logits_2BLV = masked_logits(var_params, labels_2B, jnp.repeat(x_BLCv, 2, axis=0), masks_DLL, config=c,
-                                dtype=DTYPES[dtype], kv_dtype=kv_dtype)
+                                dtype=DTYPES[dtype], storage=(choices, codes_D))
     mixed = [sampling.apply_guidance(logits_2BLV[:, b:e], cfg, sampling.guidance_ratio(si, c.num_scales))
              for si, (b, e) in enumerate(c.begin_ends)]
     return (_scale_sums(logits_2BLV[0::2], gt_BL, weight_B, c.begin_ends),
             _scale_sums(jnp.concatenate(mixed, axis=1), gt_BL, weight_B, c.begin_ends))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _unguided_sums(var_params, labels_B, gt_BL, x_BLCv, weight_B, masks_DLL, *, config: VARConfig, dtype):
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "choices"))
+def _unguided_sums(var_params, labels_B, gt_BL, x_BLCv, weight_B, masks_DLL, codes_D, *, config: VARConfig, dtype,
+                   choices):
     """`_nll_sums`' unguided half from the conditional rows alone: half the work, for the budget search."""
-    logits_BLV = masked_logits(var_params, labels_B, x_BLCv, masks_DLL, config=config, dtype=DTYPES[dtype])
+    logits_BLV = masked_logits(var_params, labels_B, x_BLCv, masks_DLL, config=config, dtype=DTYPES[dtype],
+                               storage=(choices, codes_D))
     return _scale_sums(logits_BLV, gt_BL, weight_B, config.begin_ends)
+
+
+def check_storages(storages, head_dim: int) -> None:
+    """Teacher forcing reproduces quantised caches and unquantised ones (None): raise UserError for another."""
+    for kv_dtype in storages:
+        if check_kv_dtype(kv_dtype, head_dim) is not None and not is_quantized(kv_dtype):
+            raise UserError(f"kv_dtype {kv_dtype!r}: teacher forcing reproduces quantised caches "
+                             f"({', '.join(k for k in KV_DTYPES if is_quantized(k))}) or None")
 
 
 def _padded_batches(n: int, batch: int):
@@ -179,17 +202,22 @@ def _padded_batches(n: int, batch: int):
 
 
 def unguided_nll(model, layout: CacheLayout, gt_NL: np.ndarray, x_NLCv: np.ndarray, labels_N: np.ndarray, *,
-                 batch: int = 64, dtype: str = "float32") -> float:
-    """The mean unguided NLL per token (scales weighted by their token counts) of these images under `layout`:
-    `policy_nll(...).mean_unguided` without the unconditional rows (the budget search's score)."""
+                 batch: int = 64, dtype: str = "float32", choices: tuple[str | None, ...] | None = None) -> float:
+    """The mean unguided NLL per token (scales weighted by their token counts) of these images under `layout`
+    (its layers' storage too): `policy_nll(...).mean_unguided` without the unconditional rows (the budget search's
+    score). `choices`: the storage dtypes the compiled program can pick per layer (default: the layout's); a
+    search passes all it tries, so that every candidate runs one program."""
     c = model.config.var
     check_layout(layout, c)
+    choices, codes = storage_codes(layout.storages(None), choices)
+    check_storages(choices, c.head_dim)
     masks, n = jnp.asarray(layer_masks(layout)), len(gt_NL)
     sums = np.zeros(c.num_scales)
     for rows, weight in _padded_batches(n, batch):
         sums += np.asarray(_unguided_sums(
             model.params["var"], jnp.asarray(labels_N[rows], jnp.int32), jnp.asarray(gt_NL[rows]),
-            jnp.asarray(x_NLCv[rows]), jnp.asarray(weight), masks, config=c, dtype=dtype,
+            jnp.asarray(x_NLCv[rows]), jnp.asarray(weight), masks, jnp.asarray(codes), config=c, dtype=dtype,
+            choices=choices,
         ), np.float64)
     sizes = np.array([pn * pn for pn in c.patch_nums])
     return float(np.dot(sums / n, sizes) / sizes.sum())
@@ -205,11 +233,10 @@ def policy_nll(
     over the layouts' batches."""
     config: ModelConfig = model.config
     c = config.var
-    if check_kv_dtype(kv_dtype, c.head_dim) is not None and not is_quantized(kv_dtype):
-        raise UserError(f"kv_dtype {kv_dtype!r}: teacher forcing reproduces quantised caches "
-                         f"({', '.join(k for k in KV_DTYPES if is_quantized(k))}) or None")
+    check_storages((kv_dtype,), c.head_dim)
     for layout in layouts.values():
         check_layout(layout, c)
+        check_storages(layout.storages(kv_dtype), c.head_dim)
     n = len(gt_NL)
     if not n == len(x_NLCv) == len(labels_N):
         raise UserError(f"tokens, inputs and labels differ in count: {n}, {len(x_NLCv)}, {len(labels_N)}")
@@ -219,12 +246,13 @@ def policy_nll(
     for name, layout in layouts.items():
         bar.set_postfix_str(name + ("" if kv_dtype is None else f"+{kv_dtype}"))
         masks = jnp.asarray(layer_masks(layout))
+        choices, codes = storage_codes(layout.storages(kv_dtype))
         sums = np.zeros((2, c.num_scales))
         for rows, weight in _padded_batches(n, batch):
             unguided, guided = _nll_sums(
                 model.params["var"], jnp.asarray(labels_N[rows], jnp.int32), jnp.asarray(gt_NL[rows]),
-                jnp.asarray(x_NLCv[rows]), jnp.asarray(weight), jnp.float32(cfg), masks, config=c, dtype=dtype,
-                kv_dtype=kv_dtype,
+                jnp.asarray(x_NLCv[rows]), jnp.asarray(weight), jnp.float32(cfg), masks, jnp.asarray(codes), config=c,
+                dtype=dtype, choices=choices,
             )
             sums += np.stack([np.asarray(unguided, np.float64), np.asarray(guided, np.float64)])
             bar.update()

@@ -50,6 +50,10 @@ class Policy(abc.ABC):
     def validate(self, depth: int, patch_nums: tuple[int, ...]) -> None:
         """Raise ValueError for settings that do not fit a model of this depth and ladder."""
 
+    def storages(self) -> tuple[str | None, ...] | None:
+        """Each layer's own K/V storage dtype (None: the cache's); None when no layer has one."""
+        return None
+
     def layout(self, config: VARConfig) -> CacheLayout:
         self.validate(config.depth, config.patch_nums)
         return build_layout(
@@ -57,6 +61,7 @@ class Policy(abc.ABC):
             config.depth,
             config.patch_nums,
             policy=repr(self),
+            kv_dtypes=self.storages(),
         )
 
 
@@ -217,19 +222,66 @@ class AMSKV(Policy):
 
     @classmethod
     def from_calibration(cls, path: str | Path | dict, *, cut: float = 0.8, fraction: float | None = None,
-                         threshold: float | None = None) -> AMSKV:
+                         threshold: float | None = None) -> Policy:
         """AMS-KV from a calibration file (`python -m amskv_jax.calibrate`): the searched per-layer budgets when
-        the file holds a search (`calibrate --search`), else the paper's two-level allocation at `cut` with the
-        file's demanding layers (or those `fraction` / `threshold` picks from its similarity scores)."""
+        the file holds a search (`calibrate --search`; with its per-layer storage, a `PerLayerPrecision`, when it
+        searched precision too), else the paper's two-level allocation at `cut` with the file's demanding layers
+        (or those `fraction` / `threshold` picks from its similarity scores)."""
         data = read_calibration(path) if isinstance(path, (str, Path)) else path
         patch_nums = tuple(data["patch_nums"])
         if "search" in data and fraction is None and threshold is None:
-            return cls(budgets=tuple(data["search"]["budgets"]), condensed_scales=data["search"]["condensed_scales"],
-                       patch_nums=patch_nums)
+            search = data["search"]
+            policy = cls(budgets=tuple(search["budgets"]), condensed_scales=search["condensed_scales"],
+                         patch_nums=patch_nums)
+            storages = search.get("kv_dtypes")
+            return policy if storages is None else PerLayerPrecision(policy, tuple(storages))
         layers = data["demanding_layers"]
         if fraction is not None or threshold is not None:
             layers = select_layers(data["scores"]["similarity"], fraction=fraction, threshold=threshold, lowest=True)
         return cls.two_level(patch_nums, data["depth"], cut, layers)
+
+
+def storage_label(kv_dtype: str | None) -> str:
+    """A layer's storage dtype for tables: its name, or "compute" (the compute dtype) for None."""
+    return "compute" if kv_dtype is None else kv_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class PerLayerPrecision(Policy):
+    """Another policy's slots, each layer's K/V stored in a dtype of its own (KVTuner's layer-wise precision, here
+    chosen by teacher-forced NLL: `calibrate --search --precisions`). kv_dtypes: one per layer, each None (the
+    cache's storage, by default the compute dtype) or one of `quant.KV_DTYPES`; layers of one storage form their own
+    cache kinds, so each stack is exactly its storage's size."""
+
+    policy: Policy
+    kv_dtypes: tuple[str | None, ...]
+
+    def __post_init__(self):
+        from amskv_jax.quant import check_kv_dtype
+
+        if not isinstance(self.policy, Policy) or isinstance(self.policy, PerLayerPrecision):
+            raise UserError(f"PerLayerPrecision wraps a slot policy, got {self.policy!r}")
+        if isinstance(self.kv_dtypes, (str, bytes)) or not hasattr(self.kv_dtypes, "__iter__"):
+            raise UserError(f"kv_dtypes must be one storage dtype per layer, got {self.kv_dtypes!r}")
+        object.__setattr__(self, "kv_dtypes", tuple(self.kv_dtypes))
+        for kv_dtype in self.kv_dtypes:
+            check_kv_dtype(kv_dtype)
+
+    def validate(self, depth, patch_nums):
+        self.policy.validate(depth, patch_nums)
+        if len(self.kv_dtypes) != depth:
+            raise UserError(f"per-layer storage for {len(self.kv_dtypes)} layers, but the model has {depth}")
+
+    def reads(self, layer, si, depth, patch_nums):
+        return self.policy.reads(layer, si, depth, patch_nums)
+
+    def storages(self):
+        return self.kv_dtypes
+
+    def describe(self) -> str:
+        runs = [(s, len(list(group))) for s, group in itertools.groupby(self.kv_dtypes)]
+        text = ", ".join(storage_label(s) + (f" ×{n}" if n > 1 else "") for s, n in runs)
+        return f"{self.policy.describe()}; per-layer storage [{text}]"
 
 
 @dataclasses.dataclass(frozen=True)

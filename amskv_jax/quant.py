@@ -206,6 +206,21 @@ def fake_quantize_kv(k_BLHD: jax.Array, v_BLHD: jax.Array, patch_nums: tuple[int
     return jnp.concatenate(keys, axis=1), v
 
 
+def read_as_stored(k_BLHD: jax.Array, v_BLHD: jax.Array, patch_nums: tuple[int, ...], choices: tuple, code=0):
+    """(K float32, V in its own dtype) of all L tokens as storage `choices[code]` gives them back
+    (`fake_quantize_kv`; None: unquantised, as they are). `code` may be traced (a scanned layer loop whose layers
+    have their own precision): `lax.switch` runs the chosen storage's branch only."""
+
+    def branch(kv_dtype):
+        if kv_dtype is None:
+            return lambda k, v: (k.astype(jnp.float32), v)
+        return lambda k, v: fake_quantize_kv(k, v, patch_nums, kv_dtype)
+
+    if len(choices) == 1:
+        return branch(choices[0])(k_BLHD, v_BLHD)
+    return jax.lax.switch(code, [branch(kv_dtype) for kv_dtype in choices], k_BLHD, v_BLHD)
+
+
 def _expand(arrays, axis: int) -> list:
     """Each array with a new axis `axis` (None stays None)."""
     return [None if a is None else jnp.expand_dims(a, axis) for a in arrays]

@@ -18,6 +18,12 @@ The search, deterministic (ties go to the lower layer and level):
    until a pass finds none (at most `passes` passes).
 
 Every distinct candidate is scored once: pass one `memo` dict to searches at several bounds to share the scores.
+
+With `precisions` (KVTuner's idea, judged by the NLL instead of a proxy), a layer's option is a level *and* a
+storage dtype (the compute dtype or a quantised one, `PerLayerPrecision`), the cost its bytes and the bound a
+fraction of the full cache's bytes; the table adds each layer's precision cost (that layer alone quantised in the
+full cache) to its level's, and the moves also step one layer's precision. The storages are an argument of the
+same compiled program (`nll.unguided_nll(choices=...)`).
 """
 from __future__ import annotations
 
@@ -25,19 +31,24 @@ import dataclasses
 import math
 from collections.abc import Callable
 
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from amskv_jax import quant
+from amskv_jax.cache import layer_bytes
 from amskv_jax.config import VARConfig
 from amskv_jax.errors import UserError
-from amskv_jax.policies import AMSKV, FullCache, budget_levels
+from amskv_jax.policies import AMSKV, FullCache, PerLayerPrecision, Policy, budget_levels
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
-    """The chosen per-layer budgets (slots), their total and NLL, the bound, the full cache's slots and NLL, the
-    levels searched and the condensed scales every layer keeps (what `AMSKV` needs to rebuild the policy), how many
-    candidates were scored, and the accepted steps (for the record)."""
+    """The chosen per-layer budgets (slots) and, when precision was searched, storage dtypes (None: the compute
+    dtype), their cost and NLL, the bound, the full cache's cost and NLL, the levels searched and the condensed
+    scales every layer keeps (what `AMSKV` needs to rebuild the policy), how many candidates were scored, and the
+    accepted steps (for the record). Cost: slots, or with precision bytes per image row as a bfloat16-compute
+    cache stores them (`cache.layer_bytes`)."""
 
     budgets: tuple[int, ...]
     slots: int
@@ -49,6 +60,14 @@ class SearchResult:
     condensed_scales: int
     evaluations: int
     steps: tuple[dict, ...]
+    kv_dtypes: tuple[str | None, ...] | None = None
+    bytes: int | None = None
+    byte_bound: int | None = None
+    full_bytes: int | None = None
+
+    def policy(self, patch_nums: tuple[int, ...]) -> Policy:
+        """The searched policy: AMS-KV with these budgets (and `PerLayerPrecision` with these storages)."""
+        return _policy(self.budgets, self.kv_dtypes, self.condensed_scales, patch_nums)
 
 
 def check_budget(budget: float) -> float:
@@ -58,90 +77,177 @@ def check_budget(budget: float) -> float:
     return float(budget)
 
 
+def check_precisions(precisions, head_dim: int | None = None) -> tuple[str | None, ...]:
+    """The storage dtypes a search may give a layer: the compute dtype (None) first, then the quantised ones named,
+    finest first as given; anything else is refused in one line."""
+    allowed = [k for k in quant.KV_DTYPES if quant.is_quantized(k)]
+    out = [None]
+    for kv_dtype in precisions:
+        if kv_dtype is None:
+            continue
+        if kv_dtype not in allowed:
+            raise UserError(f"precision {kv_dtype!r}: a search chooses among quantised storage dtypes; allowed: "
+                             f"{', '.join(allowed)}")
+        quant.check_kv_dtype(kv_dtype, head_dim)
+        if kv_dtype not in out:
+            out.append(kv_dtype)
+    return tuple(out)
+
+
+def _policy(budgets, kv_dtypes, condensed_scales, patch_nums) -> Policy:
+    policy = AMSKV(budgets=tuple(budgets), condensed_scales=condensed_scales, patch_nums=patch_nums)
+    if kv_dtypes is None or all(s is None for s in kv_dtypes):
+        return policy
+    return PerLayerPrecision(policy, tuple(kv_dtypes))
+
+
+BYTE_UNITS = 10_000  # with precision, the knapsack counts bytes in 1/BYTE_UNITS of the full cache's (rounded up)
+
+
 def search_budgets(
-    config: VARConfig, score: Callable[[AMSKV], float], budget: float, *, condensed_scales: int = 2,
-    passes: int = 3, progress: bool = True, memo: dict | None = None,
+    config: VARConfig, score: Callable[[Policy], float], budget: float, *, condensed_scales: int = 2,
+    passes: int = 3, progress: bool = True, memo: dict | None = None, precisions: tuple[str | None, ...] = (),
 ) -> SearchResult:
     """Per-layer AMS-KV budgets within `budget` × the full cache's slots that minimise `score(policy)` (the
-    calibration NLL; `nll_score` builds it). `memo`: {per-layer budgets: score}, read and filled."""
+    calibration NLL; `nll_score` builds it). `memo`: {(per-layer budgets, storages): score}, read and filled.
+
+    `precisions` (quantised storage dtypes, finest first, e.g. ("int8", "int4", "int2")): each layer also gets a
+    storage dtype, the compute dtype or one of these, and the bound is `budget` × the full cache's bytes (compute
+    in bfloat16; `cache.layer_bytes` per image row, float32 scales included). The marginal table then adds, per
+    layer, the NLL change of storing that layer (alone, at the full cache) in each precision; the local moves also
+    change one layer's precision one step."""
     budget = check_budget(budget)
     depth, patch_nums = config.depth, config.patch_nums
+    storages = check_precisions(precisions, config.head_dim)
     levels = budget_levels(patch_nums, condensed_scales)
     full_slots = sum(FullCache().layout(config).capacities)
-    bound = math.floor(budget * full_slots + 1e-9)
-    if depth * levels[0] > bound:
+    if depth * levels[0] > math.floor(budget * full_slots + 1e-9):
         floor = depth * levels[0]
-        raise UserError(f"budget {budget} leaves {bound} slots; the condensed scales alone need {floor} ({depth} "
-                         f"layers × {levels[0]}): allowed budgets are >= {floor / full_slots:.4f}")
-    memo = {} if memo is None else memo
+        raise UserError(f"budget {budget} leaves {math.floor(budget * full_slots + 1e-9)} slots; the condensed "
+                         f"scales alone need {floor} ({depth} layers × {levels[0]}): allowed budgets are >= "
+                         f"{floor / full_slots:.4f}")
+    mixed = len(storages) > 1
     top = len(levels) - 1
+    if mixed:
+        plans = [AMSKV(budgets=(level,) * depth, condensed_scales=condensed_scales).layout(config).layers[0]
+                 for level in levels]
+        layer_cost = [[layer_bytes(dataclasses.replace(plan, kv_dtype=s), 1, config.num_heads, config.head_dim,
+                                   jnp.bfloat16) for s in storages] for plan in plans]
+        full_bytes = depth * layer_cost[top][0]
+        byte_bound = math.floor(budget * full_bytes + 1e-9)
+        unit = full_bytes / BYTE_UNITS
+        cost = [[math.ceil(b / unit - 1e-9) for b in row] for row in layer_cost]
+        bound = math.floor(budget * BYTE_UNITS + 1e-9)
+        if depth * cost[0][-1] > bound:
+            raise UserError(f"budget {budget}: the condensed scales alone in {storages[-1]} need "
+                             f"{depth * layer_cost[0][-1]} of the full cache's {full_bytes} bytes per row")
+    else:
+        cost = [[level] for level in levels]
+        bound = math.floor(budget * full_slots + 1e-9)
+    memo = {} if memo is None else memo
     bar = tqdm(desc=f"search at {budget:g} of the full cache", unit=" candidates", disable=not progress)
 
-    def nll(index: tuple[int, ...]) -> float:
-        budgets = tuple(levels[i] for i in index)
-        if budgets not in memo:
-            memo[budgets] = float(score(AMSKV(budgets=budgets, condensed_scales=condensed_scales,
-                                              patch_nums=patch_nums)))
+    def key(state) -> tuple:
+        return tuple(levels[j] for j, _ in state), tuple(storages[p] for _, p in state)
+
+    def nll(state) -> float:
+        budgets, kinds = key(state)
+        if (budgets, kinds) not in memo:
+            memo[budgets, kinds] = float(score(_policy(budgets, kinds, condensed_scales, patch_nums)))
             bar.update(1)
-        return memo[budgets]
+        return memo[budgets, kinds]
 
-    def slots(index: tuple[int, ...]) -> int:
-        return sum(levels[i] for i in index)
+    def total(state) -> int:
+        return sum(cost[j][p] for j, p in state)
 
-    def raised(index: tuple[int, ...], layer: int, by: int) -> tuple[int, ...]:
-        return index[:layer] + (index[layer] + by,) + index[layer + 1 :]
+    def with_option(state, layer: int, option) -> tuple:
+        return state[:layer] + (option,) + state[layer + 1 :]
 
-    full_nll = nll((top,) * depth)
-    base = (0,) * depth
-    table = [[nll(raised(base, layer, j)) - nll(base) if j else 0.0 for j in range(top + 1)] for layer in range(depth)]
-    state = _knapsack(table, levels, bound)
-    steps = [{"step": "knapsack", "budgets": [levels[i] for i in state], "nll": nll(state)}]
+    def moves(option, up: bool) -> list:
+        """One step up (a level more, or a finer storage) or down from a layer's option."""
+        j, p = option
+        out = [(j + 1, p), (j, p - 1)] if up else [(j - 1, p), (j, p + 1)]
+        return [(a, b) for a, b in out if 0 <= a <= top and 0 <= b < len(storages)]
+
+    full_nll = nll(((top, 0),) * depth)
+    base = ((0, 0),) * depth
+    options = [(j, p) for j in range(top + 1) for p in range(len(storages))]
+    table = []
+    for layer in range(depth):
+        capacity = [nll(with_option(base, layer, (j, 0))) - nll(base) if j else 0.0 for j in range(top + 1)]
+        precision = [nll(with_option(((top, 0),) * depth, layer, (top, p))) - full_nll if p else 0.0
+                     for p in range(len(storages))]
+        table.append([(capacity[j] + precision[p], cost[j][p]) for j, p in options])
+    state = tuple(options[i] for i in _knapsack(table, bound))
+    steps = [{"step": "knapsack", **_record(*key(state), mixed), "nll": nll(state)}]
     for _ in range(passes):
         improved = False
         for up in range(depth):
-            if state[up] == top:
-                continue
-            for down in (None, *range(depth)):
-                if down == up or (down is not None and state[down] == 0):
-                    continue
-                candidate = raised(state, up, 1) if down is None else raised(raised(state, up, 1), down, -1)
-                if slots(candidate) <= bound and nll(candidate) < nll(state):
-                    state, improved = candidate, True
-                    steps.append({"step": "move", "budgets": [levels[i] for i in state], "nll": nll(state)})
+            for raised in moves(state[up], True):
+                for down in (None, *range(depth)):
+                    if down == up:
+                        continue
+                    lowered = [None] if down is None else moves(state[down], False)
+                    for option in lowered:
+                        candidate = with_option(state, up, raised)
+                        if down is not None:
+                            candidate = with_option(candidate, down, option)
+                        if total(candidate) <= bound and nll(candidate) < nll(state):
+                            state, improved = candidate, True
+                            steps.append({"step": "move", **_record(*key(state), mixed), "nll": nll(state)})
+                            break
+                    else:
+                        continue
                     break
+                else:
+                    continue
+                break
         if not improved:
             break
     bar.close()
+    budgets, kinds = key(state)
     return SearchResult(
-        budgets=tuple(levels[i] for i in state), slots=slots(state), nll=nll(state), bound=bound,
+        budgets=budgets, slots=sum(budgets), nll=nll(state), bound=math.floor(budget * full_slots + 1e-9),
         full_slots=full_slots, full_nll=full_nll, levels=levels, condensed_scales=condensed_scales,
-        evaluations=len(memo), steps=tuple(steps),
+        evaluations=len(memo), steps=tuple(steps), kv_dtypes=kinds if mixed else None,
+        bytes=sum(layer_cost[j][p] for j, p in state) if mixed else None,
+        byte_bound=byte_bound if mixed else None, full_bytes=full_bytes if mixed else None,
     )
 
 
-def _knapsack(table: list[list[float]], levels: tuple[int, ...], bound: int) -> tuple[int, ...]:
-    """Per-layer level indices minimising sum(table[layer][level]) with sum(levels[level]) <= bound; ties go to
-    fewer slots, then to the lower levels of the earlier layers."""
-    best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}  # slots used -> (sum, levels so far)
+def _record(budgets, kinds, mixed: bool) -> dict:
+    out = {"budgets": list(budgets)}
+    if mixed:
+        out["kv_dtypes"] = list(kinds)
+    return out
+
+
+def _knapsack(table: list[list[tuple[float, int]]], bound: int) -> tuple[int, ...]:
+    """Per-layer option indices minimising the sum of their table values (value, cost) with the costs' sum <= bound;
+    ties go to the lower cost, then to the earlier options of the earlier layers."""
+    best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}  # cost used -> (sum, options so far)
     for row in table:
         nxt: dict[int, tuple[float, tuple[int, ...]]] = {}
         for used, (total, chosen) in sorted(best.items()):
-            for j, delta in enumerate(row):
-                slots = used + levels[j]
-                if slots > bound:
-                    break
+            for j, (delta, cost) in enumerate(row):
+                spent = used + cost
+                if spent > bound:
+                    continue
                 value = (total + delta, chosen + (j,))
-                if slots not in nxt or value[0] < nxt[slots][0]:
-                    nxt[slots] = value
+                if spent not in nxt or value[0] < nxt[spent][0]:
+                    nxt[spent] = value
         best = nxt
     return min(best.items(), key=lambda item: (item[1][0], item[0]))[1][1]
 
 
 def nll_score(model, gt_NL: np.ndarray, x_NLCv: np.ndarray, labels_N: np.ndarray, *, batch: int = 64,
-              dtype: str = "float32") -> Callable[[AMSKV], float]:
+              dtype: str = "float32", precisions: tuple[str | None, ...] = ()) -> Callable[[Policy], float]:
     """score(policy) = the mean unguided teacher-forced NLL per token of these images under the policy's layout
-    (`nll.unguided_nll`: the conditional rows only, one compiled program for every policy)."""
+    and per-layer storage (`nll.unguided_nll`: the conditional rows only, one compiled program for every policy
+    and every choice among `precisions`)."""
     from amskv_jax.nll import unguided_nll
 
     c = model.config.var
-    return lambda policy: unguided_nll(model, policy.layout(c), gt_NL, x_NLCv, labels_N, batch=batch, dtype=dtype)
+    choices = check_precisions(precisions, c.head_dim)
+    return lambda policy: unguided_nll(model, policy.layout(c), gt_NL, x_NLCv, labels_N, batch=batch, dtype=dtype,
+                                       choices=choices)

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
+from amskv_jax import quant
 from amskv_jax.cli import printable
 from amskv_jax.config import ModelConfig, VARConfig, VQVAEConfig
 from amskv_jax.errors import UserError
@@ -682,6 +683,12 @@ def calibration_problem(data, depth: int | None = None, patch_nums: tuple[int, .
             return f"search.budgets must be {depth} positive slot counts"
         if type(search.get("condensed_scales")) is not int or not 0 <= search["condensed_scales"] <= len(ladder):
             return f"search.condensed_scales must be a scale count in [0, {len(ladder)}]"
+        storages = search.get("kv_dtypes")
+        if "kv_dtypes" in search and (not isinstance(storages, list) or len(storages) != depth or not all(
+            s is None or s in quant.KV_DTYPES for s in storages
+        )):
+            return (f"search.kv_dtypes must be {depth} storage dtypes, each null (the compute dtype) or one of "
+                    f"{', '.join(quant.KV_DTYPES)}")
     layers = data.get("demanding_layers")
     if not isinstance(layers, list) or not all(type(i) is int and 0 <= i < depth for i in layers) \
             or len(set(layers)) != len(layers):

@@ -148,15 +148,18 @@ class SelfAttention(nn.Module):
     def _out(self, o_BlHD):
         return self.proj(o_BlHD.reshape(*o_BlHD.shape[:2], -1).astype(self.dtype))
 
-    def __call__(self, x_BLC, mask_LL, kv_dtype: str | None = None):
-        """(output [B, L, C], the raw (q, k, v)) under a bool [L, L] mask. A quantised `kv_dtype` reads the K/V of
-        earlier scales as a quantised cache would hold them (`quant.fake_quantize_kv`), a scale's own fresh."""
+    def __call__(self, x_BLC, mask_LL, storage=None):
+        """(output [B, L, C], the raw (q, k, v)) under a bool [L, L] mask. `storage` says how the K/V of earlier
+        scales are read (a scale's own are fresh): None as computed, a quantised kv_dtype as such a cache holds them
+        (`quant.fake_quantize_kv`), or (choices, code): as storage choices[code] holds them, code an int32 that may
+        be traced (layers with their own precision under a scanned layer loop; `quant.read_as_stored`)."""
         q, k, v = self._qkv(x_BLC)
         q_n, k_n = prepare_qk(q, k, self._scale_mul_H())
         cached = None
-        if kv_dtype is not None:
+        if storage is not None:
+            choices, code = ((storage,), 0) if isinstance(storage, str) else storage
             level = np.concatenate([np.full(pn * pn, si) for si, pn in enumerate(self.config.patch_nums)])
-            k_c, v_c = quant.fake_quantize_kv(k_n, v, self.config.patch_nums, kv_dtype)
+            k_c, v_c = quant.read_as_stored(k_n, v, self.config.patch_nums, tuple(choices), code)
             cached = (k_c, v_c, jnp.asarray(level[:, None] == level[None, :]))
         return self._out(masked_attention(q_n, k_n, v, mask_LL, cached)), (q, k, v)
 
@@ -210,10 +213,10 @@ class AdaLNSelfAttn(nn.Module):
         x = x + self.ffn((layer_norm(x, eps) * (1 + s2) + b2).astype(self.dtype)) * g2.astype(x.dtype)
         return x, out
 
-    def __call__(self, x, cond, mask_LL, kv_dtype: str | None = None):
+    def __call__(self, x, cond, mask_LL, storage=None):
         """(x [B, L, C], the attention's raw (q, k, v)): teacher forcing under a bool [L, L] mask (and the K/V
-        storage of a cache, `kv_dtype`)."""
-        return self._mix(x, cond, lambda h: self.attn(h, mask_LL, kv_dtype))
+        storage of a cache, `storage`: see `SelfAttention.__call__`)."""
+        return self._mix(x, cond, lambda h: self.attn(h, mask_LL, storage))
 
     def step(self, x, cond, attend):
         """(x [B, l, C], aux): one scale through the block, its attention over the cache by `attend` (see
@@ -317,7 +320,7 @@ class VAR(nn.Module):
 
     def teacher_states(
         self, label_B, x_BLCv_wo_first_l, layout: CacheLayout | None = None, keep: bool = True,
-        kv_dtype: str | None = None, masks: tuple | None = None,
+        kv_dtype: str | None = None, masks: tuple | None = None, storage: tuple | None = None,
     ):
         """(logits [B, L, V], per-layer states): with `keep`, {"out": every block's output [D, B, L, C], "q", "k",
         "v": its raw projections [D, B, L, H, Dh]} (verification, calibration); else None.
@@ -325,7 +328,12 @@ class VAR(nn.Module):
         The attention masks come from `layout` (`cache.teacher_mask`; None: block-causal) or, instead of a layout,
         from `masks` = (masks_KLL bool [K, L, L], may be traced; kind_of int [D], numpy): layer l attends under
         masks_KLL[kind_of[l]]. Masks as an argument let one compiled program serve every layout of a model
-        (`nll.masked_logits`: K = D, kind_of = 0..D-1)."""
+        (`nll.masked_logits`: K = D, kind_of = 0..D-1).
+
+        Earlier scales' K/V are read as each layer's cache stores them: `kv_dtype` for every layer, a layout's
+        layers with their own precision (`LayerLayout.kv_dtype`) in theirs; or, given, `storage` = (choices, the
+        layer's code int32 [D], may be traced): layer l's storage is choices[code[l]] (one program for every
+        per-layer precision: the search's)."""
         c = self.config
         x, cond_BD = self.teacher_input(label_B, x_BLCv_wo_first_l)
         if masks is not None:
@@ -336,22 +344,32 @@ class VAR(nn.Module):
             masks_KLL, kind_of = block_causal_mask(c.patch_nums)[None], np.zeros(c.depth, np.int32)
         else:
             masks_KLL, kind_of = teacher_mask(layout), np.asarray(layout.kind_of, np.int32)
+        if storage is None:
+            per_layer = (kv_dtype,) * c.depth if layout is None else layout.storages(kv_dtype)
+            choices = tuple(dict.fromkeys(per_layer))
+            storage = (choices, np.asarray([choices.index(s) for s in per_layer], np.int32))
+        choices, codes = tuple(storage[0]), storage[1]
         masks_KLL = jnp.asarray(masks_KLL)
         block, block_cond = self._block(), self._block_cond(cond_BD)
 
         def layer(x, xs):
-            params, kind = xs
-            x, (q, k, v) = block.apply({"params": params}, x, block_cond, masks_KLL[kind], kv_dtype)
+            params, kind, code = xs
+            if len(choices) == 1:
+                read = choices[0]
+            else:
+                read = choices[int(code)] if isinstance(code, (int, np.integer)) else (choices, code)
+            x, (q, k, v) = block.apply({"params": params}, x, block_cond, masks_KLL[kind], read)
             return x, (dict(out=x, q=q, k=k, v=v) if keep else None)
 
         if isinstance(self.blocks, tuple):  # per-layer params (`per_layer_blocks`): a Python loop
-            per_layer = []
-            for params, kind in zip(self.blocks, kind_of, strict=True):
-                x, state = layer(x, (params, int(kind)))
-                per_layer.append(state)
-            states = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if keep else None
+            per_layer_states = []
+            for l, (params, kind) in enumerate(zip(self.blocks, kind_of, strict=True)):
+                x, state = layer(x, (params, int(kind), codes[l]))
+                per_layer_states.append(state)
+            states = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer_states) if keep else None
         else:
-            x, states = jax.lax.scan(layer, x, (self.blocks, jnp.asarray(kind_of)))
+            xs = (self.blocks, jnp.asarray(kind_of), jnp.asarray(codes, jnp.int32))
+            x, states = jax.lax.scan(layer, x, xs)
         return self.logits(x, cond_BD), states
 
     def step(self, x_BlC, cond_BD, cache: KVCache, si: int, layout: CacheLayout, row_chunk: int | None = None):

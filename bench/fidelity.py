@@ -48,6 +48,7 @@ from amskv_jax.generate import DTYPES, default_top_k, image_grid
 from amskv_jax.nll import encode_images, evenly_spaced, format_nll_table, model_images, policy_nll, training_config
 from amskv_jax.policies import POLICIES, FullCache, policy_from_name, read_calibration
 from amskv_jax.quant import KV_DTYPES
+from amskv_jax.search import check_precisions
 from amskv_jax.train.data import SPLITS, load_emoji_dataset, load_image_folder
 
 
@@ -148,6 +149,14 @@ def search_budgets_arg(text: str) -> list[float]:
     return budgets
 
 
+def precisions_arg(text: str) -> tuple[str, ...]:
+    """argparse `type` of --precisions: comma-separated quantised storage dtypes (`search.check_precisions`)."""
+    try:
+        return check_precisions([p for p in text.split(",") if p])[1:]
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def compared_models(args, model) -> dict:
     """{row-name prefix: model}: the model, and with --finetuned its fine-tuned copy ("finetuned/")."""
     models = {"": model}
@@ -225,6 +234,10 @@ def main(argv=None) -> int:
     parser.add_argument("--search-budgets", type=search_budgets_arg, default=frontier.default_search_budgets(),
                         help="--frontier: fractions of the full cache in (0, 1] to search per-layer budgets at")
     parser.add_argument("--search-samples", type=int, default=64, help="--frontier: calibration images searched on")
+    parser.add_argument("--precisions", type=precisions_arg, default=(),
+                        help="--frontier: low-bit storages (comma-separated quantised dtypes, finest first, e.g. "
+                        "int8,int4,int2) to cross with the full cache and the paper's AMS-KV, and to search per "
+                        "layer beside capacity")
     parser.add_argument("--search-images", type=Path, default=None,
                         help="--frontier: calibration images (default: the train split of the model's training data)")
     parser.add_argument("--fid-samples", type=int, default=400,
@@ -240,6 +253,8 @@ def main(argv=None) -> int:
     if args.frontier and (args.search_samples < 1 or args.fid_samples < 0):
         parser.error(f"--search-samples must be >= 1 (got {args.search_samples}), --fid-samples >= 0 (got "
                      f"{args.fid_samples})")
+    if args.precisions and not args.frontier:
+        parser.error("--precisions goes with --frontier (for one storage per run, use --kv-dtypes)")
     model = load_model(args.model, verify=args.verify)
     c = model.config.var
     calibration = read_calibration(args.calibration, model.config.var) if args.calibration else model.calibration

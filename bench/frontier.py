@@ -7,33 +7,43 @@ and the searched policies scored by teacher-forced NLL on held-out images (the m
 `--images`), and FID and class accuracy of generated samples (`--fid-samples`, 0 to skip) for the full cache and
 each family's setting nearest the 75% cut. Reported (`format_frontier`, `plot_frontier`): a table and a PNG.
 
-Memory is the cache's slots against the full cache's (as `amskv_jax.memory` counts them: the scale in flight
-excluded) and, beside it, against the reference's concatenated cache (every scale, the current one included: 680
-tokens per layer at 256px), the convention of the paper's figures.
+With `--precisions int8,int4,int2` (the LLM KV toolbox on scales): the full cache and the paper's AMS-KV settings
+with every layer in each low-bit storage, and searches that choose each layer's capacity *and* storage under one
+byte bound (`calibrate --search --precisions`, saved as mixed-<budget>.json).
+
+Memory is the cache's bytes against the full cache's, both with bfloat16 compute (quantised storage with its
+float32 scales; as `amskv_jax.memory` counts them: the scale in flight excluded; for unquantised policies the slot
+share) and, beside it, against the reference's concatenated bfloat16 cache (every scale, the current one included:
+680 tokens per layer at 256px), the convention of the paper's figures.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from amskv_jax.cache import cache_bytes
 from amskv_jax.calibrate import search_calibrations
 from amskv_jax.fidelity import FRONTIER_SEARCH_BUDGETS, frontier_families, policy_fidelity, reference_share
 from amskv_jax.generate import default_top_k
 from amskv_jax.nll import encode_images, evenly_spaced, model_images, policy_nll
-from amskv_jax.policies import AMSKV, FullCache
+from amskv_jax.policies import AMSKV, FullCache, PerLayerPrecision
 
 TARGET_SHARE = 0.25  # the 75% cut where FID and class accuracy are measured
 
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-    """One policy on the frontier: its family, name and setting, slots (and the full cache's, the reference's
-    concatenated cache's), held-out mean NLL unguided and guided with their change against the full cache (%), and
-    FID / class accuracy when measured."""
+    """One policy on the frontier: its family, name and setting, slots and bytes (and the full cache's; the share
+    against the reference's concatenated cache), held-out mean NLL unguided and guided with their change against
+    the full cache (%), and FID / class accuracy when measured. Bytes are per image row of a bfloat16-compute cache,
+    quantised storage with its float32 scales (`cache.cache_bytes`); without quantised layers the byte share is the
+    slot share."""
 
     family: str
     name: str
@@ -47,10 +57,27 @@ class Point:
     guided_delta: float
     fid: float | None = None
     accuracy: float | None = None
+    bytes: int | None = None
+    full_bytes: int | None = None
 
     @property
     def share(self) -> float:
-        return self.slots / self.full_slots
+        return self.slots / self.full_slots if self.bytes is None else self.bytes / self.full_bytes
+
+
+def row_bytes(layout, config) -> int:
+    """Bytes per image row of a layout's cache with bfloat16 compute (its layers' own storage, if any)."""
+    return cache_bytes(layout, 1, config.num_heads, config.head_dim, jnp.bfloat16)
+
+
+def precision_families(config, families: dict, precisions: tuple[str, ...]) -> dict:
+    """Low-bit storage crossed with slots (KIVI's scheme at int8 / int4 / int2): the full cache and the paper's
+    AMS-KV settings with every layer in each storage of `precisions`."""
+    out = {"full (low-bit)": {f"full+{d}": PerLayerPrecision(FullCache(), (d,) * config.depth) for d in precisions}}
+    for d in precisions:
+        out[f"amskv (paper)+{d}"] = {f"{name}+{d}": PerLayerPrecision(policy, (d,) * config.depth)
+                                     for name, policy in families["amskv (paper)"].items()}
+    return out
 
 
 def measure_frontier(model, args) -> tuple[list[Point], dict]:
@@ -61,13 +88,22 @@ def measure_frontier(model, args) -> tuple[list[Point], dict]:
     calib_images, calib_labels, calibration = model_images(model, args.search_images, "train")
     print(f"held-out: {heldout}; search on {min(args.search_samples, len(calib_images))} of {calibration}",
           flush=True)
-    searches = search_calibrations(
-        model, calib_images, calib_labels, args.search_budgets, samples=args.search_samples, batch=args.batch,
-        dtype=args.dtype, model_name=args.model, source=calibration,
+    search = functools.partial(
+        search_calibrations, model, calib_images, calib_labels, args.search_budgets, samples=args.search_samples,
+        batch=args.batch, dtype=args.dtype, model_name=args.model, source=calibration,
     )
+    searches = search()
     families = frontier_families(c, searches[0])
     families["searched"] = {f"searched-{record['search']['budget']:g}": AMSKV.from_calibration(record)
                             for record in searches}
+    if args.precisions:
+        mixed = search(precisions=args.precisions)
+        for record in mixed:
+            record["search"]["name"] = f"mixed-{record['search']['budget']:g}"
+        searches += mixed
+        families.update(precision_families(c, families, args.precisions))
+        families["searched (capacity and precision)"] = {
+            record["search"]["name"]: AMSKV.from_calibration(record) for record in mixed}
     policies = {"full": FullCache(), **{name: p for settings in families.values() for name, p in settings.items()}}
     family_of = {"full": "full", **{name: f for f, settings in families.items() for name in settings}}
     gt, x = encode_images(model, images)
@@ -75,13 +111,16 @@ def measure_frontier(model, args) -> tuple[list[Point], dict]:
     print(f"scoring {len(layouts)} policies on held-out NLL", flush=True)
     results = policy_nll(model, layouts, gt, x, labels, cfg=args.cfg, batch=args.batch, dtype=args.dtype,
                          progress=True)
-    full = results["full"]
-    points = [
-        Point(family_of[name], name, policies[name].describe(), r.slots, r.full_slots, reference_share(r.slots, c),
-              r.mean_unguided, r.mean_guided, 100 * (r.mean_unguided / full.mean_unguided - 1),
-              100 * (r.mean_guided / full.mean_guided - 1))
-        for name, r in results.items()
-    ]
+    full, full_bytes = results["full"], row_bytes(layouts["full"], c)
+    points = []
+    for name, r in results.items():
+        share = row_bytes(layouts[name], c) / full_bytes
+        points.append(Point(
+            family_of[name], name, policies[name].describe(), r.slots, r.full_slots,
+            reference_share(r.full_slots, c) * share, r.mean_unguided, r.mean_guided,
+            100 * (r.mean_unguided / full.mean_unguided - 1), 100 * (r.mean_guided / full.mean_guided - 1),
+            bytes=row_bytes(layouts[name], c), full_bytes=full_bytes,
+        ))
     return points, {"heldout": heldout, "calibration": calibration, "searches": searches, "policies": policies}
 
 
@@ -112,7 +151,7 @@ def with_sample_quality(model, args, points: list[Point], policies: dict, refere
 def format_frontier(points: list[Point]) -> str:
     """Markdown, one row per policy, families together in increasing memory."""
     lines = [
-        "| family | policy | cache vs full | vs reference (incl. current scale) | held-out NLL | ΔNLL % | "
+        "| family | policy | cache vs full (bytes) | vs reference (incl. current scale) | held-out NLL | ΔNLL % | "
         "guided ΔNLL % | FID | class accuracy | setting |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -136,11 +175,12 @@ def plot_frontier(points: list[Point], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for family in sorted({p.family for p in points} - {"full"}):
         mine = sorted((p for p in points if p.family == family), key=lambda p: p.share)
-        style = dict(marker="*", markersize=12, linewidth=2.2) if family == "searched" else dict(marker="o")
+        searched = family.startswith("searched")
+        style = dict(marker="*", markersize=12, linewidth=2.2) if searched else dict(marker="o")
         ax.plot([100 * p.share for p in mine], [max(p.delta, 0.1) for p in mine], label=family, **style)
     ax.axvline(100 * TARGET_SHARE, color="grey", linestyle=":", linewidth=1)
     ax.set_yscale("log")
-    ax.set_xlabel("cache, % of the full cache's slots (in-flight scale excluded)")
+    ax.set_xlabel("cache, % of the full bfloat16 cache's bytes (in-flight scale excluded)")
     ax.set_ylabel("held-out ΔNLL vs the full cache, % (log; floor 0.1)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
@@ -164,11 +204,16 @@ def write_frontier(args, model, points: list[Point], sources: dict) -> None:
     (args.out / "frontier.json").write_text(json.dumps(
         {"setting": header, "points": [{**dataclasses.asdict(p), "share": p.share} for p in points]}, indent=1))
     for record in sources["searches"]:
-        (args.out / f"search-{record['search']['budget']:g}.json").write_text(json.dumps(record, indent=1))
+        (args.out / f"{search_name(record)}.json").write_text(json.dumps(record, indent=1))
     plot_frontier(points, args.out / "frontier.png", f"{args.model}: memory-fidelity frontier (held-out)")
     print(table, flush=True)
     print(f"wrote {args.out}/frontier.md, frontier.json, frontier.png, "
-          + ", ".join(f"search-{r['search']['budget']:g}.json" for r in sources["searches"]))
+          + ", ".join(f"{search_name(r)}.json" for r in sources["searches"]))
+
+
+def search_name(record: dict) -> str:
+    """A search's file name (no suffix): search-<budget>, or mixed-<budget> when precision was searched too."""
+    return record["search"].get("name", f"search-{record['search']['budget']:g}")
 
 
 def default_search_budgets() -> str:

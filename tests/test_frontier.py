@@ -8,8 +8,9 @@ import re
 import pytest
 
 import bench.fidelity
+from amskv_jax.cache import cache_bytes
 from amskv_jax.config import get_preset
-from amskv_jax.policies import AMSKV
+from amskv_jax.policies import AMSKV, FullCache, PerLayerPrecision
 from conftest import random_model
 from test_search import error_line
 
@@ -25,13 +26,14 @@ def test_the_frontier_covers_every_family_with_both_memory_shares(tmp_path, emoj
     out = tmp_path / "frontier"
     argv = ["--frontier", "--model", "tiny", "--images", str(emoji_folder), "--search-images", str(emoji_folder),
             "--search-budgets", "0.7,1", "--search-samples", "3", "--fid-samples", "0", "--batch", "4",
-            "--limit", "3", "--out", str(out)]
+            "--limit", "3", "--precisions", "int4", "--out", str(out)]
     assert bench.fidelity.main(argv) == 0
     report = json.loads((out / "frontier.json").read_text())
     assert "held-out: 3 of the 4 images" in report["setting"]  # --limit: 3 of the 4 held-out images, evenly spaced
     points = {p["name"]: p for p in report["points"]}
     families = {p["family"] for p in points.values()}
-    assert families == {"full", "amskv (paper)", "sliding", "condensed", "scalebudget", "ladder", "searched"}
+    assert families == {"full", "amskv (paper)", "sliding", "condensed", "scalebudget", "ladder", "searched",
+                        "full (low-bit)", "amskv (paper)+int4", "searched (capacity and precision)"}
     assert points["full"]["delta"] == 0 and points["full"]["share"] == 1
     assert points["full"]["reference_share"] == pytest.approx(28 / 60)  # 2 × 14 slots of 2 × 30 tokens
     assert points["condensed-c2"]["share"] == pytest.approx(10 / 28)
@@ -39,6 +41,16 @@ def test_the_frontier_covers_every_family_with_both_memory_shares(tmp_path, emoj
     assert points["condensed-c1"]["delta"] > 0  # a lossy cache costs held-out NLL
     search = json.loads((out / "search-0.7.json").read_text())
     assert list(AMSKV.from_calibration(search).budgets) == search["search"]["budgets"]
+    # low-bit storage: the share counts bytes (bf16 compute, float32 scales), the searched bound holds
+    int4 = PerLayerPrecision(FullCache(), ("int4", "int4")).layout(TINY)
+    bf16 = FullCache().layout(TINY)
+    expected = cache_bytes(int4, 1, TINY.num_heads, TINY.head_dim) / cache_bytes(bf16, 1, TINY.num_heads, TINY.head_dim)
+    assert points["full+int4"]["share"] == pytest.approx(expected) and expected < 1
+    assert points["full+int4"]["slots"] == points["full"]["slots"]
+    mixed = json.loads((out / "mixed-0.7.json").read_text())
+    assert points["mixed-0.7"]["share"] <= 0.7 and mixed["search"]["bytes"] <= mixed["search"]["byte_bound"]
+    assert points["mixed-0.7"]["bytes"] == mixed["search"]["bytes"]
+    assert AMSKV.from_calibration(mixed).layout(TINY).storages(None) == tuple(mixed["search"]["kv_dtypes"])
     table = (out / "frontier.md").read_text()
     assert "| searched | searched-0.7 |" in table and "vs reference (incl. current scale)" in table
     assert (out / "frontier.png").stat().st_size > 10_000
@@ -54,6 +66,8 @@ def test_the_frontier_covers_every_family_with_both_memory_shares(tmp_path, emoj
         (["--search-budgets", "x"], r"--search-budgets: could not convert string to float: 'x'", True),
         (["--search-budgets", ","], r"--search-budgets: no budget in ','", True),
         (["--search-images", "EMPTY"], "no images", False),
+        (["--precisions", "int3"], r"--precisions: precision 'int3': a search chooses among quantised storage "
+                                   r"dtypes; allowed: int8, float8_e4m3fn, int4, int2", True),
     ],
 )
 def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, capsys, emoji_folder, tiny_model, extra, message,
