@@ -50,12 +50,16 @@ class Segment:
 @dataclasses.dataclass(frozen=True)
 class LayerLayout:
     """One layer's static slot plan. `reads[si]`: earlier scales scale si reads; `writes[si]`: its segments.
-    kv_dtype: the layer's own storage dtype (`quant.KV_DTYPES`; per-layer precision), None for the cache's."""
+    kv_dtype: the layer's own storage dtype (`quant.KV_DTYPES`; per-layer precision), None for the cache's.
+    low: a second, low-precision tier (MiKV on scales, `policies.MiKV`): its own slot plan and storage for the
+    earlier scales this plan does not read, so that scale si's queries read `reads[si]` here and `low.reads[si]`
+    there (disjoint); None without one."""
 
     capacity: int
     reads: tuple[tuple[int, ...], ...]
     writes: tuple[tuple[Segment, ...], ...]
     kv_dtype: str | None = None
+    low: LayerLayout | None = None
 
     def storage(self, kv_dtype: str | None) -> str | None:
         """The dtype this layer's K/V are stored in when the cache's is `kv_dtype`: its own, if it has one."""
@@ -129,7 +133,8 @@ class CacheLayout:
 
     @property
     def capacities(self) -> tuple[int, ...]:
-        return tuple(layer.capacity for layer in self.layers)
+        """Each layer's slots (tokens per row it can hold), a low-precision tier's included."""
+        return tuple(layer.capacity + (layer.low.capacity if layer.low else 0) for layer in self.layers)
 
     @functools.cached_property
     def kinds(self) -> tuple[LayerLayout, ...]:
@@ -162,16 +167,48 @@ class CacheLayout:
 
 def teacher_mask(layout: CacheLayout) -> np.ndarray:
     """bool [kinds, L, L], per kind of `layout.kinds`: token t may attend token u iff u's scale is t's own or one of
-    those t's scale reads at that kind (`reads[level[t]]`), what cached generation under the layout attends to.
-    The full cache's is the block-causal mask."""
-    level = np.concatenate([np.full(pn * pn, si) for si, pn in enumerate(layout.patch_nums)])
-    out = []
-    for plan in layout.kinds:
-        reads_SS = np.eye(len(layout.patch_nums), dtype=bool)
-        for si, scales in enumerate(plan.reads):
-            reads_SS[si, list(scales)] = True
-        out.append(reads_SS[level[:, None], level[None, :]])
-    return np.stack(out)
+    those t's scale reads at that kind (`reads[level[t]]`, or its low-precision tier's), what cached generation
+    under the layout attends to. The full cache's is the block-causal mask."""
+    return np.stack([_pairs(layout.patch_nums, plan, own=True) | _pairs(layout.patch_nums, plan.low)
+                     for plan in layout.kinds])
+
+
+def teacher_low_mask(layout: CacheLayout) -> np.ndarray | None:
+    """bool [kinds, L, L]: the pairs of `teacher_mask` read from a low-precision tier (`LayerLayout.low`); None
+    when no layer has one."""
+    if all(plan.low is None for plan in layout.kinds):
+        return None
+    return np.stack([_pairs(layout.patch_nums, plan.low) for plan in layout.kinds])
+
+
+def low_storage(layout: CacheLayout) -> str | None:
+    """The storage dtype of the layout's low-precision tiers (one for all of them), None without any."""
+    storages = {plan.low.kv_dtype for plan in layout.layers if plan.low is not None}
+    if len(storages) > 1:
+        raise UserError(f"low-precision tiers in several storages {sorted(storages)}; one per layout")
+    return storages.pop() if storages else None
+
+
+def _pairs(patch_nums: tuple[int, ...], plan: LayerLayout | None, own: bool = False) -> np.ndarray:
+    """bool [L, L]: token t reads token u under `plan` (u's scale in reads[level[t]], or its own when `own`)."""
+    level = np.concatenate([np.full(pn * pn, si) for si, pn in enumerate(patch_nums)])
+    reads_SS = np.eye(len(patch_nums), dtype=bool) if own else np.zeros((len(patch_nums),) * 2, bool)
+    for si, scales in enumerate(() if plan is None else plan.reads):
+        reads_SS[si, list(scales)] = True
+    return reads_SS[level[:, None], level[None, :]]
+
+
+def with_low_tier(layout: CacheLayout, low: CacheLayout, policy: str) -> CacheLayout:
+    """`layout` with each layer's `low` tier from `low` (same depth and ladder; layers of `low` that hold nothing
+    add no tier). Each query's reads in the two must be disjoint."""
+    if len(layout.layers) != len(low.layers) or layout.patch_nums != low.patch_nums:
+        raise ValueError("a low-precision tier needs the layout's depth and ladder")
+    layers = []
+    for plan, tier in zip(layout.layers, low.layers, strict=True):
+        if any(set(a) & set(b) for a, b in zip(plan.reads, tier.reads, strict=True)):
+            raise ValueError("a scale read from both tiers")
+        layers.append(dataclasses.replace(plan, low=tier if tier.capacity else None))
+    return CacheLayout(patch_nums=layout.patch_nums, layers=tuple(layers), policy=policy)
 
 
 def build_layout(
@@ -231,12 +268,13 @@ class LayerCache:
     """One layer's buffers (a view of its kind's stack, `KindCache.layer`). k, v: [rows, capacity, H, Dh] (k
     L2-normalised, as the reference caches it; int4 / int2: uint8 [rows, capacity, H, Dh / P], packed codes);
     slot_scale: int32 [capacity], the scale each slot holds, -1 when empty. Quantised storage only (else None):
-    scales, the `quant.KVScales` of k and v."""
+    scales, the `quant.KVScales` of k and v. low: the low-precision tier's buffers (`LayerLayout.low`), or None."""
 
     k: jax.Array
     v: jax.Array
     slot_scale: jax.Array
     scales: quant.KVScales | None = None
+    low: LayerCache | None = None
 
     def read_mask(self, reads: tuple[int, ...]) -> jax.Array:
         """bool [capacity]: slots holding one of the scales in `reads`."""
@@ -263,13 +301,16 @@ class KindCache:
     """The stacked buffers of the n layers of one kind (one `LayerLayout`): `LayerCache`'s fields with a leading
     layer axis. k, v: [n, rows, capacity, H, Dh or Dh / P], values of `dtype` stored as `bits_dtype(dtype)`;
     slot_scale: int32 [n, capacity]; quantised only: scales, the stacked `quant.KVScales`. dtype (static): what K
-    and V hold (the compute dtype, or the quantised storage's codes)."""
+    and V hold (the compute dtype, or the quantised storage's codes). low: the layers' low-precision tier
+    (`LayerLayout.low`), a KindCache of its own plan and storage, or None. `write` and `mark` act on this tier; the
+    low one is written by its own calls."""
 
     k: jax.Array
     v: jax.Array
     slot_scale: jax.Array
     dtype: np.dtype = flax.struct.field(pytree_node=False)
     scales: quant.KVScales | None = None
+    low: KindCache | None = None
 
     @property
     def quantized(self) -> bool:
@@ -287,7 +328,8 @@ class KindCache:
             return jax.lax.bitcast_convert_type(take(x), self.dtype)
 
         return LayerCache(k=values(self.k), v=values(self.v), slot_scale=take(self.slot_scale),
-                          scales=jax.tree.map(take, self.scales))
+                          scales=jax.tree.map(take, self.scales),
+                          low=None if self.low is None else self.low.layer(index, rows))
 
     def write(
         self, index, segments: tuple[Segment, ...], si: int, k_BlHD: jax.Array, v_BlHD: jax.Array,
@@ -384,7 +426,8 @@ def init_cache(
     with its own (`LayerLayout.kv_dtype`, per-layer precision) keeps its own. The quantised ones add their float32
     scales (`quant.KVScales`; int4 / int2 also the minima) and int4 / int2 pack their codes into uint8
     [.., head_dim / P]."""
-    for storage in {kv_dtype, *layout.storages(kv_dtype)}:
+    lows = [plan.low.storage(kv_dtype) for plan in layout.layers if plan.low is not None]
+    for storage in {kv_dtype, *layout.storages(kv_dtype), *lows}:
         quant.check_kv_dtype(storage, head_dim)
 
     def kind(n: int, plan: LayerLayout) -> KindCache:
@@ -404,7 +447,7 @@ def init_cache(
             scales = quant.KVScales(k=k(), v=v(), k_min=k() if asymmetric else None,
                                     v_min=v() if asymmetric else None, kv_dtype=storage)
         return KindCache(k=buffer(0), v=buffer(empty_v(store)), slot_scale=jnp.full((n, plan.capacity), -1, jnp.int32),
-                         dtype=store, scales=scales)
+                         dtype=store, scales=scales, low=None if plan.low is None else kind(n, plan.low))
 
     return KVCache(kinds=tuple(kind(n, plan) for plan, n in zip(layout.kinds, layout.kind_sizes, strict=True)))
 
@@ -415,13 +458,14 @@ def layer_bytes(
     """Exact bytes of one layer's buffers in `init_cache` with the same arguments (its slot_scale's few bytes
     included): K and V at `quant.value_bits` per element of the layer's storage (int4 / int2 packed), plus for
     quantised storage the float32 scales (K: per group and channel, V: per slot and head), twice for int4 / int2
-    (scale and minimum)."""
+    (scale and minimum); a low-precision tier's likewise."""
+    low = 0 if plan.low is None else layer_bytes(plan.low, rows, num_heads, head_dim, dtype, kv_dtype)
     storage, slots = plan.storage(kv_dtype), plan.capacity
     total = 2 * rows * slots * num_heads * head_dim * quant.value_bits(storage, dtype) // 8 + 4 * slots
     if quant.is_quantized(storage):
         per_scale = jnp.dtype(quant.SCALE_DTYPE).itemsize * (2 if storage in quant.ASYMMETRIC else 1)
         total += per_scale * rows * num_heads * (plan.group_capacity * head_dim + slots)
-    return total
+    return total + low
 
 
 def cache_bytes(

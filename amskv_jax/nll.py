@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from amskv_jax import sampling
-from amskv_jax.cache import CacheLayout, teacher_mask
+from amskv_jax.cache import CacheLayout, low_storage, teacher_low_mask, teacher_mask
 from amskv_jax.config import ModelConfig, VARConfig
 from amskv_jax.errors import UserError
 from amskv_jax.generate import DTYPES
@@ -127,6 +127,13 @@ def layer_masks(layout: CacheLayout) -> np.ndarray:
     return teacher_mask(layout)[np.asarray(layout.kind_of)]
 
 
+def layer_low(layout: CacheLayout) -> tuple[str, np.ndarray] | None:
+    """(storage, bool [D, L, L]): every layer's pairs read from its low-precision tier (MiKV,
+    `cache.teacher_low_mask` of its kind) and their storage; None when the layout has no such tier."""
+    low = teacher_low_mask(layout)
+    return None if low is None else (low_storage(layout), low[np.asarray(layout.kind_of)])
+
+
 def storage_codes(per_layer: tuple[str | None, ...], choices: tuple[str | None, ...] | None = None):
     """(choices, code int32 [D]): each layer's storage dtype as an index into `choices` (default: the distinct ones
     in order), the form `VAR.teacher_states(storage=...)` takes, the codes an argument of the compiled program."""
@@ -138,15 +145,16 @@ def storage_codes(per_layer: tuple[str | None, ...], choices: tuple[str | None, 
 
 
 def masked_logits(var_params, labels_B, x_BLCv, masks_DLL, *, config: VARConfig, dtype=jnp.float32,
-                  storage: tuple | None = None):
+                  storage: tuple | None = None, low: tuple | None = None):
     """Teacher-forced logits [B, L, V] with layer l attending under masks_DLL[l] (bool [D, L, L], traced) and
     reading earlier scales as its storage holds them (`storage` = (choices, code [D], may be traced); None:
-    unquantised): equal to `VAR.apply(params, labels, x, layout)` for masks_DLL = `layer_masks(layout)` (and the
-    layout's storage, `storage_codes`). `VAR.teacher_states` with both as arguments, so one compiled program
-    serves every layout of a model: the search scores hundreds."""
+    unquantised) and, with `low` = (kv_dtype, low_DLL), its low-precision tier's pairs (`layer_low`): equal to
+    `VAR.apply(params, labels, x, layout)` for masks_DLL = `layer_masks(layout)` (and the layout's storage,
+    `storage_codes`). `VAR.teacher_states` with these as arguments, so one compiled program serves every layout of
+    a model: the search scores hundreds."""
     logits, _ = VAR(config, dtype=dtype).apply(
         var_params, labels_B, x_BLCv, keep=False, masks=(masks_DLL, np.arange(config.depth)), storage=storage,
-        method=VAR.teacher_states,
+        low=low, method=VAR.teacher_states,
     )
     return logits
 
@@ -161,26 +169,27 @@ def _scale_sums(logits_BLV, gt_BL, weight_B, begin_ends) -> jax.Array:
     return jnp.stack(out)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "choices"))
-def _nll_sums(var_params, labels_B, gt_BL, x_BLCv, weight_B, cfg, masks_DLL, codes_D, *, config: VARConfig, dtype,
-              choices):
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "choices", "low_dtype"))
+def _nll_sums(var_params, labels_B, gt_BL, x_BLCv, weight_B, cfg, masks_DLL, codes_D, low_DLL, *, config: VARConfig,
+              dtype, choices, low_dtype):
     """Per-scale sums over rows (weighted by weight_B, 0 for padding) of the mean unguided and guided NLL."""
     c = config
     labels_2B = sampling.guidance_rows(labels_B, c.num_classes)
     logits_2BLV = masked_logits(var_params, labels_2B, jnp.repeat(x_BLCv, 2, axis=0), masks_DLL, config=c,
-                                dtype=DTYPES[dtype], storage=(choices, codes_D))
+                                dtype=DTYPES[dtype], storage=(choices, codes_D),
+                                low=None if low_dtype is None else (low_dtype, low_DLL))
     mixed = [sampling.apply_guidance(logits_2BLV[:, b:e], cfg, sampling.guidance_ratio(si, c.num_scales))
              for si, (b, e) in enumerate(c.begin_ends)]
     return (_scale_sums(logits_2BLV[0::2], gt_BL, weight_B, c.begin_ends),
             _scale_sums(jnp.concatenate(mixed, axis=1), gt_BL, weight_B, c.begin_ends))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "choices"))
-def _unguided_sums(var_params, labels_B, gt_BL, x_BLCv, weight_B, masks_DLL, codes_D, *, config: VARConfig, dtype,
-                   choices):
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "choices", "low_dtype"))
+def _unguided_sums(var_params, labels_B, gt_BL, x_BLCv, weight_B, masks_DLL, codes_D, low_DLL, *,
+                   config: VARConfig, dtype, choices, low_dtype):
     """`_nll_sums`' unguided half from the conditional rows alone: half the work, for the budget search."""
     logits_BLV = masked_logits(var_params, labels_B, x_BLCv, masks_DLL, config=config, dtype=DTYPES[dtype],
-                               storage=(choices, codes_D))
+                               storage=(choices, codes_D), low=None if low_dtype is None else (low_dtype, low_DLL))
     return _scale_sums(logits_BLV, gt_BL, weight_B, config.begin_ends)
 
 
@@ -212,12 +221,13 @@ def unguided_nll(model, layout: CacheLayout, gt_NL: np.ndarray, x_NLCv: np.ndarr
     choices, codes = storage_codes(layout.storages(None), choices)
     check_storages(choices, c.head_dim)
     masks, n = jnp.asarray(layer_masks(layout)), len(gt_NL)
+    low_dtype, low_masks = layer_low(layout) or (None, None)
     sums = np.zeros(c.num_scales)
     for rows, weight in _padded_batches(n, batch):
         sums += np.asarray(_unguided_sums(
             model.params["var"], jnp.asarray(labels_N[rows], jnp.int32), jnp.asarray(gt_NL[rows]),
-            jnp.asarray(x_NLCv[rows]), jnp.asarray(weight), masks, jnp.asarray(codes), config=c, dtype=dtype,
-            choices=choices,
+            jnp.asarray(x_NLCv[rows]), jnp.asarray(weight), masks, jnp.asarray(codes), low_masks, config=c,
+            dtype=dtype, choices=choices, low_dtype=low_dtype,
         ), np.float64)
     sizes = np.array([pn * pn for pn in c.patch_nums])
     return float(np.dot(sums / n, sizes) / sizes.sum())
@@ -247,12 +257,13 @@ def policy_nll(
         bar.set_postfix_str(name + ("" if kv_dtype is None else f"+{kv_dtype}"))
         masks = jnp.asarray(layer_masks(layout))
         choices, codes = storage_codes(layout.storages(kv_dtype))
+        low_dtype, low_masks = layer_low(layout) or (None, None)
         sums = np.zeros((2, c.num_scales))
         for rows, weight in _padded_batches(n, batch):
             unguided, guided = _nll_sums(
                 model.params["var"], jnp.asarray(labels_N[rows], jnp.int32), jnp.asarray(gt_NL[rows]),
-                jnp.asarray(x_NLCv[rows]), jnp.asarray(weight), jnp.float32(cfg), masks, jnp.asarray(codes), config=c,
-                dtype=dtype, choices=choices,
+                jnp.asarray(x_NLCv[rows]), jnp.asarray(weight), jnp.float32(cfg), masks, jnp.asarray(codes),
+                low_masks, config=c, dtype=dtype, choices=choices, low_dtype=low_dtype,
             )
             sums += np.stack([np.asarray(unguided, np.float64), np.asarray(guided, np.float64)])
             bar.update()

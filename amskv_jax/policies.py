@@ -15,6 +15,9 @@ query reads is never written, and slots of scales no later query reads are reuse
 * Baselines: `SlidingWindow` (recent scales, no condensed ones), `CondensedOnly`, `ScaleBudget` (ScaleKV-like:
   "drafter" layers keep a large window, "refiner" layers a small one) and `Ladder` (LaCache-like: each layer a
   window of the history shifted with its depth).
+* Precision (the LLM KV toolbox on scales): `PerLayerPrecision` (KVTuner-like: another policy's slots, each layer in
+  a storage dtype of its own) and `MiKV` (another policy's slots, the scales it drops kept in a low-precision tier
+  instead of dropped).
 
 `POLICIES` names the settings the command lines and benchmarks compare; `policy_from_name(name, config,
 calibration)` builds one for a model. Calibration files (`calibrate.py` writes them) are read here with
@@ -30,7 +33,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from amskv_jax.cache import CacheLayout, build_layout
+from amskv_jax.cache import CacheLayout, build_layout, with_low_tier
 from amskv_jax.config import VARConfig
 from amskv_jax.errors import UserError
 
@@ -285,6 +288,51 @@ class PerLayerPrecision(Policy):
 
 
 @dataclasses.dataclass(frozen=True)
+class MiKV(Policy):
+    """MiKV on scales (Yang et al., 2024, "No Token Left Behind"): `policy`'s slots as the cache stores them, and
+    every earlier scale the policy would drop kept instead in `low_dtype` (int4 or int2, KIVI's scheme), so every
+    query reads every earlier scale, the evicted ones at a few bits. Each layer has two static tiers, each its own
+    slot plan and buffers (`LayerLayout.low`); a scale is written to the low tier when some later query reads it
+    from there (while it is still in the policy's window it may sit in both)."""
+
+    policy: Policy
+    low_dtype: str = "int4"
+
+    def __post_init__(self):
+        from amskv_jax.quant import ASYMMETRIC, SYMMETRIC
+
+        if not isinstance(self.policy, Policy) or isinstance(self.policy, MiKV):
+            raise UserError(f"MiKV keeps another policy's dropped scales, got {self.policy!r}")
+        allowed = (*SYMMETRIC, *ASYMMETRIC)
+        if self.low_dtype not in allowed:
+            raise UserError(f"MiKV's low_dtype must be a quantised storage dtype; got {self.low_dtype!r}, allowed: "
+                             f"{', '.join(allowed)}")
+
+    def validate(self, depth, patch_nums):
+        self.policy.validate(depth, patch_nums)
+
+    def reads(self, layer, si, depth, patch_nums):
+        return self.policy.reads(layer, si, depth, patch_nums)
+
+    def low_reads(self, layer, si, depth, patch_nums) -> tuple[int, ...]:
+        """The earlier scales scale si reads from the low tier: every one the policy does not read."""
+        kept = set(self.policy.reads(layer, si, depth, patch_nums))
+        return tuple(s for s in range(si) if s not in kept)
+
+    def storages(self):
+        return self.policy.storages()
+
+    def describe(self) -> str:
+        return f"MiKV: {self.policy.describe()}; every other earlier scale in {self.low_dtype}"
+
+    def layout(self, config: VARConfig) -> CacheLayout:
+        self.validate(config.depth, config.patch_nums)
+        low = build_layout(lambda layer, si: self.low_reads(layer, si, config.depth, config.patch_nums),
+                           config.depth, config.patch_nums, policy="", kv_dtypes=(self.low_dtype,) * config.depth)
+        return with_low_tier(self.policy.layout(config), low, policy=repr(self))
+
+
+@dataclasses.dataclass(frozen=True)
 class SlidingWindow(Policy):
     """The `window` most recent earlier scales in every layer, no condensed scales (StreamingLLM without sinks)."""
 
@@ -516,6 +564,8 @@ POLICIES: dict[str, Callable[[VARConfig, dict | None], Policy]] = {
     "condensed": lambda config, calibration: CondensedOnly(condensed_scales=2),
     "scalebudget": _scale_budget,
     "ladder": lambda config, calibration: Ladder(span=1, condensed_scales=2),
+    "mikv": lambda config, calibration: MiKV(_default(config, calibration), "int4"),
+    "mikv-int2": lambda config, calibration: MiKV(_default(config, calibration), "int2"),
 }
 DEFAULT_POLICY = "amskv"
 

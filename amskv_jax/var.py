@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from amskv_jax import quant
-from amskv_jax.attention import cached_attention, masked_attention, prepare_qk
-from amskv_jax.cache import CacheLayout, KindCache, KVCache, teacher_mask
+from amskv_jax.attention import cached_attention, dequantize_cache, masked_attention, prepare_qk
+from amskv_jax.cache import CacheLayout, KindCache, KVCache, low_storage, teacher_low_mask, teacher_mask
 from amskv_jax.config import VARConfig
 
 
@@ -64,6 +64,18 @@ def cache_reader(
 
         def attention(q, k, v, scale_mul_H, kinds, indices):
             layer = kinds[j].layer(indices[j], rows)
+            if plan.low is not None:  # two tiers (MiKV): both read as values, one cache of both tiers' slots
+                tiers = ((layer, plan), (layer.low, plan.low))
+                keys, values = zip(*(
+                    dequantize_cache(t.k, t.v, t.scales, p.slot_groups(si) if t.scales is not None else None, v.dtype)
+                    for t, p in tiers
+                ), strict=True)
+                return cached_attention(
+                    q, k, v, jnp.concatenate([x.astype(jnp.float32) for x in keys], axis=1),
+                    jnp.concatenate([x.astype(v.dtype) for x in values], axis=1),
+                    jnp.concatenate([t.read_mask(p.reads[si]) for t, p in tiers]), scale_mul_H, impl=impl,
+                    static_mask=np.concatenate([p.read_mask(si) for _, p in tiers]),
+                )
             # A quantised cache (its storage dtype is the cache's own; see quant.py) brings its scales.
             scales = (
                 dict(scales=layer.scales, k_group=plan.slot_groups(si))
@@ -105,16 +117,21 @@ def cache_write(
     k_BlHD, v_BlHD = k_BlHD + zero_B111, v_BlHD + zero_B111.astype(v_BlHD.dtype)
     written = []
     for j, (plan, cache) in enumerate(zip(layout.kinds, kinds, strict=True)):
-        if not plan.written(si) or (isinstance(kind, int) and kind != j):
+        if isinstance(kind, int) and kind != j:
             written.append(cache)
             continue
         active = None if isinstance(kind, int) else kind == j
-        written.append(
-            cache.write(
-                indices[j], plan.writes[si], si, k_BlHD, v_BlHD, group=plan.group(si), active=active, row=row,
-                mark=False,
-            )
-        )
+
+        def write(tier: KindCache, tier_plan) -> KindCache:
+            if not tier_plan.written(si):
+                return tier
+            return tier.write(indices[j], tier_plan.writes[si], si, k_BlHD, v_BlHD, group=tier_plan.group(si),
+                              active=active, row=row, mark=False)
+
+        cache = write(cache, plan)
+        if plan.low is not None:  # a low-precision tier (MiKV) keeps the scales the layer's plan does not
+            cache = cache.replace(low=write(cache.low, plan.low))
+        written.append(cache)
     return tuple(written)
 
 
@@ -148,20 +165,27 @@ class SelfAttention(nn.Module):
     def _out(self, o_BlHD):
         return self.proj(o_BlHD.reshape(*o_BlHD.shape[:2], -1).astype(self.dtype))
 
-    def __call__(self, x_BLC, mask_LL, storage=None):
+    def __call__(self, x_BLC, mask_LL, storage=None, low=None):
         """(output [B, L, C], the raw (q, k, v)) under a bool [L, L] mask. `storage` says how the K/V of earlier
         scales are read (a scale's own are fresh): None as computed, a quantised kv_dtype as such a cache holds them
         (`quant.fake_quantize_kv`), or (choices, code): as storage choices[code] holds them, code an int32 that may
-        be traced (layers with their own precision under a scanned layer loop; `quant.read_as_stored`)."""
+        be traced (layers with their own precision under a scanned layer loop; `quant.read_as_stored`).
+        `low` = (kv_dtype, low_LL bool [L, L], may be traced): the pairs read from a low-precision tier (MiKV), as
+        that storage holds them."""
         q, k, v = self._qkv(x_BLC)
         q_n, k_n = prepare_qk(q, k, self._scale_mul_H())
-        cached = None
-        if storage is not None:
-            choices, code = ((storage,), 0) if isinstance(storage, str) else storage
-            level = np.concatenate([np.full(pn * pn, si) for si, pn in enumerate(self.config.patch_nums)])
-            k_c, v_c = quant.read_as_stored(k_n, v, self.config.patch_nums, tuple(choices), code)
-            cached = (k_c, v_c, jnp.asarray(level[:, None] == level[None, :]))
-        return self._out(masked_attention(q_n, k_n, v, mask_LL, cached)), (q, k, v)
+        patch_nums = self.config.patch_nums
+        level = np.concatenate([np.full(pn * pn, si) for si, pn in enumerate(patch_nums)])
+        own_LL = jnp.asarray(level[:, None] == level[None, :])
+        cached = low_read = None
+        if storage is not None or low is not None:
+            choices, code = ((storage,), 0) if storage is None or isinstance(storage, str) else storage
+            k_c, v_c = quant.read_as_stored(k_n, v, patch_nums, tuple(choices), code)
+            cached = (k_c, v_c, own_LL)
+        if low is not None:
+            low_dtype, low_LL = low
+            low_read = (*quant.fake_quantize_kv(k_n, v, patch_nums, low_dtype), low_LL)
+        return self._out(masked_attention(q_n, k_n, v, mask_LL, cached, low_read)), (q, k, v)
 
     def step(self, x_BlC, attend):
         """(output [B, l, C], aux): scale si's queries through `attend(q, k, v, scale_mul_H) -> (o [B, l, H, Dh],
@@ -213,10 +237,10 @@ class AdaLNSelfAttn(nn.Module):
         x = x + self.ffn((layer_norm(x, eps) * (1 + s2) + b2).astype(self.dtype)) * g2.astype(x.dtype)
         return x, out
 
-    def __call__(self, x, cond, mask_LL, storage=None):
+    def __call__(self, x, cond, mask_LL, storage=None, low=None):
         """(x [B, L, C], the attention's raw (q, k, v)): teacher forcing under a bool [L, L] mask (and the K/V
-        storage of a cache, `storage`: see `SelfAttention.__call__`)."""
-        return self._mix(x, cond, lambda h: self.attn(h, mask_LL, storage))
+        storage of a cache, `storage`, and its low-precision tier, `low`: see `SelfAttention.__call__`)."""
+        return self._mix(x, cond, lambda h: self.attn(h, mask_LL, storage, low))
 
     def step(self, x, cond, attend):
         """(x [B, l, C], aux): one scale through the block, its attention over the cache by `attend` (see
@@ -321,6 +345,7 @@ class VAR(nn.Module):
     def teacher_states(
         self, label_B, x_BLCv_wo_first_l, layout: CacheLayout | None = None, keep: bool = True,
         kv_dtype: str | None = None, masks: tuple | None = None, storage: tuple | None = None,
+        low: tuple | None = None,
     ):
         """(logits [B, L, V], per-layer states): with `keep`, {"out": every block's output [D, B, L, C], "q", "k",
         "v": its raw projections [D, B, L, H, Dh]} (verification, calibration); else None.
@@ -333,7 +358,9 @@ class VAR(nn.Module):
         Earlier scales' K/V are read as each layer's cache stores them: `kv_dtype` for every layer, a layout's
         layers with their own precision (`LayerLayout.kv_dtype`) in theirs; or, given, `storage` = (choices, the
         layer's code int32 [D], may be traced): layer l's storage is choices[code[l]] (one program for every
-        per-layer precision: the search's)."""
+        per-layer precision: the search's). Low-precision tiers (MiKV, `LayerLayout.low`) come from the layout or,
+        with `masks`, as `low` = (kv_dtype, low_KLL bool [K, L, L], may be traced): the pairs of masks_KLL[k] read
+        from the tier, in that storage."""
         c = self.config
         x, cond_BD = self.teacher_input(label_B, x_BLCv_wo_first_l)
         if masks is not None:
@@ -344,12 +371,15 @@ class VAR(nn.Module):
             masks_KLL, kind_of = block_causal_mask(c.patch_nums)[None], np.zeros(c.depth, np.int32)
         else:
             masks_KLL, kind_of = teacher_mask(layout), np.asarray(layout.kind_of, np.int32)
+            low_KLL = teacher_low_mask(layout)
+            low = None if low_KLL is None else (low_storage(layout), low_KLL)
         if storage is None:
             per_layer = (kv_dtype,) * c.depth if layout is None else layout.storages(kv_dtype)
             choices = tuple(dict.fromkeys(per_layer))
             storage = (choices, np.asarray([choices.index(s) for s in per_layer], np.int32))
         choices, codes = tuple(storage[0]), storage[1]
         masks_KLL = jnp.asarray(masks_KLL)
+        low_KLL = None if low is None else jnp.asarray(low[1])
         block, block_cond = self._block(), self._block_cond(cond_BD)
 
         def layer(x, xs):
@@ -358,7 +388,8 @@ class VAR(nn.Module):
                 read = choices[0]
             else:
                 read = choices[int(code)] if isinstance(code, (int, np.integer)) else (choices, code)
-            x, (q, k, v) = block.apply({"params": params}, x, block_cond, masks_KLL[kind], read)
+            tier = None if low is None else (low[0], low_KLL[kind])
+            x, (q, k, v) = block.apply({"params": params}, x, block_cond, masks_KLL[kind], read, tier)
             return x, (dict(out=x, q=q, k=k, v=v) if keep else None)
 
         if isinstance(self.blocks, tuple):  # per-layer params (`per_layer_blocks`): a Python loop
@@ -434,7 +465,11 @@ class VAR(nn.Module):
             xs = (jnp.arange(rows // chunk, dtype=jnp.int32), split(x_BlC), split(block_cond))
             kinds, x_BlC = jax.lax.scan(one_chunk, cache.kinds, xs)
             x_BlC = x_BlC.reshape(rows, *x_BlC.shape[2:])
-        kinds = tuple(cache.mark(plan.writes[si], si) for plan, cache in zip(layout.kinds, kinds, strict=True))
+        def mark(plan, cache: KindCache) -> KindCache:
+            cache = cache.mark(plan.writes[si], si)
+            return cache if plan.low is None else cache.replace(low=mark(plan.low, cache.low))
+
+        kinds = tuple(mark(plan, cache) for plan, cache in zip(layout.kinds, kinds, strict=True))
         return x_BlC, KVCache(kinds=kinds)
 
 

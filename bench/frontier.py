@@ -8,7 +8,8 @@ and the searched policies scored by teacher-forced NLL on held-out images (the m
 each family's setting nearest the 75% cut. Reported (`format_frontier`, `plot_frontier`): a table and a PNG.
 
 With `--precisions int8,int4,int2` (the LLM KV toolbox on scales): the full cache and the paper's AMS-KV settings
-with every layer in each low-bit storage, and searches that choose each layer's capacity *and* storage under one
+with every layer in each low-bit storage, MiKV (each paper setting's dropped scales kept in that storage), and
+searches that choose each layer's capacity *and* storage under one
 byte bound (`calibrate --search --precisions`, saved as mixed-<budget>.json).
 
 Memory is the cache's bytes against the full cache's, both with bfloat16 compute (quantised storage with its
@@ -32,7 +33,7 @@ from amskv_jax.calibrate import search_calibrations
 from amskv_jax.fidelity import FRONTIER_SEARCH_BUDGETS, frontier_families, policy_fidelity, reference_share
 from amskv_jax.generate import default_top_k
 from amskv_jax.nll import encode_images, evenly_spaced, model_images, policy_nll
-from amskv_jax.policies import AMSKV, FullCache, PerLayerPrecision
+from amskv_jax.policies import AMSKV, FullCache, MiKV, PerLayerPrecision
 
 TARGET_SHARE = 0.25  # the 75% cut where FID and class accuracy are measured
 
@@ -72,11 +73,15 @@ def row_bytes(layout, config) -> int:
 
 def precision_families(config, families: dict, precisions: tuple[str, ...]) -> dict:
     """Low-bit storage crossed with slots (KIVI's scheme at int8 / int4 / int2): the full cache and the paper's
-    AMS-KV settings with every layer in each storage of `precisions`."""
+    AMS-KV settings with every layer in each storage of `precisions`; and MiKV on scales: each paper setting with
+    the scales it drops kept in each storage instead."""
     out = {"full (low-bit)": {f"full+{d}": PerLayerPrecision(FullCache(), (d,) * config.depth) for d in precisions}}
     for d in precisions:
         out[f"amskv (paper)+{d}"] = {f"{name}+{d}": PerLayerPrecision(policy, (d,) * config.depth)
                                      for name, policy in families["amskv (paper)"].items()}
+    for d in precisions:
+        out[f"mikv ({d})"] = {f"mikv-{name.removeprefix('amskv-')}-{d}": MiKV(policy, d)
+                              for name, policy in families["amskv (paper)"].items()}
     return out
 
 

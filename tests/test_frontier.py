@@ -33,7 +33,7 @@ def test_the_frontier_covers_every_family_with_both_memory_shares(tmp_path, emoj
     points = {p["name"]: p for p in report["points"]}
     families = {p["family"] for p in points.values()}
     assert families == {"full", "amskv (paper)", "sliding", "condensed", "scalebudget", "ladder", "searched",
-                        "full (low-bit)", "amskv (paper)+int4", "searched (capacity and precision)"}
+                        "full (low-bit)", "amskv (paper)+int4", "mikv (int4)", "searched (capacity and precision)"}
     assert points["full"]["delta"] == 0 and points["full"]["share"] == 1
     assert points["full"]["reference_share"] == pytest.approx(28 / 60)  # 2 × 14 slots of 2 × 30 tokens
     assert points["condensed-c2"]["share"] == pytest.approx(10 / 28)
@@ -51,6 +51,8 @@ def test_the_frontier_covers_every_family_with_both_memory_shares(tmp_path, emoj
     assert points["mixed-0.7"]["share"] <= 0.7 and mixed["search"]["bytes"] <= mixed["search"]["byte_bound"]
     assert points["mixed-0.7"]["bytes"] == mixed["search"]["bytes"]
     assert AMSKV.from_calibration(mixed).layout(TINY).storages(None) == tuple(mixed["search"]["kv_dtypes"])
+    # MiKV: AMS-KV's slots plus the dropped scales in int4, between the two in bytes
+    assert points["amskv-50"]["share"] < points["mikv-50-int4"]["share"] < 1
     table = (out / "frontier.md").read_text()
     assert "| searched | searched-0.7 |" in table and "vs reference (incl. current scale)" in table
     assert (out / "frontier.png").stat().st_size > 10_000

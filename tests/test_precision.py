@@ -5,6 +5,7 @@ bound; and its calibration file loaded back (or refused)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 
@@ -19,7 +20,7 @@ from amskv_jax.config import get_preset
 from amskv_jax.errors import UserError
 from amskv_jax.generate import generate
 from amskv_jax.nll import policy_nll, unguided_nll
-from amskv_jax.policies import AMSKV, FullCache, PerLayerPrecision, budget_levels, read_calibration
+from amskv_jax.policies import AMSKV, FullCache, MiKV, PerLayerPrecision, budget_levels, read_calibration
 from amskv_jax.search import search_budgets
 from amskv_jax.var import VAR
 from amskv_jax.vqvae import VQVAE
@@ -157,3 +158,69 @@ def test_a_searched_precision_file_loads_and_a_bad_one_is_refused(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(UserError, match=r"mixed\.json: search\.kv_dtypes must be 3 storage dtypes"):
         read_calibration(path, c)
+
+
+# --- MiKV on scales: the scales a policy drops kept in a low-precision tier ---------------------------------------
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-ladder256"])
+def test_mikv_tiers_split_every_earlier_scale_and_count_their_bytes(preset):
+    c = get_preset(preset).var
+    base = AMSKV(budgets=(budget_levels(c.patch_nums)[0],) * c.depth)
+    layout = MiKV(base, "int2").layout(c)
+    for plan, kept in zip(layout.layers, base.layout(c).layers, strict=True):
+        assert plan.reads == kept.reads and plan.low.kv_dtype == "int2"
+        for si in range(c.num_scales):
+            assert sorted(plan.reads[si] + plan.low.reads[si]) == list(range(si))
+    cache = init_cache(layout, rows=2, num_heads=c.num_heads, head_dim=c.head_dim, dtype=jnp.bfloat16)
+    actual = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    assert cache_bytes(layout, 2, c.num_heads, c.head_dim, jnp.bfloat16) == actual
+    full = cache_bytes(FullCache().layout(c), 2, c.num_heads, c.head_dim, jnp.bfloat16)
+    assert cache_bytes(base.layout(c), 2, c.num_heads, c.head_dim, jnp.bfloat16) < actual
+    assert actual < full
+
+
+def test_teacher_forcing_reproduces_generation_under_mikv():
+    """As with per-layer storage: a generation's cached logits under MiKV (AMS-KV's kept scales as computed, the
+    dropped ones in int4) against teacher forcing under its layout; teacher forcing under AMS-KV alone (the
+    dropped scales unread) or the full cache (read exactly) is 10× further."""
+    model = random_model("tiny")
+    c = model.config.var
+    base = AMSKV(budgets=(10, None), condensed_scales=1)  # layer 0 drops scale 1 at scale 3; layer 1 drops none
+    policy = MiKV(base, "int4")
+    layout = policy.layout(c)
+    labels = jnp.arange(4) % c.num_classes
+    out = generate(model.params, labels, jax.random.key(0), config=model.config, layout=layout, top_k=0, top_p=0.0,
+                   return_logits=True)
+    x = VQVAE(model.config.vqvae).apply(model.params["vqvae"], out.tokens, method=VQVAE.idx_to_var_input)
+    rows = sampling.guidance_rows(labels, c.num_classes)
+    errors = {}
+    for name, forced in (("mikv", layout), ("amskv", base.layout(c)), ("full", FullCache().layout(c))):
+        logits = VAR(c).apply(model.params["var"], rows, jnp.repeat(x, 2, axis=0), layout=forced)
+        errors[name] = max(
+            _rel(sampling.apply_guidance(logits[:, b:e], 1.5, sampling.guidance_ratio(si, c.num_scales)), ref)
+            for si, ((b, e), ref) in enumerate(zip(c.begin_ends, out.logits, strict=True))
+        )
+    assert errors["mikv"] < 3e-3 and min(errors["amskv"], errors["full"]) > 10 * errors["mikv"], errors
+    gt = np.asarray(jnp.concatenate(out.tokens, axis=1))
+    scored = unguided_nll(model, layout, gt, np.asarray(x), np.asarray(labels), batch=4)
+    assert scored == pytest.approx(policy_nll(model, {"m": layout}, gt, np.asarray(x), np.asarray(labels),
+                                              batch=4)["m"].mean_unguided, rel=1e-6)
+
+
+def test_mikv_refuses_an_unquantised_tier():
+    with pytest.raises(UserError, match="MiKV's low_dtype must be a quantised storage dtype; got 'bfloat16'"):
+        MiKV(AMSKV(budgets=(5, 5)), "bfloat16")
+
+
+def test_the_pallas_kernel_reads_both_tiers_as_the_xla_path_does():
+    """MiKV through `impl="pallas"` (the GPU kernel, interpreted on CPU) gives the XLA path's tokens and logits."""
+    model = random_model("tiny")
+    c = model.config.var
+    layout = MiKV(AMSKV(budgets=(10, None), condensed_scales=1), "int4").layout(c)
+    run = functools.partial(generate, model.params, jnp.arange(4) % c.num_classes, jax.random.key(0),
+                            config=model.config, layout=layout, top_k=0, top_p=0.0, return_logits=True)
+    xla, pallas = run(impl="xla"), run(impl="pallas")
+    for a, b in zip(xla.tokens, pallas.tokens, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(xla.logits, pallas.logits, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)

@@ -68,8 +68,13 @@ def test_bad_config_fails_with_allowed_values():
 
 
 def _policy_layouts(cfg: VARConfig):
-    """Every named policy's layout, and AMS-KV with interleaved demanding layers (kinds alternate in depth)."""
+    """Every named policy's layout whose storage is the compute dtype (MiKV's low-precision tiers are checked
+    against teacher forcing in `test_precision.py`), and AMS-KV with interleaved demanding layers (kinds alternate
+    in depth)."""
     layouts = {name: policy_from_name(name, cfg).layout(cfg) for name in POLICIES}
+    layouts = {name: layout for name, layout in layouts.items()
+               if all(plan.low is None and plan.kv_dtype is None for plan in layout.layers)}
+    assert len(layouts) >= len(POLICIES) - 2
     layouts["amskv-interleaved"] = AMSKV(budgets=(5, 14, 5, 14, 5)).layout(cfg)
     return layouts
 

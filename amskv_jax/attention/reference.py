@@ -40,27 +40,39 @@ def prepare_qk(q: jax.Array, k: jax.Array, scale_mul_H: jax.Array | None) -> tup
 
 
 def masked_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cached: tuple | None = None
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cached: tuple | None = None, low: tuple | None = None,
 ) -> jax.Array:
     """softmax(q·kᵀ masked) · v with prepared q, k. q [B,l,H,D], k/v [B,n,H,D], mask bool [l,n] -> [B,l,H,D].
 
     `cached = (k_c, v_c, fresh_LN)`: where fresh_LN (bool [l, n]) is False, a query reads key/value n as a cache
     would hold it (k_c, v_c, e.g. `quant.fake_quantize_kv`), else as given (its own scale, never cached).
+    `low = (k_l, v_l, low_LN)` (with `cached`): where low_LN is True, as a low-precision tier holds it instead
+    (MiKV, `cache.LayerLayout.low`).
     Every query row is assumed to have at least one valid key (VAR queries always see their own scale).
     """
+    if low is not None and cached is None:
+        raise ValueError("a low-precision tier goes with `cached` (the other reads)")
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
     if cached is not None:
         k_c, v_c, fresh = cached
         scores_c = jnp.einsum("bqhd,bkhd->bhqk", q, k_c.astype(q.dtype), preferred_element_type=jnp.float32)
         scores = jnp.where(fresh[None, None], scores, scores_c)
+    if low is not None:
+        k_l, v_l, from_low = low
+        scores_l = jnp.einsum("bqhd,bkhd->bhqk", q, k_l.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = jnp.where(from_low[None, None], scores_l, scores)
     scores = jnp.where(mask[None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     if cached is None:
         out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     else:
-        own, read = jnp.where(fresh, probs, 0.0), jnp.where(fresh, 0.0, probs)
+        not_cached = fresh if low is None else fresh | from_low
+        own, read = jnp.where(fresh, probs, 0.0), jnp.where(not_cached, 0.0, probs)
         out = jnp.einsum("bhqk,bkhd->bqhd", own.astype(v.dtype), v, preferred_element_type=jnp.float32)
         out += jnp.einsum("bhqk,bkhd->bqhd", read.astype(v_c.dtype), v_c, preferred_element_type=jnp.float32)
+        if low is not None:
+            read_low = jnp.where(from_low, probs, 0.0)
+            out += jnp.einsum("bhqk,bkhd->bqhd", read_low.astype(v_l.dtype), v_l, preferred_element_type=jnp.float32)
     return out.astype(v.dtype)
 
 
