@@ -47,6 +47,26 @@ def test_each_storage_is_its_own_kind_of_its_own_bytes():
     assert len(plain.kinds) == 1 and cache_bytes(plain, 4, c.num_heads, c.head_dim, jnp.bfloat16) > actual
 
 
+def _forcing_errors(model, layout, forced: dict) -> tuple[dict, object, np.ndarray]:
+    """Generate 4 images under `layout` (greedy, logits kept), then teacher-force their tokens under each layout of
+    `forced`: ({name: the largest relative error of the guided logits over the scales}, the generation, the
+    teacher-forcing inputs)."""
+    c = model.config.var
+    labels = jnp.arange(4) % c.num_classes
+    out = generate(model.params, labels, jax.random.key(0), config=model.config, layout=layout, top_k=0, top_p=0.0,
+                   return_logits=True)
+    x = VQVAE(model.config.vqvae).apply(model.params["vqvae"], out.tokens, method=VQVAE.idx_to_var_input)
+    rows = sampling.guidance_rows(labels, c.num_classes)
+    errors = {}
+    for name, other in forced.items():
+        logits = VAR(c).apply(model.params["var"], rows, jnp.repeat(x, 2, axis=0), layout=other)
+        errors[name] = max(
+            _rel(sampling.apply_guidance(logits[:, b:e], 1.5, sampling.guidance_ratio(si, c.num_scales)), ref)
+            for si, ((b, e), ref) in enumerate(zip(c.begin_ends, out.logits, strict=True))
+        )
+    return errors, out, np.asarray(x)
+
+
 @pytest.mark.parametrize("policy", [
     PerLayerPrecision(FullCache(), (None, "int4")),
     PerLayerPrecision(AMSKV(budgets=(10, None), condensed_scales=1), ("int8", "int2")),
@@ -57,19 +77,8 @@ def test_teacher_forcing_reproduces_generation_with_per_layer_storage(policy):
     `test_quant.py` (rounding flips a few elements); teacher forcing that ignores the storage is 10× further."""
     model = random_model("tiny")
     c = model.config.var
-    layout = policy.layout(c)
-    labels = jnp.arange(4) % c.num_classes
-    out = generate(model.params, labels, jax.random.key(0), config=model.config, layout=layout, top_k=0, top_p=0.0,
-                   return_logits=True)
-    x = VQVAE(model.config.vqvae).apply(model.params["vqvae"], out.tokens, method=VQVAE.idx_to_var_input)
-    rows = sampling.guidance_rows(labels, c.num_classes)
-    errors = {}
-    for name, forced in (("storage", layout), ("ignored", policy.policy.layout(c))):
-        logits = VAR(c).apply(model.params["var"], rows, jnp.repeat(x, 2, axis=0), layout=forced)
-        errors[name] = max(
-            _rel(sampling.apply_guidance(logits[:, b:e], 1.5, sampling.guidance_ratio(si, c.num_scales)), ref)
-            for si, ((b, e), ref) in enumerate(zip(c.begin_ends, out.logits, strict=True))
-        )
+    errors, _, _ = _forcing_errors(model, policy.layout(c), {"storage": policy.layout(c),
+                                                             "ignored": policy.policy.layout(c)})
     assert errors["storage"] < 3e-3 and errors["ignored"] > 10 * errors["storage"], errors
 
 
@@ -188,23 +197,13 @@ def test_teacher_forcing_reproduces_generation_under_mikv():
     base = AMSKV(budgets=(10, None), condensed_scales=1)  # layer 0 drops scale 1 at scale 3; layer 1 drops none
     policy = MiKV(base, "int4")
     layout = policy.layout(c)
-    labels = jnp.arange(4) % c.num_classes
-    out = generate(model.params, labels, jax.random.key(0), config=model.config, layout=layout, top_k=0, top_p=0.0,
-                   return_logits=True)
-    x = VQVAE(model.config.vqvae).apply(model.params["vqvae"], out.tokens, method=VQVAE.idx_to_var_input)
-    rows = sampling.guidance_rows(labels, c.num_classes)
-    errors = {}
-    for name, forced in (("mikv", layout), ("amskv", base.layout(c)), ("full", FullCache().layout(c))):
-        logits = VAR(c).apply(model.params["var"], rows, jnp.repeat(x, 2, axis=0), layout=forced)
-        errors[name] = max(
-            _rel(sampling.apply_guidance(logits[:, b:e], 1.5, sampling.guidance_ratio(si, c.num_scales)), ref)
-            for si, ((b, e), ref) in enumerate(zip(c.begin_ends, out.logits, strict=True))
-        )
+    errors, out, x = _forcing_errors(model, layout, {"mikv": layout, "amskv": base.layout(c),
+                                                     "full": FullCache().layout(c)})
     assert errors["mikv"] < 3e-3 and min(errors["amskv"], errors["full"]) > 10 * errors["mikv"], errors
-    gt = np.asarray(jnp.concatenate(out.tokens, axis=1))
-    scored = unguided_nll(model, layout, gt, np.asarray(x), np.asarray(labels), batch=4)
-    assert scored == pytest.approx(policy_nll(model, {"m": layout}, gt, np.asarray(x), np.asarray(labels),
-                                              batch=4)["m"].mean_unguided, rel=1e-6)
+    gt, labels = np.asarray(jnp.concatenate(out.tokens, axis=1)), np.arange(4) % c.num_classes
+    scored = unguided_nll(model, layout, gt, x, labels, batch=4)
+    assert scored == pytest.approx(policy_nll(model, {"m": layout}, gt, x, labels, batch=4)["m"].mean_unguided,
+                                   rel=1e-6)
 
 
 def test_mikv_refuses_an_unquantised_tier():
