@@ -4,12 +4,17 @@ Rows are independent in every op of a generation step, so a scale's work can run
 time while the whole cache stays resident. Two kinds of chunking, each sized so that its largest buffer stays
 within `CHUNK_BYTES`:
 
-* the blocks (`VAR.step(row_chunk=...)`): a `lax.scan` over contiguous chunks of rows, each reading and writing its
-  rows of the cache; the chunk must divide the rows (`block_row_chunk`);
+* a scale over chunks of images (`image_chunk`, `generate`): a `lax.scan` over contiguous chunks of images, each
+  chunk's token inputs, blocks, head and draw together, reading and writing its rows of the cache, so that the
+  activations between those steps are one chunk's, not the batch's;
+* the blocks (`VAR.step_rows(row_chunk=...)`): within an image chunk, a `lax.scan` over contiguous chunks of rows;
+  the chunk must divide the rows (`block_row_chunk`);
 * the head and the sampler, and the VQ-VAE decode (`map_in_chunks`): a `lax.map` over strided chunks of images,
   the batch padded to whole chunks; no cache is involved, so any chunk works (`sampler_chunk`).
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +32,16 @@ def block_row_chunk(config: VARConfig, rows: int, si: int) -> int:
     per_row = config.num_heads * pn * pn * config.seq_len * 4
     fits = max(1, CHUNK_BYTES // per_row)
     return max(d for d in range(1, min(rows, fits) + 1) if rows % d == 0)
+
+
+def image_chunk(config: VARConfig, batch: int, si: int, row_chunk: int | None = None) -> tuple[int, int]:
+    """(images, rows): scale si runs over chunks of `images` images (a divisor of batch, both guidance rows of
+    each), the blocks within a chunk over `rows` rows at a time (a divisor of 2·images): the chunk holds
+    `row_chunk` rows (None: `block_row_chunk`), rounded down to whole images (at least one)."""
+    rows = block_row_chunk(config, 2 * batch, si) if row_chunk is None else row_chunk
+    fits = max(1, rows // 2)
+    images = max(d for d in range(1, min(batch, fits) + 1) if batch % d == 0)
+    return images, math.gcd(rows, 2 * images)
 
 
 def sampler_chunk(config: VARConfig, si: int) -> int:

@@ -21,14 +21,14 @@ import numpy as np
 
 from amskv_jax import cli, compile_cache, sampling, sharding
 from amskv_jax.attention import check_impl
-from amskv_jax.cache import CacheLayout, init_cache
+from amskv_jax.cache import CacheLayout, KVCache, init_cache
 from amskv_jax.checkpoint import MissingVQVAEError
-from amskv_jax.chunks import block_row_chunk, map_in_chunks, sampler_chunk
+from amskv_jax.chunks import image_chunk, map_in_chunks, sampler_chunk
 from amskv_jax.errors import UserError
 from amskv_jax.quant import KV_DTYPES, check_kv_dtype
 from amskv_jax.config import ModelConfig
 from amskv_jax.policies import FullCache
-from amskv_jax.var import VAR, per_layer_blocks
+from amskv_jax.var import VAR, mark_scale, per_layer_blocks
 from amskv_jax.vqvae import VQVAE, decode_chunk, decode_in_chunks
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -137,11 +137,14 @@ def generate(
     per-layer ones here (a copy of the block weights per call; pass `var.per_layer_blocks` params to skip it) and
     compile time grows with depth.
     Per-image work runs in bounded chunks (`chunks`), so that the program's temporaries stop growing with the
-    batch: each scale's blocks over chunks of rows against the whole cache (`VAR.step_states`), the head and the
-    sampler over chunks of images, the VQ-VAE decode too. Every image draws from keys of its own
+    batch: each scale runs over chunks of images one after the other (`chunks.image_chunk`), each chunk's token
+    inputs, blocks (against its rows of the whole cache, `VAR.step_rows`), head and sampler together, so that only
+    one chunk's activations exist at once; between scales only the VQ-VAE's small inputs to the next scale are kept
+    for the whole batch. The VQ-VAE decode runs in chunks too. Every image draws from keys of its own
     (`sampling.image_keys`), so the tokens do not depend on the chunks. `row_chunk` (a divisor of 2·len(labels),
-    the rows under guidance) fixes the blocks' chunk for every scale (2·len(labels): all rows at once); None picks
-    it per scale (`chunks.block_row_chunk`). Not with a mesh (a device's rows are already a share of the batch).
+    the rows under guidance) fixes the blocks' chunk of rows for every scale (2·len(labels): all rows at once);
+    None picks it per scale (`chunks.block_row_chunk`). Not with a mesh (a device's rows are already a share of the
+    batch; each scale then runs on the whole batch).
     """
     top_k = default_top_k(config) if top_k is None else top_k
     validate(config, labels, top_k=top_k, top_p=top_p, dtype=dtype, impl=impl, kv_dtype=kv_dtype,
@@ -201,7 +204,7 @@ def _generate(
     batch = labels_B.shape[0]
     label_2B = sampling.guidance_rows(labels_B, c.num_classes)  # a data shard holds both rows of its images
     cond_BD = sharding.constrain(var.apply(params["var"], label_2B, method=VAR.condition), mesh)
-    x = var.apply(params["var"], cond_BD, method=VAR.first_input)
+    cond_B2D = cond_BD.reshape(batch, 2, -1)  # both rows of each image
     cache = init_cache(layout, 2 * batch, c.num_heads, c.head_dim, DTYPES[dtype], kv_dtype=kv_dtype)
     cache = sharding.constrain_cache(cache, mesh)
     codebook = params["vqvae"]["params"]["quantize"]["embedding"]["embedding"]
@@ -210,10 +213,8 @@ def _generate(
     tokens, guided, finite = [], [], []
     devices = 1 if mesh is None else mesh.shape.get("data", 1)
     image_B = jnp.arange(batch, dtype=jnp.int32)
+    next_BlCv = None  # the VQ-VAE's input to the next scale, [B, l, Cvae]: the state between scales
     for si, pn in enumerate(c.patch_nums):
-        chunk_rows = row_chunk if row_chunk is not None or mesh is not None else block_row_chunk(c, 2 * batch, si)
-        h_2BlC, cache = var.apply(params["var"], x, cond_BD, cache, si, layout, chunk_rows, method=VAR.step_states)
-        h_2BlC, cache = sharding.constrain(h_2BlC, mesh), sharding.constrain_cache(cache, mesh)
         ratio = sampling.guidance_ratio(si, c.num_scales)
         key, draw_key, smooth_key = jax.random.split(key, 3)
 
@@ -233,10 +234,32 @@ def _generate(
                 h_blC = codebook[idx_bl].astype(jnp.float32)
             return idx_bl, h_blC, ok, logits if return_logits else None
 
-        pairs = lambda a: a.reshape(batch, 2, *a.shape[1:])  # noqa: E731
-        idx_Bl, h_BlC, ok, logits = map_in_chunks(
-            sample, sampler_chunk(c, si) * devices, pairs(h_2BlC), pairs(cond_BD), image_B
-        )
+        def scale_for_images(kinds, xs, si=si, sample=sample):
+            """Scale si for a chunk of m images (rows [2·m·j, 2·m·(j + 1)) of the cache): their tokens' inputs,
+            the blocks, the head and the draw; only the chunk's activations exist at once."""
+            j, cond_m2D, next_mlCv, image_m = xs
+            cond_2mD = cond_m2D.reshape(-1, cond_m2D.shape[-1])
+            if next_mlCv is None:
+                x = var.apply(params["var"], cond_2mD, method=VAR.first_input)
+            else:
+                x = jnp.repeat(var.apply(params["var"], si, next_mlCv, method=VAR.next_input), 2, axis=0)
+            x = sharding.constrain(x, mesh)
+            h_2mlC, kinds = var.apply(params["var"], x, cond_2mD, kinds, si, layout, inner_rows,
+                                      2 * images * j, method=VAR.step_rows)
+            h_2mlC = sharding.constrain(h_2mlC, mesh)
+            pairs = lambda a: a.reshape(-1, 2, *a.shape[1:])  # noqa: E731
+            return kinds, map_in_chunks(sample, sampler_chunk(c, si) * devices, pairs(h_2mlC), cond_m2D, image_m)
+
+        images, inner_rows = (batch, None) if mesh is not None else image_chunk(c, batch, si, row_chunk)
+        per_chunk = lambda a: None if a is None else a.reshape(batch // images, images, *a.shape[1:])  # noqa: E731
+        xs = (jnp.arange(batch // images, dtype=jnp.int32), per_chunk(cond_B2D), per_chunk(next_BlCv),
+              per_chunk(image_B))
+        if images == batch:
+            kinds, (idx_Bl, h_BlC, ok, logits) = scale_for_images(cache.kinds, jax.tree.map(lambda a: a[0], xs))
+        else:
+            kinds, out = jax.lax.scan(scale_for_images, cache.kinds, xs)
+            idx_Bl, h_BlC, ok, logits = jax.tree.map(lambda a: a.reshape(batch, *a.shape[2:]), out)
+        cache = sharding.constrain_cache(mark_scale(KVCache(kinds=kinds), layout, si), mesh)
         tokens.append(idx_Bl)
         finite.append(ok)
         if return_logits:
@@ -253,8 +276,7 @@ def _generate(
             params["vqvae"], si, f_hat, h_BlC.reshape(batch, pn, pn, c.cvae), method=VQVAE.next_input
         )
         if next_BlCv is not None:
-            x = var.apply(params["var"], si + 1, next_BlCv, method=VAR.next_input)
-            x = sharding.constrain(jnp.repeat(x, 2, axis=0), mesh)
+            next_BlCv = sharding.constrain(next_BlCv, mesh)
     chunk = decode_chunk(config.vqvae) * devices  # images per device
     images = sharding.constrain(decode_in_chunks(vqvae, params["vqvae"], f_hat, chunk), mesh)
     return Generation(tokens=tuple(tokens), images=(images.astype(jnp.float32) + 1) * 0.5, finite=jnp.stack(finite, axis=1),

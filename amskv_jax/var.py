@@ -411,8 +411,19 @@ class VAR(nn.Module):
     def step_states(
         self, x_BlC, cond_BD, cache: KVCache, si: int, layout: CacheLayout, row_chunk: int | None = None
     ):
-        """One scale: every block on this scale's tokens against the cache. Returns (the last block's output
-        [B, l, C], cache); `logits` makes them the scale's logits (generation runs it over chunks of images).
+        """One scale: every block on this scale's tokens against the cache (`step_rows` over all rows, then
+        `mark_scale`). Returns (the last block's output [B, l, C], cache); `logits` makes them the scale's logits."""
+        x_BlC, kinds = self.step_rows(x_BlC, cond_BD, cache.kinds, si, layout, row_chunk)
+        return x_BlC, mark_scale(KVCache(kinds=kinds), layout, si)
+
+    def step_rows(
+        self, x_BlC, cond_BD, kinds: tuple[KindCache, ...], si: int, layout: CacheLayout,
+        row_chunk: int | None = None, row=0,
+    ):
+        """Scale si's blocks for B rows of the batch, cache rows [row, row + B) (row may be traced: generation runs
+        the images in chunks, `generate`), reading and writing only those rows. Returns (the last block's output
+        [B, l, C], the kinds' stacks); the written slots are left for `mark_scale`, once every row is written (a
+        later chunk still reads the slots by what they held before the scale).
 
         A layer reads and writes only its kind's stacked cache (`layout.kinds`, `cache_reader`, `cache_write`).
         Stacked block params (leaves [D, ...]) run as one scanned body (compile time flat in depth), the kind picked
@@ -454,23 +465,29 @@ class VAR(nn.Module):
             return kinds, x
 
         if chunk == rows:
-            kinds, x_BlC = blocks(cache.kinds, x_BlC, block_cond, 0)
+            kinds, x_BlC = blocks(kinds, x_BlC, block_cond, row)
         else:
             split = lambda a: a.reshape(rows // chunk, chunk, *a.shape[1:])  # noqa: E731
 
             def one_chunk(kinds, xs):
                 i, x, block_cond = xs
-                return blocks(kinds, x, block_cond, i * chunk)
+                return blocks(kinds, x, block_cond, row + i * chunk)
 
             xs = (jnp.arange(rows // chunk, dtype=jnp.int32), split(x_BlC), split(block_cond))
-            kinds, x_BlC = jax.lax.scan(one_chunk, cache.kinds, xs)
+            kinds, x_BlC = jax.lax.scan(one_chunk, kinds, xs)
             x_BlC = x_BlC.reshape(rows, *x_BlC.shape[2:])
-        def mark(plan, cache: KindCache) -> KindCache:
-            cache = cache.mark(plan.writes[si], si)
-            return cache if plan.low is None else cache.replace(low=mark(plan.low, cache.low))
+        return x_BlC, kinds
 
-        kinds = tuple(mark(plan, cache) for plan, cache in zip(layout.kinds, kinds, strict=True))
-        return x_BlC, KVCache(kinds=kinds)
+
+def mark_scale(cache: KVCache, layout: CacheLayout, si: int) -> KVCache:
+    """The cache with scale si's written slots marked as holding it (`slot_scale`), in every layer and tier: after
+    `VAR.step_rows` has written every row."""
+
+    def mark(plan, kind: KindCache) -> KindCache:
+        kind = kind.mark(plan.writes[si], si)
+        return kind if plan.low is None else kind.replace(low=mark(plan.low, kind.low))
+
+    return KVCache(kinds=tuple(mark(plan, kind) for plan, kind in zip(layout.kinds, cache.kinds, strict=True)))
 
 
 def stack_blocks(var_params: dict, num_heads: int) -> dict:
