@@ -473,3 +473,11 @@ def cache_bytes(
 ) -> int:
     """Exact bytes of the buffers of `init_cache` with the same arguments: every layer's `layer_bytes`."""
     return sum(layer_bytes(plan, rows, num_heads, head_dim, dtype, kv_dtype) for plan in layout.layers)
+
+
+def memory_share(layout: CacheLayout, num_heads: int, head_dim: int, kv_dtype: str | None = None) -> float:
+    """The cache's bytes (`cache_bytes`, in `kv_dtype` and its layers' own storage, bfloat16 compute) against the
+    full cache's in bfloat16: the share tables report (for unquantised layouts, the slot share)."""
+    full = build_layout(lambda layer, si: tuple(range(si)), len(layout.layers), layout.patch_nums, policy="full")
+    return (cache_bytes(layout, 1, num_heads, head_dim, jnp.bfloat16, kv_dtype)
+            / cache_bytes(full, 1, num_heads, head_dim, jnp.bfloat16))

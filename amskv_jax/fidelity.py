@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from amskv_jax import sampling
+from amskv_jax.cache import memory_share
 from amskv_jax.config import ModelConfig, VARConfig
 from amskv_jax.fid import fid
 from amskv_jax.generate import DTYPES, first_nonfinite_scale, generate
@@ -43,7 +44,7 @@ from amskv_jax.vqvae import VQVAE
 class Fidelity:
     """Per-scale agreement, top-1 agreement and KL(full ‖ policy) (means over tokens and samples), image PSNR (dB, of
     the mean squared error over all images; inf when all are identical) and LPIPS (None when not measured) against the
-    full cache, and the cache's slots; against real data the samples' class accuracy and FID (None when not
+    full cache, and the cache's slots and bytes' share; against real data the samples' class accuracy and FID (None when not
     measured). `nonfinite_scale`: None, or the first scale (1-based) where the policy's or the full cache's logits
     were not all finite in some batch: every figure of the row is then meaningless (NaN-derived), and `format_table`
     shows the mark instead. `samples`: float32 [n, H, W, 3] of the first images (for grids; not saved)."""
@@ -54,6 +55,7 @@ class Fidelity:
     sizes: tuple[int, ...]  # tokens per scale
     slots: int  # sum of the layers' capacities
     full_slots: int
+    share: float  # the cache's bytes against the full bfloat16 cache's (`cache.memory_share`)
     psnr: float
     lpips: float | None
     accuracy: float | None = None
@@ -82,7 +84,7 @@ class Fidelity:
 
     @property
     def memory_fraction(self) -> float:
-        return self.slots / self.full_slots
+        return self.share
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
@@ -182,6 +184,7 @@ def policy_fidelity(
             agreement=tuple((total[0] / len(labels)).tolist()), top1=tuple((total[1] / len(labels)).tolist()),
             kl=tuple((total[2] / len(labels)).tolist()),
             sizes=sizes, slots=sum(layouts[name].capacities), full_slots=full_slots,
+            share=memory_share(layouts[name], c.num_heads, c.head_dim, kv_dtype),
             psnr=psnr(errors[name]), lpips=float(np.mean(distances[name])) if distances[name] else None,
             accuracy=float(np.mean(hits[name])) if hits[name] else None,
             fid=fid(np.concatenate(features[name]), real_features) if features[name] and real_features is not None
@@ -240,7 +243,7 @@ def distinct(policies: Mapping[str, Policy], config: VARConfig) -> dict[str, Pol
 
 
 def format_table(results: Mapping[str, Fidelity], policies: Mapping[str, Policy]) -> str:
-    """A markdown table: memory (this model's slots vs the full cache), FID and class accuracy against real data,
+    """A markdown table: memory (the cache's bytes vs the full bfloat16 cache's), FID and class accuracy against real data,
     agreement, KL, PSNR and LPIPS against the full cache, per policy."""
     any_result = next(iter(results.values()))
     scales = len(any_result.sizes)

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from amskv_jax import sampling
-from amskv_jax.cache import CacheLayout, low_storage, teacher_low_mask, teacher_mask
+from amskv_jax.cache import CacheLayout, low_storage, memory_share, teacher_low_mask, teacher_mask
 from amskv_jax.config import ModelConfig, VARConfig
 from amskv_jax.errors import UserError
 from amskv_jax.generate import DTYPES
@@ -41,13 +41,15 @@ from amskv_jax.var import VAR
 @dataclasses.dataclass(frozen=True)
 class NLL:
     """Per-scale mean NLL (nats per token, over images and the scale's tokens), unguided and guided; the tokens
-    per scale, and the layout's slots against the full cache's."""
+    per scale, the layout's slots and the full cache's, and its bytes' share of the full bfloat16 cache's
+    (`cache.memory_share`: its storage counted)."""
 
     unguided: tuple[float, ...]
     guided: tuple[float, ...]
     sizes: tuple[int, ...]
     slots: int
     full_slots: int
+    share: float
 
     @property
     def mean_unguided(self) -> float:
@@ -60,7 +62,7 @@ class NLL:
 
     @property
     def memory_fraction(self) -> float:
-        return self.slots / self.full_slots
+        return self.share
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -270,6 +272,7 @@ def policy_nll(
         out[name] = NLL(
             unguided=tuple((sums[0] / n).tolist()), guided=tuple((sums[1] / n).tolist()),
             sizes=tuple(pn * pn for pn in c.patch_nums), slots=sum(layout.capacities), full_slots=full_slots,
+            share=memory_share(layout, c.num_heads, c.head_dim, kv_dtype),
         )
     bar.close()
     return out
