@@ -131,6 +131,9 @@ class _SequentialHandler(ocp.type_handlers.NumpyHandler):
             await store[box].write(value[box])
 
 
+COMMIT_MARKER, COMMIT_TEXT = "commit_success.txt", "Checkpoint commit was successful."
+
+
 def save_arrays(directory: str | Path, tree) -> None:
     """Write `tree` (leaves: LazyArray, numpy or jax arrays) as an orbax checkpoint at `directory`, which
     `ocp.StandardCheckpointer().restore` reads back as numpy arrays; at most one array is materialised at a time."""
@@ -141,3 +144,7 @@ def save_arrays(directory: str | Path, tree) -> None:
     )
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as checkpointer:
         checkpointer.save(Path(directory).absolute(), args=ocp.args.PyTreeSave(lazy))
+    # orbax's marker names the directory it wrote to (often a temporary one): keep this machine's paths out of it
+    marker = Path(directory) / COMMIT_MARKER
+    if marker.is_file():
+        marker.write_text(COMMIT_TEXT)

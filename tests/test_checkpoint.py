@@ -1,5 +1,5 @@
 """Checkpoints: the shipped model is in the stacked-blocks layout; a directory written in the per-block layout of
-earlier versions (`blocks_0` …) loads, re-stacked, with a notice."""
+earlier versions (`blocks_0` …) loads, re-stacked, with a notice; no written file names the writing machine's paths."""
 from __future__ import annotations
 
 import jax
@@ -24,6 +24,8 @@ def test_a_per_block_checkpoint_loads_restacked_with_a_notice(tmp_path, capsys):
     params = jax.tree.map(np.asarray, init_params(config, seed=3))
     old = {**params, "var": {"params": unstack_blocks(params["var"]["params"])}}
     save_checkpoint(tmp_path / "old", config, old)
+    # orbax's commit marker would name the directory written to: no path of the writing machine stays in it
+    assert (tmp_path / "old" / "params" / "commit_success.txt").read_text() == "Checkpoint commit was successful."
     _, loaded = load_checkpoint(tmp_path / "old")
     out = capsys.readouterr().out
     assert "re-stacked on load" in out and str(tmp_path / "old") in out
