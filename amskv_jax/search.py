@@ -121,11 +121,11 @@ def search_budgets(
     storages = check_precisions(precisions, config.head_dim)
     levels = budget_levels(patch_nums, condensed_scales)
     full_slots = sum(FullCache().layout(config).capacities)
-    if depth * levels[0] > math.floor(budget * full_slots + 1e-9):
+    slot_bound = math.floor(budget * full_slots + 1e-9)
+    if depth * levels[0] > slot_bound:
         floor = depth * levels[0]
-        raise UserError(f"budget {budget} leaves {math.floor(budget * full_slots + 1e-9)} slots; the condensed "
-                         f"scales alone need {floor} ({depth} layers × {levels[0]}): allowed budgets are >= "
-                         f"{floor / full_slots:.4f}")
+        raise UserError(f"budget {budget} leaves {slot_bound} slots; the condensed scales alone need {floor} "
+                         f"({depth} layers × {levels[0]}): allowed budgets are >= {floor / full_slots:.4f}")
     mixed = len(storages) > 1
     top = len(levels) - 1
     if mixed:
@@ -142,8 +142,7 @@ def search_budgets(
             raise UserError(f"budget {budget}: the condensed scales alone in {storages[-1]} need "
                              f"{depth * layer_cost[0][-1]} of the full cache's {full_bytes} bytes per row")
     else:
-        cost = [[level] for level in levels]
-        bound = math.floor(budget * full_slots + 1e-9)
+        cost, bound = [[level] for level in levels], slot_bound
     memo = {} if memo is None else memo
     bar = tqdm(desc=f"search at {budget:g} of the full cache", unit=" candidates", disable=not progress)
 
@@ -169,6 +168,15 @@ def search_budgets(
         out = [(j + 1, p), (j, p - 1)] if up else [(j - 1, p), (j, p + 1)]
         return [(a, b) for a, b in out if 0 <= a <= top and 0 <= b < len(storages)]
 
+    def raising(state, up: int):
+        """The candidates that raise layer `up` one step, alone or lowering one other layer one step, in order."""
+        for raised in moves(state[up], True):
+            candidate = with_option(state, up, raised)
+            yield candidate
+            for down in range(depth):
+                if down != up:
+                    yield from (with_option(candidate, down, lowered) for lowered in moves(state[down], False))
+
     full_nll = nll(((top, 0),) * depth)
     base = ((0, 0),) * depth
     options = [(j, p) for j in range(top + 1) for p in range(len(storages))]
@@ -182,32 +190,17 @@ def search_budgets(
     steps = [{"step": "knapsack", **_record(*key(state), mixed), "nll": nll(state)}]
     for _ in range(passes):
         improved = False
-        for up in range(depth):
-            for raised in moves(state[up], True):
-                for down in (None, *range(depth)):
-                    if down == up:
-                        continue
-                    lowered = [None] if down is None else moves(state[down], False)
-                    for option in lowered:
-                        candidate = with_option(state, up, raised)
-                        if down is not None:
-                            candidate = with_option(candidate, down, option)
-                        if total(candidate) <= bound and nll(candidate) < nll(state):
-                            state, improved = candidate, True
-                            steps.append({"step": "move", **_record(*key(state), mixed), "nll": nll(state)})
-                            break
-                    else:
-                        continue
-                    break
-                else:
-                    continue
-                break
+        for up in range(depth):  # each layer takes the first raise that fits and lowers the NLL
+            better = next((c for c in raising(state, up) if total(c) <= bound and nll(c) < nll(state)), None)
+            if better is not None:
+                state, improved = better, True
+                steps.append({"step": "move", **_record(*key(state), mixed), "nll": nll(state)})
         if not improved:
             break
     bar.close()
     budgets, kinds = key(state)
     return SearchResult(
-        budgets=budgets, slots=sum(budgets), nll=nll(state), bound=math.floor(budget * full_slots + 1e-9),
+        budgets=budgets, slots=sum(budgets), nll=nll(state), bound=slot_bound,
         full_slots=full_slots, full_nll=full_nll, levels=levels, condensed_scales=condensed_scales,
         evaluations=len(memo), steps=tuple(steps), kv_dtypes=kinds if mixed else None,
         bytes=sum(layer_cost[j][p] for j, p in state) if mixed else None,

@@ -56,14 +56,14 @@ class Point:
     guided_nll: float
     delta: float
     guided_delta: float
+    bytes: int
+    full_bytes: int
     fid: float | None = None
     accuracy: float | None = None
-    bytes: int | None = None
-    full_bytes: int | None = None
 
     @property
     def share(self) -> float:
-        return self.slots / self.full_slots if self.bytes is None else self.bytes / self.full_bytes
+        return self.bytes / self.full_bytes
 
 
 def row_bytes(layout, config) -> int:
@@ -117,15 +117,13 @@ def measure_frontier(model, args) -> tuple[list[Point], dict]:
     results = policy_nll(model, layouts, gt, x, labels, cfg=args.cfg, batch=args.batch, dtype=args.dtype,
                          progress=True)
     full, full_bytes = results["full"], row_bytes(layouts["full"], c)
-    points = []
-    for name, r in results.items():
-        share = row_bytes(layouts[name], c) / full_bytes
-        points.append(Point(
-            family_of[name], name, policies[name].describe(), r.slots, r.full_slots,
-            reference_share(r.full_slots, c) * share, r.mean_unguided, r.mean_guided,
-            100 * (r.mean_unguided / full.mean_unguided - 1), 100 * (r.mean_guided / full.mean_guided - 1),
-            bytes=row_bytes(layouts[name], c), full_bytes=full_bytes,
-        ))
+    points = [
+        Point(family_of[name], name, policies[name].describe(), r.slots, r.full_slots,
+              reference_share(r.full_slots, c) * r.share, r.mean_unguided, r.mean_guided,
+              100 * (r.mean_unguided / full.mean_unguided - 1), 100 * (r.mean_guided / full.mean_guided - 1),
+              bytes=row_bytes(layouts[name], c), full_bytes=full_bytes)
+        for name, r in results.items()
+    ]
     return points, {"heldout": heldout, "calibration": calibration, "searches": searches, "policies": policies}
 
 
