@@ -18,7 +18,9 @@ attention are captured and reduced to:
 With `--search --budget B`, also every layer's AMS-KV budget, chosen to minimise the teacher-forced NLL of the
 calibration images within B × the full cache's slots (`search.py`); with `--precisions int8,int4,int2`, also each
 layer's storage dtype (KVTuner's layer-wise precision, judged by the NLL), B then a fraction of the full cache's
-bytes.
+bytes. A model with a held-out split here (an embedded one) then has the searched policy's held-out NLL measured
+against the full cache's (`held_out` in the file): as the model's layers.json it makes `amskv` the command lines'
+default cache when that ΔNLL is at most 5% (`policies.default_policy_name`).
 
     python -m amskv_jax.calibrate --model d16 --samples 64 --out layers.json [--fraction 0.35 | --threshold T] [--plot]
     python -m amskv_jax.calibrate --model d16 --search --budget 0.25 [--images DIR] [--samples 64] --out search.json
@@ -48,7 +50,9 @@ from amskv_jax.attention import prepare_qk
 from amskv_jax.config import ModelConfig, VARConfig
 from amskv_jax.errors import UserError
 from amskv_jax.generate import DTYPES
-from amskv_jax.policies import CALIBRATION_FORMAT, DEMANDING_FRACTION, select_layers, storage_label
+from amskv_jax.policies import (
+    CALIBRATION_FORMAT, DEMANDING_FRACTION, default_policy_name, select_layers, storage_label,
+)
 from amskv_jax.resize import resize_bicubic
 from amskv_jax.search import check_budget, check_precisions
 from amskv_jax.untrusted import write_atomic
@@ -399,6 +403,29 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
+def held_out_record(model, calibration: dict, images_NHWC: np.ndarray, labels_N: np.ndarray, source: str, *,
+                    batch: int = 64, dtype: str = "float32", progress: bool = True) -> dict:
+    """The searched policy of `calibration` judged on images it was not searched on (`images_NHWC` in [-1, 1]):
+    teacher-forced NLL per token against the full cache's, unguided (`delta_nll`, a fraction of the full cache's
+    NLL: what `policies.default_policy_name` reads) and guided, and the cache's share of the full bfloat16 cache."""
+    from amskv_jax.nll import encode_images, policy_nll
+    from amskv_jax.policies import AMSKV, FullCache
+
+    c = model.config.var
+    gt, x = encode_images(model, images_NHWC)
+    layouts = {"full": FullCache().layout(c), "searched": AMSKV.from_calibration(calibration).layout(c)}
+    result = policy_nll(model, layouts, gt, x, np.asarray(labels_N), batch=batch, dtype=dtype, progress=progress)
+    full, searched = result["full"], result["searched"]
+    return {
+        "images": len(gt), "source": source,
+        "nll": searched.mean_unguided, "full_nll": full.mean_unguided,
+        "delta_nll": (searched.mean_unguided - full.mean_unguided) / full.mean_unguided,
+        "guided_nll": searched.mean_guided, "full_guided_nll": full.mean_guided,
+        "guided_delta_nll": (searched.mean_guided - full.mean_guided) / full.mean_guided,
+        "share": searched.share, "dtype": dtype,
+    }
+
+
 @cli.command("python -m amskv_jax.calibrate")
 def main(argv=None) -> int:
     from amskv_jax.checkpoint import load_model
@@ -476,7 +503,7 @@ def main(argv=None) -> int:
     selection = dict(similarity=args.similarity, upsample=args.upsample, measure=args.measure,
                      finer_from=args.finer_from, fraction=args.fraction, threshold=args.threshold)
     if args.search:
-        from amskv_jax.nll import model_images
+        from amskv_jax.nll import model_images, split_images
 
         images, labels, source = model_images(model, args.images, "train")  # never the held-out split
         print(f"model {args.model}: {model.description}; search at {args.budget} of the full cache on "
@@ -485,6 +512,15 @@ def main(argv=None) -> int:
             model, images, labels, [args.budget], samples=args.samples, batch=args.batch, dtype=args.dtype,
             model_name=args.model, source=source, precisions=args.precisions, **selection,
         )
+        try:
+            held, held_labels, held_source = split_images(model, "heldout")
+        except UserError:  # no training config here built the model: nothing is held out of what it saw
+            print("no held-out split for this model: its held-out NLL is not recorded, so the command lines keep the "
+                  "full cache as their default", flush=True)
+        else:
+            print(f"held-out NLL of the searched policy on {held_source}", flush=True)
+            data["held_out"] = held_out_record(model, data, held, held_labels, held_source, batch=args.batch,
+                                               dtype=args.dtype)
     else:
         print(f"model {args.model}: {model.description}; {args.samples} samples", flush=True)
         data = calibrate(
@@ -509,6 +545,12 @@ def main(argv=None) -> int:
               f"({found['slots'] / found['full_slots']:.1%}; bound {found['bound']}), calibration NLL "
               f"{found['nll']:.4f} against the full cache's {found['full_nll']:.4f}; {found['evaluations']} "
               f"candidates scored. Load it with --policy amskv --calibration {out}")
+        if "held_out" in data:
+            held = data["held_out"]
+            name, reason = default_policy_name(data)
+            print(f"held-out NLL {held['nll']:.4f} against the full cache's {held['full_nll']:.4f} "
+                  f"({held['delta_nll']:+.1%}; guided {held['guided_delta_nll']:+.1%}); as a model's layers.json this "
+                  f"file makes the command lines' default {name}: {reason}")
         if "kv_dtypes" in found:
             print(f"with per-layer storage: {found['bytes']:,} of {found['full_bytes']:,} bytes per row "
                   f"({found['bytes'] / found['full_bytes']:.1%} of the full bfloat16 cache; bound {found['byte_bound']:,})")

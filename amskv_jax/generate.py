@@ -300,7 +300,9 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from amskv_jax.checkpoint import DEFAULT_MODEL, EMBEDDED, load_model
-    from amskv_jax.policies import DEFAULT_POLICY, POLICIES, policy_from_name, read_calibration
+    from amskv_jax.policies import (
+        DEFAULT_MAX_DELTA_NLL, DEFAULT_POLICY, POLICIES, default_policy_name, policy_from_name, read_calibration,
+    )
 
     parser = argparse.ArgumentParser(prog="python -m amskv_jax.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL,
@@ -310,8 +312,10 @@ def main(argv=None) -> int:
                         help="comma-separated class indices, one grid row each (default: the first 10 classes)")
     parser.add_argument("--batch", type=int, default=None,
                         help="images per label, one grid column each (default: 8 without --labels, else 1)")
-    parser.add_argument("--policy", default="full", choices=list(POLICIES),
-                        help=f"KV-cache policy (default: full; {DEFAULT_POLICY!r} is the default AMS-KV setting)")
+    parser.add_argument("--policy", default=None, choices=list(POLICIES),
+                        help=f"KV-cache policy (default: {DEFAULT_POLICY} where the model's calibration records its "
+                        f"searched policy's held-out ΔNLL at most {DEFAULT_MAX_DELTA_NLL:.0%}, as emoji32's does; "
+                        "else full)")
     parser.add_argument("--calibration", default=None,
                         help="a calibration JSON choosing AMS-KV's demanding layers (default: the model's layers.json)")
     parser.add_argument("--seed", type=int, default=0)
@@ -339,7 +343,8 @@ def main(argv=None) -> int:
         top_k = default_top_k(model.config) if args.top_k is None else args.top_k
         validate(model.config, labels, top_k=top_k, top_p=args.top_p, dtype=args.dtype, kv_dtype=args.kv_dtype)
         calibration = read_calibration(args.calibration, model.config.var) if args.calibration else model.calibration
-        policy = policy_from_name(args.policy, model.config.var, calibration)
+        name, why = (args.policy, None) if args.policy else default_policy_name(calibration)
+        policy = policy_from_name(name, model.config.var, calibration)
         mesh = sharding.mesh_from_text(args.mesh) if args.mesh else None
         if mesh is not None:
             sharding.check_mesh(model.config, len(labels), mesh)
@@ -351,6 +356,8 @@ def main(argv=None) -> int:
     names = [f"{x} {model.classes[x]}" if model.classes else str(x) for x in rows]
     print(f"model {args.model}: {model.description}; {len(labels)} images, one row per label: {', '.join(names)}",
           flush=True)
+    if why is not None:
+        print(f"policy {name} (no --policy given: {why})", flush=True)
     print(describe_cache(policy.describe(), layout, full_layout, model.config, len(labels), args.dtype, args.kv_dtype),
           flush=True)
 

@@ -568,6 +568,24 @@ POLICIES: dict[str, Callable[[VARConfig, dict | None], Policy]] = {
     "mikv-int2": lambda config, calibration: MiKV(_default(config, calibration), "int2"),
 }
 DEFAULT_POLICY = "amskv"
+# The command lines' cache when none is named: `amskv` where the model's calibration records that its searched policy
+# raises the held-out NLL by at most this fraction (`calibrate --search` measures it on the held-out split), else
+# the full cache (issue 22: the default follows the evidence).
+DEFAULT_MAX_DELTA_NLL = 0.05
+
+
+def default_policy_name(calibration: dict | None) -> tuple[str, str]:
+    """(the policy a command line uses when none is named, a line saying why): `DEFAULT_POLICY` when `calibration`
+    (checked contents, or None) holds a search whose held-out ΔNLL is at most `DEFAULT_MAX_DELTA_NLL`, else "full"."""
+    limit = f"{DEFAULT_MAX_DELTA_NLL:.0%}"
+    if calibration is None or "search" not in calibration:
+        return "full", f"the model has no searched {DEFAULT_POLICY} policy"
+    if "held_out" not in calibration:
+        return "full", f"no held-out NLL is recorded for its searched {DEFAULT_POLICY} policy"
+    delta = calibration["held_out"]["delta_nll"]
+    verdict = "at most" if delta <= DEFAULT_MAX_DELTA_NLL else "above"
+    reason = f"its searched {DEFAULT_POLICY} policy's held-out ΔNLL {delta:+.1%} is {verdict} {limit}"
+    return (DEFAULT_POLICY if delta <= DEFAULT_MAX_DELTA_NLL else "full"), reason
 
 
 def policy_from_name(name: str, config: VARConfig, calibration: str | Path | dict | None = None) -> Policy:

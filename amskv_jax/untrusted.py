@@ -659,7 +659,7 @@ def calibration_problem(data, depth: int | None = None, patch_nums: tuple[int, .
     """Why a calibration file's value is not one for a model of `depth` layers and ladder `patch_nums` (None when
     it is; either None: any the file well-formedly declares): the fields the policies read (format, depth,
     patch_nums, demanding_layers, scores.similarity, scores.dispersion, and a search's budgets and condensed_scales
-    when present). The caller names the file."""
+    and the held-out ΔNLL when present). The caller names the file."""
     if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
         return f"not a calibration file (format must be {CALIBRATION_FORMAT!r})"
     if type(data.get("depth")) is not int or not 1 <= data["depth"] <= CONFIG_BOUNDS["depth"][1]:
@@ -689,6 +689,11 @@ def calibration_problem(data, depth: int | None = None, patch_nums: tuple[int, .
         )):
             return (f"search.kv_dtypes must be {depth} storage dtypes, each null (the compute dtype) or one of "
                     f"{', '.join(quant.KV_DTYPES)}")
+    if "held_out" in data:
+        held = data["held_out"]
+        delta = held.get("delta_nll") if isinstance(held, dict) else None
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta):
+            return "held_out.delta_nll must be a finite number (the searched policy's held-out NLL change, a fraction)"
     layers = data.get("demanding_layers")
     if not isinstance(layers, list) or not all(type(i) is int and 0 <= i < depth for i in layers) \
             or len(set(layers)) != len(layers):

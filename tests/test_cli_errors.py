@@ -209,6 +209,8 @@ def test_only_the_projects_errors_become_one_line(capsys):
         (b"[" * 100 + b"]" * 100, "nested deeper than 16 levels"),
         (b"[]", "not a calibration file"),
         (json.dumps({"format": CALIBRATION_FORMAT, "depth": 2.0}).encode(), "depth 2.0 is not a layer count"),
+        (json.dumps({"format": CALIBRATION_FORMAT, "depth": 2, "patch_nums": [1, 2, 3, 4],
+                     "held_out": {"delta_nll": "0.01"}}).encode(), "held_out.delta_nll must be a finite number"),
     ],
 )
 def test_generate_rejects_a_hostile_calibration_file_in_one_line(content, message, capsys, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from amskv_jax import generate as gen_module
 from amskv_jax.checkpoint import MissingVQVAEError, init_params
 from amskv_jax.config import get_preset
 from amskv_jax.generate import generate, image_grid
+from amskv_jax.policies import DEFAULT_MAX_DELTA_NLL, DEFAULT_POLICY
 
 CONFIG = get_preset("tiny")
 
@@ -82,7 +83,7 @@ def test_main_job_writes_one_grid_row_per_class_with_the_embedded_model(tmp_path
     assert model.classes is not None and len(model.classes) == model.config.var.num_classes
     assert model.calibration is not None and model.calibration["depth"] == model.config.var.depth
     out = tmp_path / "grid.png"
-    assert gen_module.main(["--batch", "2", "--policy", "amskv", "--out", str(out)]) == 0
+    assert gen_module.main(["--batch", "2", "--out", str(out)]) == 0  # the README's main job, with a smaller batch
     side = model.config.vqvae.image_size
     rows = min(model.config.var.num_classes, 10)
     grid = np.asarray(Image.open(out))
@@ -93,6 +94,9 @@ def test_main_job_writes_one_grid_row_per_class_with_the_embedded_model(tmp_path
     assert f"generating {len(model.config.var.patch_nums)} scales" in printed
     assert "persistent compilation cache off" in printed  # tests/conftest.py keeps the user's cache out of tests
     assert "saved" in printed and "full cache" in printed  # the cache used beside the full cache's
+    # emoji32's calibration records its searched policy's held-out ΔNLL within 5%: the main job runs AMS-KV
+    assert model.calibration["held_out"]["delta_nll"] <= DEFAULT_MAX_DELTA_NLL
+    assert f"policy {DEFAULT_POLICY} (no --policy given: its searched {DEFAULT_POLICY} policy's held-out ΔNLL" in printed
 
 
 def test_compare_writes_the_full_cache_row_above_the_policy_row_for_the_same_seeds(tmp_path, capsys):

@@ -10,9 +10,11 @@ import re
 import numpy as np
 import pytest
 
-from amskv_jax import calibrate, checkpoint, search
+from amskv_jax import calibrate, checkpoint, nll, search
 from amskv_jax.config import get_preset
-from amskv_jax.policies import AMSKV, FullCache, budget_levels, policy_from_name, read_calibration
+from amskv_jax.policies import (
+    AMSKV, DEFAULT_POLICY, FullCache, budget_levels, default_policy_name, policy_from_name, read_calibration,
+)
 from amskv_jax.search import check_budget, search_budgets
 from amskv_jax.train.data import load_image_folder
 from conftest import random_model
@@ -82,12 +84,19 @@ def test_a_budget_below_the_condensed_scales_names_the_smallest_allowed():
         search_budgets(CONFIG, separable, 0.05, progress=False)
 
 
+def held_out_images(model, folder):
+    c = model.config
+    return load_image_folder(folder, c.vqvae.image_size, c.var.num_classes)
+
+
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, emoji_folder):
     """`calibrate --search` on the tiny random model over four emoji (16 px)."""
     out = tmp_path_factory.mktemp("search") / "search.json"
     with pytest.MonkeyPatch.context() as patch:  # fast random weights instead of running the initialisers
         patch.setattr(checkpoint, "load_model", lambda spec, verify=None: random_model(spec))
+        # the emoji stand in for the held-out split (a preset has none): the file records the held-out NLL
+        patch.setattr(nll, "split_images", lambda model, split: (*held_out_images(model, emoji_folder), "4 emoji"))
         argv = ["--model", "tiny", "--search", "--budget", "0.7", "--images", str(emoji_folder),
                 "--samples", "3", "--batch", "3", "--out", str(out)]
         assert calibrate.main(argv) == 0
@@ -109,6 +118,28 @@ def test_the_search_file_is_a_calibration_that_amskv_loads(searched):
         policy_from_name("amskv", get_preset("d16").var, searched)
     with pytest.raises(ValueError, match="made for a model of depth 2, not 16"):
         policy.layout(get_preset("d16").var)
+
+
+def test_the_search_file_records_the_held_out_nll_and_the_default_follows_it(searched, emoji_folder):
+    """The file's held-out figures are those of the searched policy against the full cache on the held-out images
+    (here the 4 emoji); a full-size "search" scores exactly the full cache's NLL; the command lines' default is
+    amskv exactly when the recorded ΔNLL is at most 5%."""
+    data = read_calibration(searched)
+    held = data["held_out"]
+    assert (held["images"], held["source"]) == (4, "4 emoji") and held["delta_nll"] == (held["nll"] - held["full_nll"]) / held["full_nll"]
+    assert held["delta_nll"] > 1e-5 and held["share"] < 1  # [5, 14] of 2×14 slots loses something (random weights: a little)
+    model = random_model("tiny")
+    images, labels = held_out_images(model, emoji_folder)
+    whole = {**data, "search": {**data["search"], "budgets": [14, 14]}}  # every layer keeps every scale
+    same = calibrate.held_out_record(model, whole, images, labels, "4 emoji", batch=3, progress=False)
+    assert same["nll"] == same["full_nll"] == held["full_nll"] and same["delta_nll"] == 0 and same["share"] == 1
+    assert default_policy_name(whole | {"held_out": same})[0] == DEFAULT_POLICY
+    for delta, name in [(0.05, DEFAULT_POLICY), (-0.01, DEFAULT_POLICY), (0.0501, "full")]:
+        picked, why = default_policy_name(data | {"held_out": {**held, "delta_nll": delta}})
+        assert picked == name and f"{delta:+.1%}" in why
+    assert default_policy_name({k: v for k, v in data.items() if k != "held_out"})[0] == "full"
+    assert default_policy_name({k: v for k, v in data.items() if k != "search"})[0] == "full"
+    assert default_policy_name(None)[0] == "full"
 
 
 def test_the_search_records_the_condensed_scales_it_searched_with(emoji_folder, monkeypatch):
