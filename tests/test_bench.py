@@ -226,7 +226,7 @@ def test_bench_builds_a_models_policies_from_its_calibration():
     with the searched budgets of its layers.json, not the first layers standing in for the demanding ones."""
     from amskv_jax.checkpoint import EMBEDDED
 
-    searched = json.loads((EMBEDDED["emoji32"] / "layers.json").read_text())["search"]["budgets"]
-    model = measure.load("emoji32", seed=0)
-    assert model.policy("amskv").budgets == tuple(searched)
-    assert measure.load("tiny", seed=0).policy("amskv").budgets != tuple(searched)
+    searched = json.loads((EMBEDDED["emoji32"] / "layers.json").read_text())["search"]
+    policy = measure.load("emoji32", seed=0).policy("amskv")  # the search chose storage too: PerLayerPrecision
+    assert policy.policy.budgets == tuple(searched["budgets"]) and policy.kv_dtypes == tuple(searched["kv_dtypes"])
+    assert measure.load("tiny", seed=0).policy("amskv").budgets != tuple(searched["budgets"])
