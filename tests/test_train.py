@@ -164,6 +164,32 @@ def test_a_kill_at_any_moment_leaves_a_checkpoint_that_loads(tmp_path):
     assert _latest_restorable(out) == STEPS
 
 
+def test_a_signal_after_a_steps_save_check_still_saves_that_step(tmp_path, monkeypatch):
+    """SIGTERM landing after step 3 was logged and its save was decided (not due), before the next step: the run
+    still saves step 3, so the checkpoint holds every logged step (this once failed the SIGTERM test above)."""
+    import os
+
+    opt = OptimConfig(steps=6, batch_size=1, lr=0.1, warmup_steps=1, save_every=1000)
+    save = ocp.CheckpointManager.save
+
+    def save_then_signal(manager, step, *args, **kwargs):
+        saved = save(manager, step, *args, **kwargs)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded by the run's handler, seen at the next step
+        return saved
+
+    def step(state, batch, key):
+        del batch, key
+        return {**state, "params": {"w": state["params"]["w"] + 1}}, {"loss": state["params"]["w"]}
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save_then_signal)
+    state = {"params": {"w": jnp.zeros(())}, "opt_state": {"n": jnp.zeros(())}}
+    with pytest.raises(loop.TrainingInterrupted) as stopped:
+        loop.run(tmp_path, state, step, lambda i: {}, opt, "count", {"stage": "count"}, save_seconds=math.inf)
+    assert stopped.value.step == 3 == _logged_steps(tmp_path)
+    assert _latest_restorable(tmp_path) == 3
+
+
 def test_save_seconds_saves_by_wall_time(tmp_path):
     """`loop.run` on a one-number state, `save_every` far away: with `save_seconds` 0 every step is saved (the last
     two are kept), without a time limit not the step before the last."""

@@ -194,10 +194,12 @@ def run(
         eval_log = _LossLog(out / "eval_log.csv", start)
         t0 = last_save = time.perf_counter()
         bar = tqdm(range(start, opt.steps), initial=start, total=opt.steps, desc=desc, dynamic_ncols=True)
+        done = start  # the last step whose state `state` holds
         for step in bar:
             if signals.received:
                 break
             state, metrics = step_fn(state, get_batch(step), jax.random.fold_in(base_key, step))
+            done = step + 1
             metrics = {k: float(v) for k, v in metrics.items()}
             bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()}, refresh=False)
             log.write(step + 1, metrics, float(lr_at(step)), time.perf_counter() - t0)
@@ -209,6 +211,9 @@ def run(
                 eval_log.write(step + 1, scores, float(lr_at(step)), time.perf_counter() - t0)
                 bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         bar.close()
+        if signals.received and done > (manager.latest_step() or 0):
+            # the signal came after the last step's save check: save that step now, so that nothing logged is lost
+            manager.save(done, args=ocp.args.StandardSave(state), force=True)
         manager.wait_until_finished()
         log.close()
         eval_log.close()
