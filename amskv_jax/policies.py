@@ -583,9 +583,10 @@ def default_policy_name(calibration: dict | None) -> tuple[str, str]:
     if "held_out" not in calibration:
         return "full", f"no held-out NLL is recorded for its searched {DEFAULT_POLICY} policy"
     delta = calibration["held_out"]["delta_nll"]
-    verdict = "at most" if delta <= DEFAULT_MAX_DELTA_NLL else "above"
+    within = delta <= DEFAULT_MAX_DELTA_NLL
+    verdict = "at most" if within else "above"
     reason = f"its searched {DEFAULT_POLICY} policy's held-out ΔNLL {delta:+.1%} is {verdict} {limit}"
-    return (DEFAULT_POLICY if delta <= DEFAULT_MAX_DELTA_NLL else "full"), reason
+    return (DEFAULT_POLICY if within else "full"), reason
 
 
 def policy_from_name(name: str, config: VARConfig, calibration: str | Path | dict | None = None) -> Policy:

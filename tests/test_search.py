@@ -84,7 +84,8 @@ def test_a_budget_below_the_condensed_scales_names_the_smallest_allowed():
         search_budgets(CONFIG, separable, 0.05, progress=False)
 
 
-def held_out_images(model, folder):
+def folder_images(model, folder):
+    """(images, labels) of an emoji folder at the model's image size."""
     c = model.config
     return load_image_folder(folder, c.vqvae.image_size, c.var.num_classes)
 
@@ -96,7 +97,7 @@ def searched(tmp_path_factory, emoji_folder):
     with pytest.MonkeyPatch.context() as patch:  # fast random weights instead of running the initialisers
         patch.setattr(checkpoint, "load_model", lambda spec, verify=None: random_model(spec))
         # the emoji stand in for the held-out split (a preset has none): the file records the held-out NLL
-        patch.setattr(nll, "split_images", lambda model, split: (*held_out_images(model, emoji_folder), "4 emoji"))
+        patch.setattr(nll, "split_images", lambda model, split: (*folder_images(model, emoji_folder), "4 emoji"))
         argv = ["--model", "tiny", "--search", "--budget", "0.7", "--images", str(emoji_folder),
                 "--samples", "3", "--batch", "3", "--out", str(out)]
         assert calibrate.main(argv) == 0
@@ -129,7 +130,7 @@ def test_the_search_file_records_the_held_out_nll_and_the_default_follows_it(sea
     assert (held["images"], held["source"]) == (4, "4 emoji") and held["delta_nll"] == (held["nll"] - held["full_nll"]) / held["full_nll"]
     assert held["delta_nll"] > 1e-5 and held["share"] < 1  # [5, 14] of 2×14 slots loses something (random weights: a little)
     model = random_model("tiny")
-    images, labels = held_out_images(model, emoji_folder)
+    images, labels = folder_images(model, emoji_folder)
     whole = {**data, "search": {**data["search"], "budgets": [14, 14]}}  # every layer keeps every scale
     same = calibrate.held_out_record(model, whole, images, labels, "4 emoji", batch=3, progress=False)
     assert same["nll"] == same["full_nll"] == held["full_nll"] and same["delta_nll"] == 0 and same["share"] == 1
@@ -144,7 +145,7 @@ def test_the_search_file_records_the_held_out_nll_and_the_default_follows_it(sea
 
 def test_the_search_records_the_condensed_scales_it_searched_with(emoji_folder, monkeypatch):
     model = random_model("tiny")
-    images, labels = load_image_folder(emoji_folder, model.config.vqvae.image_size, model.config.var.num_classes)
+    images, labels = folder_images(model, emoji_folder)
     monkeypatch.setattr(search, "search_budgets", functools.partial(search.search_budgets, condensed_scales=1))
     (data,) = calibrate.search_calibrations(model, images, labels, [0.7], samples=3, batch=3, progress=False)
     assert data["search"]["condensed_scales"] == 1 and data["search"]["levels"][0] == 1  # scale 0 alone

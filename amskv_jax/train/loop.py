@@ -203,7 +203,7 @@ def run(
             metrics = {k: float(v) for k, v in metrics.items()}
             bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()}, refresh=False)
             log.write(step + 1, metrics, float(lr_at(step)), time.perf_counter() - t0)
-            due = step + 1 == opt.steps or signals.received or time.perf_counter() - last_save >= save_seconds
+            due = step + 1 == opt.steps or time.perf_counter() - last_save >= save_seconds
             if manager.save(step + 1, args=ocp.args.StandardSave(state), force=bool(due)):
                 last_save = time.perf_counter()
             if evaluate is not None and ((step + 1) % opt.save_every == 0 or step + 1 == opt.steps):
@@ -211,8 +211,8 @@ def run(
                 eval_log.write(step + 1, scores, float(lr_at(step)), time.perf_counter() - t0)
                 bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         bar.close()
+        # a signal stopped the run: save its last step, wherever in that step the signal came (nothing logged lost)
         if signals.received and done > (manager.latest_step() or 0):
-            # the signal came after the last step's save check: save that step now, so that nothing logged is lost
             manager.save(done, args=ocp.args.StandardSave(state), force=True)
         manager.wait_until_finished()
         log.close()
