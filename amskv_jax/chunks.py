@@ -53,7 +53,8 @@ def sampler_chunk(config: VARConfig, si: int) -> int:
 
 def map_in_chunks(fn, chunk: int, *arrays):
     """fn(*arrays) with every array's leading axis B cut into at most `chunk` rows at a time: a `lax.map` over
-    ⌈B/chunk⌉ chunks, the arrays padded with zeros to whole chunks (the padding's results are dropped). fn must treat
+    ⌈B/chunk⌉ chunks, the arrays padded to whole chunks with copies of their last row (any dtype, PRNG keys too; the
+    padding's results are dropped). fn must treat
     rows independently; its results (a pytree) have the leading axis B too. B ≤ chunk is one plain call.
 
     Chunk j holds rows j, n + j, 2n + j, … (n chunks): with the batch split over devices in contiguous blocks and
@@ -64,7 +65,7 @@ def map_in_chunks(fn, chunk: int, *arrays):
     n = -(-b // chunk)
 
     def split(a):
-        padded = jnp.pad(a, ((0, n * chunk - b),) + ((0, 0),) * (a.ndim - 1))
+        padded = jnp.pad(a, ((0, n * chunk - b),) + ((0, 0),) * (a.ndim - 1), mode="edge")
         return padded.reshape(chunk, n, *a.shape[1:]).swapaxes(0, 1)
 
     def join(a):

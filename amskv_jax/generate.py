@@ -140,11 +140,12 @@ def generate(
     batch: each scale runs over chunks of images one after the other (`chunks.image_chunk`), each chunk's token
     inputs, blocks (against its rows of the whole cache, `VAR.step_rows`), head and sampler together, so that only
     one chunk's activations exist at once; between scales only the VQ-VAE's small inputs to the next scale are kept
-    for the whole batch. The VQ-VAE decode runs in chunks too. Every image draws from keys of its own
-    (`sampling.image_keys`), so the tokens do not depend on the chunks. `row_chunk` (a divisor of 2·len(labels),
-    the rows under guidance) fixes the blocks' chunk of rows for every scale (2·len(labels): all rows at once);
-    None picks it per scale (`chunks.block_row_chunk`). Not with a mesh (a device's rows are already a share of the
-    batch; each scale then runs on the whole batch).
+    for the whole batch. The VQ-VAE decode runs in chunks too. Every image draws from numbers of its own, one
+    uniform per token drawn once for the whole generation (`sampling.image_keys`, `sampling.token_uniforms`), so
+    the tokens do not depend on the chunks. `row_chunk` (a divisor of 2·len(labels), the rows under guidance) fixes
+    the blocks' chunk of rows for every scale (2·len(labels): all rows at once); None picks it per scale
+    (`chunks.block_row_chunk`). Not with a mesh (a device's rows are already a share of the batch; each scale then
+    runs on the whole batch).
     """
     top_k = default_top_k(config) if top_k is None else top_k
     validate(config, labels, top_k=top_k, top_p=top_p, dtype=dtype, impl=impl, kv_dtype=kv_dtype,
@@ -212,13 +213,13 @@ def _generate(
     f_hat = jnp.zeros((batch, pn_last, pn_last, c.cvae), jnp.float32)
     tokens, guided, finite = [], [], []
     devices = 1 if mesh is None else mesh.shape.get("data", 1)
-    image_B = jnp.arange(batch, dtype=jnp.int32)
     next_BlCv = None  # the VQ-VAE's input to the next scale, [B, l, Cvae]: the state between scales
+    keys_B2 = sampling.image_keys(key, jnp.arange(batch, dtype=jnp.int32))
+    uniforms_BL = sampling.token_uniforms(keys_B2[:, 0], c.seq_len)
     for si, pn in enumerate(c.patch_nums):
         ratio = sampling.guidance_ratio(si, c.num_scales)
-        key, draw_key, smooth_key = jax.random.split(key, 3)
 
-        def sample(h_b2lC, cond_b2D, image_b, ratio=ratio, draw_key=draw_key, smooth_key=smooth_key):
+        def sample(h_b2lC, cond_b2D, uniforms_bl, noise_keys_b, si=si, ratio=ratio):
             """The head, guidance and one draw per token for a chunk of b images (both rows of each)."""
             flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731
             logits = var.apply(params["var"], flat(h_b2lC), flat(cond_b2D), method=VAR.logits)
@@ -226,9 +227,9 @@ def _generate(
             ok = jnp.isfinite(logits).all(axis=(1, 2))
             # row-local, but XLA does not partition lax.top_k by rows: run the filter shard by shard
             kept = sharding.per_row(lambda lg, p: sampling.top_k_top_p_filter(lg, top_k, p), mesh)(logits, top_p)
-            idx_bl = sampling.sample_tokens(sampling.image_keys(draw_key, image_b), kept)
+            idx_bl = sampling.sample_tokens(uniforms_bl, kept)
             if more_smooth:
-                keys = sampling.image_keys(smooth_key, image_b)
+                keys = jax.vmap(lambda k: jax.random.fold_in(k, si))(noise_keys_b)
                 h_blC = sampling.gumbel_smooth(keys, kept, ratio, codebook.astype(jnp.float32))
             else:
                 h_blC = codebook[idx_bl].astype(jnp.float32)
@@ -237,7 +238,7 @@ def _generate(
         def scale_for_images(kinds, xs, si=si, sample=sample):
             """Scale si for a chunk of m images (rows [2·m·j, 2·m·(j + 1)) of the cache): their tokens' inputs,
             the blocks, the head and the draw; only the chunk's activations exist at once."""
-            j, cond_m2D, next_mlCv, image_m = xs
+            j, cond_m2D, next_mlCv, uniforms_ml, noise_keys_m = xs
             cond_2mD = cond_m2D.reshape(-1, cond_m2D.shape[-1])
             if next_mlCv is None:
                 x = var.apply(params["var"], cond_2mD, method=VAR.first_input)
@@ -248,12 +249,13 @@ def _generate(
                                       2 * images * j, method=VAR.step_rows)
             h_2mlC = sharding.constrain(h_2mlC, mesh)
             pairs = lambda a: a.reshape(-1, 2, *a.shape[1:])  # noqa: E731
-            return kinds, map_in_chunks(sample, sampler_chunk(c, si) * devices, pairs(h_2mlC), cond_m2D, image_m)
+            return kinds, map_in_chunks(sample, sampler_chunk(c, si) * devices, pairs(h_2mlC), cond_m2D,
+                                         uniforms_ml, noise_keys_m)
 
         images, inner_rows = (batch, None) if mesh is not None else image_chunk(c, batch, si, row_chunk)
         per_chunk = lambda a: None if a is None else a.reshape(batch // images, images, *a.shape[1:])  # noqa: E731
         xs = (jnp.arange(batch // images, dtype=jnp.int32), per_chunk(cond_B2D), per_chunk(next_BlCv),
-              per_chunk(image_B))
+              per_chunk(uniforms_BL[:, c.begin_ends[si][0]:c.begin_ends[si][1]]), per_chunk(keys_B2[:, 1]))
         if images == batch:
             kinds, (idx_Bl, h_BlC, ok, logits) = scale_for_images(cache.kinds, jax.tree.map(lambda a: a[0], xs))
         else:

@@ -59,20 +59,33 @@ def top_k_top_p_filter(logits_BlV: jax.Array, top_k: int, top_p) -> jax.Array:
 
 
 def image_keys(key: jax.Array, image_B: jax.Array) -> jax.Array:
-    """One key per image, `fold_in(key, image index)`: an image's draws do not depend on which other images share
-    its batch or its chunk (`chunks.map_in_chunks`)."""
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(image_B)
+    """Each image's two keys, [B, 2]: its draws' (`token_uniforms`) and its `more_smooth` noise's, split from
+    `fold_in(key, image index)`, so that an image's draws do not depend on which other images share its batch or
+    its chunk (`chunks.map_in_chunks`)."""
+    return jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key, i)))(image_B)
 
 
-def sample_tokens(keys_B: jax.Array, logits_BlV: jax.Array) -> jax.Array:
-    """One draw per token from softmax(logits), image b's from keys_B[b] (`image_keys`): int32 [B, l]."""
-    draw = lambda k, lg: jax.random.categorical(k, lg, axis=-1)  # noqa: E731
-    return jax.vmap(draw)(keys_B, logits_BlV).astype(jnp.int32)
+def token_uniforms(draw_keys_B: jax.Array, num_tokens: int) -> jax.Array:
+    """One uniform in (0, 1] per token of the whole generation, image b's from draw_keys_B[b]: float32 [B, L].
+
+    Drawn once, before the scale loop, and sliced per scale: one random-bit generation for the program instead of
+    one per scale (threefry's unrolled rounds were a quarter of `generate`'s compile time, bench/RESULTS.md), and L
+    numbers per image instead of the L·V a Gumbel-max draw needs."""
+    return jax.vmap(lambda k: 1 - jax.random.uniform(k, (num_tokens,), jnp.float32))(draw_keys_B)
+
+
+def sample_tokens(uniforms_Bl: jax.Array, logits_BlV: jax.Array) -> jax.Array:
+    """One draw per token from softmax(logits) by inverse transform, as `torch.multinomial` draws: the first token
+    whose cumulative probability reaches u·total, for u in (0, 1] (`token_uniforms`). A removed (−inf) token has
+    an empty interval and is never drawn. int32 [B, l]."""
+    cumulative = jnp.cumsum(jax.nn.softmax(logits_BlV.astype(jnp.float32), axis=-1), axis=-1)
+    target = uniforms_Bl[..., None] * cumulative[..., -1:]
+    return jnp.sum(cumulative < target, axis=-1).astype(jnp.int32)
 
 
 def gumbel_smooth(keys_B: jax.Array, logits_BlV: jax.Array, ratio: float, codebook_VC: jax.Array) -> jax.Array:
     """The `more_smooth` code vectors: softmax((logits·(1+ratio) + Gumbel)/tau) @ codebook -> [B, l, Cvae], image
-    b's noise from keys_B[b]."""
+    b's noise from keys_B[b] (one key per image and scale: `image_keys`' second, folded with the scale)."""
     tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
     gumbels = jax.vmap(lambda k: jax.random.gumbel(k, logits_BlV.shape[1:], jnp.float32))(keys_B)
     weights = jax.nn.softmax((logits_BlV * (1 + ratio) + gumbels) / tau, axis=-1)

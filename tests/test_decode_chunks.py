@@ -48,8 +48,9 @@ def test_chunk_bounds_a_256px_decode_and_leaves_small_models_whole():
 def test_generate_decodes_and_samples_in_chunks_of_images_with_the_same_tokens(monkeypatch):
     """The VQ-VAE decode and the head and sampler over 2 images at a time on 5 (3 chunks, the last padded), Gumbel
     smoothing on: every image draws from its own keys, so tokens equal the one-piece program's; logits agree to float
-    rounding (guidance amplifies the head's), images to the decoder's rounding at another batch size (ATOL). A wrong
-    chunk order, padding or key per image would differ by far more."""
+    rounding (guidance amplifies the head's), images to that rounding amplified by the smoothing's softmax (its
+    temperature is 0.0135 at the last scale: 10·ATOL; 1e-4 measured) and the decoder's at another batch size. A
+    wrong chunk order, padding or key per image would differ by ~1."""
     params = init_params(TINY)
     labels = jnp.arange(5) % TINY.var.num_classes
     run = lambda: generate(params, labels, jax.random.key(4), config=TINY, top_k=8, more_smooth=True,  # noqa: E731
@@ -67,7 +68,7 @@ def test_generate_decodes_and_samples_in_chunks_of_images_with_the_same_tokens(m
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(chunked.logits, whole.logits, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=ATOL)
-    np.testing.assert_allclose(np.asarray(chunked.images), np.asarray(whole.images), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(chunked.images), np.asarray(whole.images), rtol=0, atol=10 * ATOL)
     np.testing.assert_array_equal(np.asarray(chunked.finite), np.asarray(whole.finite))
 
 

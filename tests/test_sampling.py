@@ -75,7 +75,7 @@ def test_filter_works_per_row_under_jit_with_a_traced_top_p():
 def test_draws_follow_the_softmax_and_never_leave_the_support():
     logits = jnp.log(jnp.asarray([0.7, 0.2, 0.1, 0.0]))
     keys = sampling.image_keys(jax.random.key(0), jnp.arange(20000))
-    draws = sampling.sample_tokens(keys, jnp.broadcast_to(logits, (20000, 1, 4)))
+    draws = sampling.sample_tokens(sampling.token_uniforms(keys[:, 0], 1), jnp.broadcast_to(logits, (20000, 1, 4)))
     counts = np.bincount(np.asarray(draws).ravel(), minlength=4) / 20000
     np.testing.assert_allclose(counts, [0.7, 0.2, 0.1, 0.0], atol=0.015)
     assert draws.dtype == jnp.int32
@@ -84,7 +84,7 @@ def test_draws_follow_the_softmax_and_never_leave_the_support():
 def test_gumbel_smoothing_mixes_code_vectors_and_sharpens_with_the_scale():
     codebook = jnp.eye(3)
     logits = jnp.broadcast_to(jnp.asarray([2.0, 1.0, 0.0]), (4000, 1, 3))
-    keys = sampling.image_keys(jax.random.key(1), jnp.arange(4000))
+    keys = sampling.image_keys(jax.random.key(1), jnp.arange(4000))[:, 1]
     early = sampling.gumbel_smooth(keys, logits, 0.0, codebook)
     late = sampling.gumbel_smooth(keys, logits, 1.0, codebook)
     np.testing.assert_allclose(early.sum(-1), 1.0, rtol=1e-5)  # convex mixtures of code vectors
@@ -95,13 +95,27 @@ def test_gumbel_smoothing_mixes_code_vectors_and_sharpens_with_the_scale():
 
 
 def test_an_images_draws_depend_on_its_index_only():
-    """Image b draws from fold_in(key, b): the same image index gives the same tokens whatever else is in the batch
-    (what lets generation sample in chunks of images); other indices give other tokens."""
+    """Image b's numbers come from fold_in(key, b): the same image index gives the same tokens whatever else is in
+    the batch (what lets generation sample in chunks of images); other indices give other tokens."""
     logits = jnp.zeros((6, 16, 32))
-    whole = sampling.sample_tokens(sampling.image_keys(jax.random.key(3), jnp.arange(6)), logits)
-    part = sampling.sample_tokens(sampling.image_keys(jax.random.key(3), jnp.asarray([4, 1])), logits[:2])
+    draw = lambda images: sampling.sample_tokens(  # noqa: E731
+        sampling.token_uniforms(sampling.image_keys(jax.random.key(3), images)[:, 0], 16), logits[: len(images)])
+    whole, part = draw(jnp.arange(6)), draw(jnp.asarray([4, 1]))
     np.testing.assert_array_equal(np.asarray(part), np.asarray(whole)[[4, 1]])
     assert len({tuple(np.asarray(row)) for row in whole}) == 6
+
+
+def test_inverse_transform_draws_never_pick_a_removed_token_even_at_the_interval_ends():
+    """u = 1 (the largest uniform) and u just above 0 pick the last and first kept tokens, never a removed one on
+    either side; a lone kept token is drawn whatever u is (greedy decoding)."""
+    logits = jnp.asarray([-jnp.inf, 1.0, -jnp.inf, 1.0, -jnp.inf])
+    u = jnp.asarray([[1e-30, 0.25, 0.5, 0.75, 1.0]])
+    draws = sampling.sample_tokens(u, jnp.broadcast_to(logits, (1, 5, 5)))
+    assert np.asarray(draws).tolist() == [[1, 1, 1, 3, 3]]
+    lone = sampling.sample_tokens(u, jnp.broadcast_to(logits.at[1].set(-jnp.inf), (1, 5, 5)))
+    assert np.asarray(lone).tolist() == [[3] * 5]
+    uniforms = sampling.token_uniforms(sampling.image_keys(jax.random.key(0), jnp.arange(64))[:, 0], 4096)
+    assert float(uniforms.min()) > 0 and float(uniforms.max()) <= 1
 
 
 def _filter_by_sorting(logits, top_k: int, top_p: float):
