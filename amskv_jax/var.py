@@ -34,6 +34,28 @@ from amskv_jax.cache import CacheLayout, KindCache, KVCache, low_storage, teache
 from amskv_jax.config import VARConfig
 
 
+def stacks_as_bits(stacks):
+    """Stacked params for a scanned layer loop on XLA:CPU: 16-bit float leaves as their uint16 bits (others as they
+    are), with `stacks_from_bits` to undo it on a layer's slice inside the body. XLA:CPU computes bfloat16 ops in
+    float32 and so slices a bfloat16 stack by converting the whole stack to float32 first, a conversion the loop
+    then hoists: a float32 copy of every layer's weights held for the whole program (2× the bfloat16 weights). The
+    bitcast costs one uint16 copy of the stacks instead (1×; bench/RESULTS.md, Issue 24). Not used elsewhere: a
+    backend with native bfloat16 slices the stacks where they lie. The bits are the values, so the results are the
+    same. Generation only: bits carry no gradient (teacher forcing, which training differentiates, scans the
+    params)."""
+    return jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16) if _is_half(a.dtype) else a, stacks)
+
+
+def stacks_from_bits(bits, like):
+    """`stacks_as_bits` undone on (a slice of) the stacks, each leaf back to the dtype of `like`'s."""
+    return jax.tree.map(
+        lambda b, a: jax.lax.bitcast_convert_type(b, a.dtype) if _is_half(a.dtype) else b, bits, like)
+
+
+def _is_half(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
+
+
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
     """LayerNorm without affine parameters, in float32."""
     x = x.astype(jnp.float32)
@@ -456,11 +478,14 @@ class VAR(nn.Module):
                     x, kinds = layer(x, kinds, block_cond, params, kind, tuple(l_indices), row)
                 return kinds, x
 
+            as_bits = jax.default_backend() == "cpu"  # XLA:CPU's float32 copies (`stacks_as_bits`)
+
             def body(carry, xs):
                 params, kind, l_indices = xs
+                params = stacks_from_bits(params, stacks) if as_bits else params
                 return layer(*carry, block_cond, params, 0 if single else kind, l_indices, row), None
 
-            xs = (stacks, jnp.asarray(kind_of), jnp.asarray(indices, jnp.int32))
+            xs = (stacks_as_bits(stacks) if as_bits else stacks, jnp.asarray(kind_of), jnp.asarray(indices, jnp.int32))
             (x, kinds), _ = jax.lax.scan(body, (x, kinds), xs)
             return kinds, x
 
