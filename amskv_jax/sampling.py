@@ -6,6 +6,8 @@
 * top-k keeps the logits ≥ the k-th largest (ties at the boundary kept); top-p sorts ascending and removes the
   tokens whose cumulative softmax is ≤ 1 − top_p, always keeping the largest (ties at its boundary kept too). Both
   are thresholds on one sort of the values. Removed logits become −inf.
+* The draw is by inverse transform, as `torch.multinomial` draws: one uniform per token, all of a generation's
+  made at once before the scale loop (`token_uniforms`), each image's from its own key (`image_keys`).
 * `more_smooth` replaces the hard code vector by a Gumbel-softmax mixture of code vectors, with temperature
   `max(0.27·(1 − 0.95·ratio), 0.005)` on `logits·(1 + ratio)`.
 
