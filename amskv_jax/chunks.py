@@ -54,8 +54,8 @@ def sampler_chunk(config: VARConfig, si: int) -> int:
 def map_in_chunks(fn, chunk: int, *arrays):
     """fn(*arrays) with every array's leading axis B cut into at most `chunk` rows at a time: a `lax.map` over
     ⌈B/chunk⌉ chunks, the arrays padded to whole chunks with copies of their last row (any dtype, PRNG keys too; the
-    padding's results are dropped). fn must treat
-    rows independently; its results (a pytree) have the leading axis B too. B ≤ chunk is one plain call.
+    padding's results are dropped). fn must treat rows independently; its results (a pytree) have the leading axis
+    B too. B ≤ chunk is one plain call.
 
     Chunk j holds rows j, n + j, 2n + j, … (n chunks): with the batch split over devices in contiguous blocks and
     `chunk` a multiple of their number, every device works on chunk/devices of its own rows in each step."""

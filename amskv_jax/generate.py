@@ -255,7 +255,7 @@ def _generate(
         images, inner_rows = (batch, None) if mesh is not None else image_chunk(c, batch, si, row_chunk)
         per_chunk = lambda a: None if a is None else a.reshape(batch // images, images, *a.shape[1:])  # noqa: E731
         xs = (jnp.arange(batch // images, dtype=jnp.int32), per_chunk(cond_B2D), per_chunk(next_BlCv),
-              per_chunk(uniforms_BL[:, c.begin_ends[si][0]:c.begin_ends[si][1]]), per_chunk(keys_B2[:, 1]))
+              per_chunk(uniforms_BL[:, slice(*c.begin_ends[si])]), per_chunk(keys_B2[:, 1]))
         if images == batch:
             kinds, (idx_Bl, h_BlC, ok, logits) = scale_for_images(cache.kinds, jax.tree.map(lambda a: a[0], xs))
         else:
