@@ -16,7 +16,8 @@ not held out, and the output says so); `--split` picks a split, `--limit N` keep
 
 `--frontier` draws the memory–fidelity frontier (`bench/frontier.py`): held-out ΔNLL of every policy family at
 several budgets, the searched per-layer budgets among them, with FID and class accuracy at the 75% cut; it writes
-`DIR/frontier.md`, `frontier.json`, `frontier.png` and the searches, `DIR/search-<budget>.json`.
+`DIR/frontier.md`, `frontier.json`, `frontier.png` and the searches, `DIR/search-<budget>.json`; it saves each
+measurement to `DIR/progress.json` as it goes, and a stopped run resumes from it when rerun with the same flags.
 
 For the same labels and PRNG keys, every policy generates independently of the full cache; per policy it reports
 the cache's size against the full cache, per-scale token agreement and logit KL (`amskv_jax.fidelity`), and PSNR
@@ -266,10 +267,11 @@ def main(argv=None) -> int:
         raise UserError(f"--kv-dtypes: unknown {unknown}; allowed: default, {', '.join(KV_DTYPES)}")
     if args.frontier:
         reference = real_reference(args, model) if args.fid_samples else None
-        points, sources = frontier.measure_frontier(model, args)
+        progress = frontier.Progress(args.out, frontier.progress_setting(args))
+        points, sources = frontier.measure_frontier(model, args, progress)
         frontier.write_frontier(args, model, points, sources)
         if reference is not None and reference.classifier is not None:
-            points = frontier.with_sample_quality(model, args, points, sources["policies"], reference)
+            points = frontier.with_sample_quality(model, args, points, sources["policies"], reference, progress)
             frontier.write_frontier(args, model, points, sources)
         return 0
     if args.nll:

@@ -12,6 +12,9 @@ with every layer in each low-bit storage, MiKV (each paper setting's dropped sca
 searches that choose each layer's capacity *and* storage under one
 byte bound (`calibrate --search --precisions`, saved as mixed-<budget>.json).
 
+A run resumes where it stopped: each search, each policy's held-out NLL and each FID point is saved to
+`DIR/progress.json` as soon as it is measured (`Progress`), and a rerun with the same flags and `--out` reuses them.
+
 Memory is the cache's bytes against the full cache's, both with bfloat16 compute (quantised storage with its
 float32 scales; as `amskv_jax.memory` counts them: the scale in flight excluded; for unquantised policies the slot
 share) and, beside it, against the reference's concatenated bfloat16 cache (every scale, the current one included:
@@ -22,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -30,9 +34,10 @@ import numpy as np
 
 from amskv_jax.cache import cache_bytes
 from amskv_jax.calibrate import search_calibrations
+from amskv_jax.errors import UserError
 from amskv_jax.fidelity import FRONTIER_SEARCH_BUDGETS, frontier_families, policy_fidelity, reference_share
 from amskv_jax.generate import default_top_k
-from amskv_jax.nll import encode_images, evenly_spaced, model_images, policy_nll
+from amskv_jax.nll import NLL, encode_images, evenly_spaced, model_images, policy_nll
 from amskv_jax.policies import AMSKV, FullCache, MiKV, PerLayerPrecision
 
 TARGET_SHARE = 0.25  # the 75% cut where FID and class accuracy are measured
@@ -66,6 +71,57 @@ class Point:
         return self.bytes / self.full_bytes
 
 
+class Progress:
+    """What a frontier run has measured so far, in `DIR/progress.json`: the search records, each policy's held-out
+    NLL (with the policy's description) and each FID point (with its sample count), saved after each one, so that a
+    stopped run resumes where it stopped. `setting` (the flags that decide the figures) is saved with them; a
+    directory holding a run with another setting is refused rather than mixed. The file is read as untrusted JSON."""
+
+    STAGES = ("search", "nll", "fid")
+
+    def __init__(self, out: Path, setting: dict):
+        self.path, self.setting = out / "progress.json", setting
+        self.done = {stage: {} for stage in self.STAGES}
+        if not self.path.exists():
+            return
+        try:
+            saved = json.loads(self.path.read_text())
+            done = {stage: dict(saved["done"][stage]) for stage in self.STAGES}
+            saved_setting = saved["setting"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{self.path}: not a frontier run's progress file ({type(e).__name__}: {e}); "
+                            "remove it or use another --out") from None
+        if saved_setting != setting:
+            differ = sorted(k for k in setting.keys() | saved_setting.keys() if setting.get(k) != saved_setting.get(k))
+            raise UserError(f"{self.path}: a frontier run with other {', '.join(differ)}; rerun with its flags to "
+                            "resume it, or use another --out")
+        self.done = done
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self.done.values())
+
+    def get(self, stage: str, name: str, check: dict):
+        """The saved value of `name` at `stage` when its entries in `check` match (else None: measure it again)."""
+        entry = self.done[stage].get(name)
+        return None if entry is None or any(entry.get(k) != v for k, v in check.items()) else entry["value"]
+
+    def put(self, stage: str, name: str, value, check: dict) -> None:
+        self.done[stage][name] = {**check, "value": value}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".json.partial")
+        partial.write_text(json.dumps({"setting": self.setting, "done": self.done}, indent=1))
+        os.replace(partial, self.path)  # a run stopped mid-write leaves the last complete file
+
+
+def progress_setting(args) -> dict:
+    """The flags that decide a frontier run's figures (not --batch, --search-budgets or --fid-samples: a rerun may
+    change those; searches and FID points are keyed by budget and sample count)."""
+    return {"model": str(args.model), "images": None if args.images is None else str(args.images),
+            "limit": args.limit, "search_images": None if args.search_images is None else str(args.search_images),
+            "search_samples": args.search_samples, "precisions": list(args.precisions), "cfg": args.cfg,
+            "dtype": args.dtype, "seed": args.seed, "top_k": args.top_k, "top_p": args.top_p}
+
+
 def row_bytes(layout, config) -> int:
     """Bytes per image row of a layout's cache with bfloat16 compute (its layers' own storage, if any)."""
     return cache_bytes(layout, 1, config.num_heads, config.head_dim, jnp.bfloat16)
@@ -85,26 +141,41 @@ def precision_families(config, families: dict, precisions: tuple[str, ...]) -> d
     return out
 
 
-def measure_frontier(model, args) -> tuple[list[Point], dict]:
+def measure_frontier(model, args, progress: Progress) -> tuple[list[Point], dict]:
     """Every family's points on held-out images, and what they were measured on ({"heldout", "calibration",
-    "searches": the search records, "policies": {name: policy}})."""
+    "searches": the search records, "policies": {name: policy}}); what `progress` holds is reused, the rest saved
+    to it as it is measured."""
     c = model.config.var
     images, labels, heldout = evenly_spaced(*model_images(model, args.images, "heldout"), args.limit)
     calib_images, calib_labels, calibration = model_images(model, args.search_images, "train")
     print(f"held-out: {heldout}; search on {min(args.search_samples, len(calib_images))} of {calibration}",
           flush=True)
-    search = functools.partial(
-        search_calibrations, model, calib_images, calib_labels, args.search_budgets, samples=args.search_samples,
-        batch=args.batch, dtype=args.dtype, model_name=args.model, source=calibration,
-    )
+    if len(progress):
+        print(f"resuming {progress.path}: " + ", ".join(f"{len(progress.done[s])} {s}" for s in Progress.STAGES),
+              flush=True)
+
+    def search(precisions=()) -> list[dict]:
+        """One record per budget, each searched (or read back) and saved on its own."""
+        records = []
+        for budget in args.search_budgets:
+            name = f"{'mixed' if precisions else 'search'}-{budget:g}"
+            record = progress.get("search", name, {})
+            if record is None:
+                record, = search_calibrations(
+                    model, calib_images, calib_labels, [budget], samples=args.search_samples, batch=args.batch,
+                    dtype=args.dtype, model_name=args.model, source=calibration, precisions=precisions)
+                if precisions:
+                    record["search"]["name"] = name
+                progress.put("search", name, record, {})
+            records.append(record)
+        return records
+
     searches = search()
     families = frontier_families(c, searches[0])
     families["searched"] = {f"searched-{record['search']['budget']:g}": AMSKV.from_calibration(record)
                             for record in searches}
     if args.precisions:
         mixed = search(precisions=args.precisions)
-        for record in mixed:
-            record["search"]["name"] = f"mixed-{record['search']['budget']:g}"
         searches += mixed
         families.update(precision_families(c, families, args.precisions))
         families["searched (capacity and precision)"] = {
@@ -113,9 +184,16 @@ def measure_frontier(model, args) -> tuple[list[Point], dict]:
     family_of = {"full": "full", **{name: f for f, settings in families.items() for name in settings}}
     gt, x = encode_images(model, images)
     layouts = {name: policy.layout(c) for name, policy in policies.items()}
-    print(f"scoring {len(layouts)} policies on held-out NLL", flush=True)
-    results = policy_nll(model, layouts, gt, x, labels, cfg=args.cfg, batch=args.batch, dtype=args.dtype,
-                         progress=True)
+    results = {}
+    todo = [name for name in layouts if progress.get("nll", name, {"describe": policies[name].describe()}) is None]
+    print(f"scoring {len(layouts)} policies on held-out NLL ({len(layouts) - len(todo)} done before)", flush=True)
+    for name in todo:
+        r, = policy_nll(model, {name: layouts[name]}, gt, x, labels, cfg=args.cfg, batch=args.batch,
+                        dtype=args.dtype, progress=True).values()
+        progress.put("nll", name, dataclasses.asdict(r), {"describe": policies[name].describe()})
+    for name in layouts:
+        saved = progress.get("nll", name, {"describe": policies[name].describe()})
+        results[name] = NLL(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     full, full_bytes = results["full"], row_bytes(layouts["full"], c)
     points = [
         Point(family_of[name], name, policies[name].describe(), r.slots, r.full_slots,
@@ -137,18 +215,29 @@ def at_cut(points: list[Point]) -> list[Point]:
     return [p for _, p in chosen.values()]
 
 
-def with_sample_quality(model, args, points: list[Point], policies: dict, reference) -> list[Point]:
-    """`points` with FID and class accuracy for the full cache and each family's setting at the 75% cut."""
-    chosen = {p.name for p in at_cut(points)}
+def with_sample_quality(model, args, points: list[Point], policies: dict, reference, progress: Progress
+                        ) -> list[Point]:
+    """`points` with FID and class accuracy for the full cache and each family's setting at the 75% cut, measured
+    a policy at a time (the full cache with the first) and saved to `progress`."""
+    chosen = sorted({p.name for p in at_cut(points)}, key=lambda name: (name != "full", name))
     labels = np.arange(args.fid_samples, dtype=np.int32) % model.config.var.num_classes
-    print(f"FID and class accuracy, {args.fid_samples} samples each: {', '.join(sorted(chosen))}", flush=True)
-    measured = policy_fidelity(
-        model, {name: policies[name] for name in chosen}, labels, jax.random.key(args.seed), batch=args.batch,
-        cfg=args.cfg, top_k=default_top_k(model.config) if args.top_k is None else args.top_k, top_p=args.top_p,
-        dtype=args.dtype, classifier=reference.classifier, real_features=reference.features, progress=True,
-    )
-    return [dataclasses.replace(p, fid=measured[p.name].fid, accuracy=measured[p.name].accuracy)
-            if p.name in measured else p for p in points]
+    print(f"FID and class accuracy, {args.fid_samples} samples each: {', '.join(chosen)}", flush=True)
+
+    def check(name: str) -> dict:
+        return {"describe": policies[name].describe(), "samples": args.fid_samples}
+
+    todo = [name for name in chosen if progress.get("fid", name, check(name)) is None]
+    groups = [todo[:2], *([name] for name in todo[2:])] if todo[:1] == ["full"] else [[name] for name in todo]
+    for group in groups:
+        measured = policy_fidelity(
+            model, {name: policies[name] for name in group}, labels, jax.random.key(args.seed), batch=args.batch,
+            cfg=args.cfg, top_k=default_top_k(model.config) if args.top_k is None else args.top_k, top_p=args.top_p,
+            dtype=args.dtype, classifier=reference.classifier, real_features=reference.features, progress=True,
+        )
+        for name, result in measured.items():
+            progress.put("fid", name, {"fid": result.fid, "accuracy": result.accuracy}, check(name))
+    saved = {name: progress.get("fid", name, check(name)) for name in chosen}
+    return [dataclasses.replace(p, **saved[p.name]) if p.name in saved else p for p in points]
 
 
 def format_frontier(points: list[Point]) -> str:

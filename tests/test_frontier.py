@@ -8,6 +8,7 @@ import re
 import pytest
 
 import bench.fidelity
+import bench.frontier
 from amskv_jax.cache import cache_bytes
 from amskv_jax.config import get_preset
 from amskv_jax.policies import AMSKV, FullCache, PerLayerPrecision
@@ -22,13 +23,40 @@ def tiny_model(monkeypatch):
     monkeypatch.setattr(bench.fidelity, "load_model", lambda spec, verify=None: random_model("tiny"))
 
 
-def test_the_frontier_covers_every_family_with_both_memory_shares(tmp_path, emoji_folder, tiny_model):
+class Stopped(Exception):
+    """The run stopped (as by a signal) after some policies were scored."""
+
+
+def test_the_frontier_covers_every_family_with_both_memory_shares(tmp_path, capsys, emoji_folder, tiny_model,
+                                                                   monkeypatch):
     out = tmp_path / "frontier"
     argv = ["--frontier", "--model", "tiny", "--images", str(emoji_folder), "--search-images", str(emoji_folder),
             "--search-budgets", "0.7,1", "--search-samples", "3", "--fid-samples", "0", "--batch", "4",
             "--limit", "3", "--precisions", "int4", "--out", str(out)]
+    # stopped after 5 policies' NLL, then resumed: the searches and those 5 are not measured again
+    calls = {"nll": 0, "search": 0}
+    real_nll, real_search = bench.frontier.policy_nll, bench.frontier.search_calibrations
+
+    def counted(stage, real, stop_after=None):
+        def run(*a, **k):
+            if calls[stage] == stop_after:
+                raise Stopped
+            calls[stage] += 1
+            return real(*a, **k)
+        return run
+
+    monkeypatch.setattr(bench.frontier, "policy_nll", counted("nll", real_nll, stop_after=5))
+    monkeypatch.setattr(bench.frontier, "search_calibrations", counted("search", real_search))
+    with pytest.raises(Stopped):
+        bench.fidelity.main(argv)
+    assert calls == {"nll": 5, "search": 4}  # two budgets, capacity and capacity+precision
+    saved = json.loads((out / "progress.json").read_text())["done"]
+    assert len(saved["nll"]) == 5 and len(saved["search"]) == 4
+    monkeypatch.setattr(bench.frontier, "policy_nll", counted("nll", real_nll))
     assert bench.fidelity.main(argv) == 0
+    assert calls["search"] == 4 and "(5 done before)" in capsys.readouterr().out
     report = json.loads((out / "frontier.json").read_text())
+    assert calls["nll"] == len(report["points"])  # each policy scored once over both runs
     assert "held-out: 3 of the 4 images" in report["setting"]  # --limit: 3 of the 4 held-out images, evenly spaced
     points = {p["name"]: p for p in report["points"]}
     families = {p["family"] for p in points.values()}
@@ -56,6 +84,12 @@ def test_the_frontier_covers_every_family_with_both_memory_shares(tmp_path, emoj
     table = (out / "frontier.md").read_text()
     assert "| searched | searched-0.7 |" in table and "vs reference (incl. current scale)" in table
     assert (out / "frontier.png").stat().st_size > 10_000
+    # a run with another setting is refused in one line, the saved run untouched
+    before = (out / "progress.json").read_bytes()
+    assert bench.fidelity.main([*argv, "--cfg", "2"]) == 2
+    line = error_line(capsys.readouterr().err, False)
+    assert re.search(r"progress.json: a frontier run with other cfg; rerun with its flags", line), line
+    assert (out / "progress.json").read_bytes() == before
 
 
 @pytest.mark.parametrize(
