@@ -29,13 +29,17 @@ LAYOUTS = {
 }
 
 
-def compiled_generate(layout, kv_dtype: str | None, layer_loop: str, batch: int = 1, dtype: str = "float32") -> str:
-    """The optimised HLO of jitted `generate` on abstract params, the weights in the compute dtype."""
+def compiled_generate(layout, kv_dtype: str | None, layer_loop: str, params=None, labels=(0,), dtype: str = "float32",
+                      row_chunk: int | None = None, top_k: int = 8, return_logits: bool = False):
+    """`generate` jitted and compiled for `labels` (by default on abstract params, the weights in the compute dtype):
+    (the compiled program, which runs as `program(params, labels, key)`, its optimised HLO text)."""
     fn = jax.jit(functools.partial(
-        generate, config=CONFIG, layout=layout, top_k=8, kv_dtype=kv_dtype, layer_loop=layer_loop, dtype=dtype,
+        generate, config=CONFIG, layout=layout, top_k=top_k, kv_dtype=kv_dtype, layer_loop=layer_loop, dtype=dtype,
+        row_chunk=row_chunk, return_logits=return_logits,
     ))
-    params = abstract_params(CONFIG, dtype)
-    return fn.lower(params, jnp.zeros((batch,), jnp.int32), jax.random.key(0)).compile().as_text()
+    params = abstract_params(CONFIG, dtype) if params is None else params
+    program = fn.lower(params, jnp.asarray(labels, jnp.int32), jax.random.key(0)).compile()
+    return program, program.as_text()
 
 
 def cache_stack_copies(text: str, layout, kv_dtype: str | None, batch: int = 1, dtype: str = "float32") -> list[str]:
@@ -45,19 +49,29 @@ def cache_stack_copies(text: str, layout, kv_dtype: str | None, batch: int = 1, 
     return compile_time.cache_stack_copies(text, cache)
 
 
+def known_copies(layout, kv_dtype: str | None, layer_loop: str, row_chunk: int | None, batch: int) -> list[str]:
+    """The copies that are known and open (bench/RESULTS.md, Issue 24): the unrolled layer loop over every row at
+    once copies each stack of a quantised kind that has a single layer, once (the scan, chunks of rows, unquantised
+    caches and kinds of several layers copy nothing). Pinned, so that a fix or anything worse shows."""
+    if kv_dtype is None or layer_loop != "unrolled" or row_chunk not in (None, 2 * batch):
+        return []
+    c = CONFIG.var
+    cache = jax.eval_shape(lambda: init_cache(layout, 2 * batch, c.num_heads, c.head_dim, "float32", kv_dtype))
+    single = [kind for kind, n in zip(cache.kinds, layout.kind_sizes, strict=True) if n == 1]
+    return sorted(f"{compile_time.hlo_type(x.dtype)}[{','.join(map(str, x.shape))}]"
+                  for x in jax.tree.leaves(single) if x.ndim >= 4)
+
+
+# The full cache, AMS-KV's two kinds unquantised and int8 and both layer loops are checked on the programs that
+# `test_layer_loops_and_chunks_of_rows_generate_the_same` runs; these two add bfloat16 weights and packed int4 codes.
 @pytest.mark.parametrize("policy, kv_dtype, layer_loop, dtype", [
-    ("full", None, "scan", "float32"),
-    ("amskv", None, "scan", "float32"),
-    # bfloat16 stacks are kept as their bits: XLA:CPU's float32 select of a bfloat16 masked write copied each stack
     ("amskv", None, "scan", "bfloat16"),
-    ("amskv", "int8", "scan", "float32"),
     ("amskv", "int4", "scan", "float32"),  # packed codes: uint8 stacks
-    ("full", "int8", "unrolled", "float32"),
 ])
 def test_generate_never_copies_a_cache_stack(policy, kv_dtype, layer_loop, dtype):
     layout = LAYOUTS[policy]
     assert len(layout.kinds) == (2 if policy == "amskv" else 1)
-    text = compiled_generate(layout, kv_dtype, layer_loop, dtype=dtype)
+    _, text = compiled_generate(layout, kv_dtype, layer_loop, dtype=dtype)
     assert cache_stack_copies(text, layout, kv_dtype, dtype=dtype) == []
     if dtype == "bfloat16":
         # nor a float32 copy of a bfloat16 weight stack: XLA:CPU slices a bfloat16 stack by converting it whole to
@@ -74,7 +88,7 @@ def params():
 
 # Each case runs three programs that differ in the layer loop and in the chunk of rows the blocks take at a time
 # (4: both images' conditional and unconditional rows at once); every other pair differs in both, so each
-# mechanism is compared with another setting of itself.
+# mechanism is compared with another setting of itself. No program copies a cache stack but as `known_copies` says.
 @pytest.mark.parametrize("policy, kv_dtype, runs", [
     ("full", None, (("scan", 4, False), ("unrolled", 1, False), ("unrolled", 2, True))),
     ("amskv", "int8", (("unrolled", 4, False), ("scan", 2, False), ("unrolled", 1, True))),
@@ -82,10 +96,14 @@ def params():
 def test_layer_loops_and_chunks_of_rows_generate_the_same(params, policy, kv_dtype, runs):
     """(layer_loop, row_chunk, per-layer params): tokens equal, logits and images to float rounding (matmuls over
     fewer rows round differently; with int8 that can move a cached value by one quantisation step)."""
-    outs = [generate({**params, "var": per_layer_blocks(params["var"])} if per_layer else params, [1, 4],
-                     jax.random.key(2), config=CONFIG, layout=LAYOUTS[policy], top_k=20, kv_dtype=kv_dtype,
-                     layer_loop=loop, row_chunk=chunk, return_logits=True)
-            for loop, chunk, per_layer in runs]
+    layout, labels, outs = LAYOUTS[policy], (1, 4), []
+    for loop, chunk, per_layer in runs:
+        run_params = {**params, "var": per_layer_blocks(params["var"])} if per_layer else params
+        program, text = compiled_generate(layout, kv_dtype, loop, run_params, labels, row_chunk=chunk, top_k=20,
+                                          return_logits=True)
+        copies = sorted(cache_stack_copies(text, layout, kv_dtype, batch=len(labels)))
+        assert copies == known_copies(layout, kv_dtype, loop, chunk, len(labels)), (loop, chunk, per_layer)
+        outs.append(program(run_params, jnp.asarray(labels, jnp.int32), jax.random.key(2)))
     tol = 1e-5 if kv_dtype is None else 1e-3
     for out in outs[1:]:
         for a, b in zip(outs[0].tokens, out.tokens, strict=True):
