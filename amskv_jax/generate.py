@@ -28,7 +28,7 @@ from amskv_jax.errors import UserError
 from amskv_jax.quant import KV_DTYPES, check_kv_dtype
 from amskv_jax.config import ModelConfig
 from amskv_jax.policies import FullCache
-from amskv_jax.var import VAR, mark_scale, per_layer_blocks
+from amskv_jax.var import VAR, mark_scale, per_layer_blocks, stack_bit_views
 from amskv_jax.vqvae import VQVAE, decode_chunk, decode_in_chunks
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -176,12 +176,28 @@ def generate(
         labels, key = sharding.place_rows(jnp.asarray(labels, jnp.int32), mesh), sharding.replicate(key, mesh)
     if unrolled:
         params = {**params, "var": per_layer_blocks(params["var"])}
+    params, stack_bits = with_stack_bits(params, unrolled, mesh)
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):  # the Pallas kernels shard over it
         return _generate(
             params, jnp.asarray(labels, jnp.int32), key, jnp.float32(cfg), jnp.float32(top_p),
             config=config, layout=layout, top_k=top_k, more_smooth=more_smooth, dtype=dtype, impl=impl,
             kv_dtype=kv_dtype, progress=progress, return_logits=return_logits, mesh=mesh, row_chunk=row_chunk,
+            stack_bits=stack_bits,
         )
+
+
+def with_stack_bits(params: dict, unrolled: bool, mesh) -> tuple[dict, str | None]:
+    """(params, None), or on one CPU device with the scanned loop and 16-bit block stacks, (params with the stacks
+    as uint16 views of the same memory, their dtype's name) (`var.stack_bit_views`): XLA:CPU would otherwise hold a
+    copy of the stacks (their bits, or float32) for the whole program. Exact: the scan bitcasts each layer's slice
+    back. `amskv_jax.memory` compiles the program this way too."""
+    if unrolled or mesh is not None or jax.default_backend() != "cpu":
+        return params, None
+    blocks, bits = stack_bit_views(params["var"]["params"]["blocks"])
+    if bits is None:
+        return params, None
+    var = {**params["var"], "params": {**params["var"]["params"], "blocks": blocks}}
+    return {**params, "var": var}, jnp.dtype(bits).name
 
 
 def _report_scale(si: int, num_scales: int, pn: int, _tokens) -> None:
@@ -192,15 +208,15 @@ def _report_scale(si: int, num_scales: int, pn: int, _tokens) -> None:
     jax.jit,
     static_argnames=(
         "config", "layout", "top_k", "more_smooth", "dtype", "impl", "progress", "return_logits", "mesh", "kv_dtype",
-        "row_chunk",
+        "row_chunk", "stack_bits",
     ),
 )
 def _generate(
     params, labels_B, key, cfg, top_p, *, config, layout, top_k, more_smooth, dtype, impl, progress, return_logits,
-    mesh=None, kv_dtype=None, row_chunk=None,
+    mesh=None, kv_dtype=None, row_chunk=None, stack_bits=None,
 ):
     c = config.var
-    var = VAR(c, dtype=DTYPES[dtype], impl=impl)
+    var = VAR(c, dtype=DTYPES[dtype], impl=impl, stack_bits=None if stack_bits is None else jnp.dtype(stack_bits))
     vqvae = VQVAE(config.vqvae)
     batch = labels_B.shape[0]
     label_2B = sampling.guidance_rows(labels_B, c.num_classes)  # a data shard holds both rows of its images

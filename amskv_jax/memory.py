@@ -47,7 +47,8 @@ from amskv_jax.cache import CacheLayout, cache_bytes
 from amskv_jax.checkpoint import EMBEDDED, model_kind, param_shapes
 from amskv_jax.config import ModelConfig, VARConfig, get_preset
 from amskv_jax.errors import UserError
-from amskv_jax.generate import LAYER_LOOPS, generate, resolve_layer_loop
+from amskv_jax.generate import (LAYER_LOOPS, _generate, default_top_k, generate, resolve_layer_loop,
+                                 with_stack_bits)
 from amskv_jax.policies import DEFAULT_POLICY, POLICIES, policy_from_name, read_calibration
 
 DTYPES = ("bfloat16", "float32")
@@ -237,13 +238,24 @@ def program_memory(
 ) -> ProgramMemory:
     """Compile the public `generate` for `batch` images on abstract params (weights in `dtype`) for the default
     backend and return XLA's buffer assignment. Nothing is allocated or run. `layer_loop` as `generate`'s ("auto":
-    the platform's; "scan" compiles on a CPU the loop a GPU or TPU runs, in a fraction of the unrolled loop's time)."""
-    fn = jax.jit(functools.partial(generate, config=config, layout=layout, dtype=dtype, kv_dtype=kv_dtype, impl=impl,
-                                   layer_loop=layer_loop))
+    the platform's; "scan" compiles on a CPU the loop a GPU or TPU runs, in a fraction of the unrolled loop's time).
+    On one CPU device with the scan and 16-bit weights, `generate` hands the program its stacks' bits
+    (`generate.with_stack_bits`); this compiles that program (`_generate` on uint16 stacks) too."""
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
     key = jax.eval_shape(jax.random.key, 0)
-    stats = fn.lower(abstract_params(config, dtype), labels, key).compile().memory_analysis()
-    return ProgramMemory.from_stats(stats, batch)
+    params, stack_bits = with_stack_bits(abstract_params(config, dtype), resolve_layer_loop(layer_loop) == "unrolled",
+                                         None)
+    if stack_bits is None:
+        fn = jax.jit(functools.partial(generate, config=config, layout=layout, dtype=dtype, kv_dtype=kv_dtype,
+                                       impl=impl, layer_loop=layer_loop))
+        lowered = fn.lower(params, labels, key)
+    else:  # the call `generate` makes, defaults included
+        scalar = jax.ShapeDtypeStruct((), jnp.float32)
+        lowered = _generate.lower(
+            params, labels, key, scalar, scalar, config=config, layout=layout, top_k=default_top_k(config),
+            more_smooth=False, dtype=dtype, impl=impl, progress=False, return_logits=False, kv_dtype=kv_dtype,
+            row_chunk=None, stack_bits=stack_bits)
+    return ProgramMemory.from_stats(lowered.compile().memory_analysis(), batch)
 
 
 SECOND_PROBE = 16  # the batch of the second compile: with batch 1, the line that predicts the answer

@@ -39,11 +39,43 @@ def stacks_as_bits(stacks):
     are), with `stacks_from_bits` to undo it on a layer's slice inside the body. XLA:CPU computes bfloat16 ops in
     float32 and so slices a bfloat16 stack by converting the whole stack to float32 first, a conversion the loop
     then hoists: a float32 copy of every layer's weights held for the whole program (2× the bfloat16 weights). The
-    bitcast costs one uint16 copy of the stacks instead (1×; bench/RESULTS.md, Issue 24). Not used elsewhere: a
-    backend with native bfloat16 slices the stacks where they lie. The bits are the values, so the results are the
+    bitcast costs one uint16 copy of the stacks instead (1×; bench/RESULTS.md, Issue 24), which only bits given as
+    the program's arguments avoid (`stack_bit_views`, what `generate` passes when it can; this is the fallback, e.g.
+    `generate` traced under an outer jit). Not used elsewhere: a backend with native bfloat16 slices the stacks
+    where they lie. The bits are the values, so the results are the
     same. Generation only: bits carry no gradient (teacher forcing, which training differentiates, scans the
     params)."""
     return jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16) if _is_half(a.dtype) else a, stacks)
+
+
+def stack_bit_views(stacks):
+    """(views, dtype): the stacks' 16-bit float leaves as uint16 arrays that share their memory (a view of each
+    concrete single-device array, no copy; `jax.ShapeDtypeStruct`s become uint16 ones) and that float dtype; or
+    (stacks, None) when the floating leaves are not all of one 16-bit dtype or not all concrete on one CPU device (a
+    traced leaf, a sharded array). `generate` hands XLA:CPU's scanned loop the bits this way, since a bitcast inside
+    the program, even of an argument, is a copy there (bench/RESULTS.md, Issue 24)."""
+    leaves = [leaf for leaf in jax.tree.leaves(stacks) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    dtypes = {jnp.dtype(leaf.dtype) for leaf in leaves}
+    if len(dtypes) != 1 or not _is_half(next(iter(dtypes))):
+        return stacks, None
+
+    def viewable(leaf) -> bool:
+        if isinstance(leaf, (np.ndarray, jax.ShapeDtypeStruct)):
+            return True
+        return (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and len(leaf.devices()) == 1
+                and next(iter(leaf.devices())).platform == "cpu")
+
+    if not all(viewable(leaf) for leaf in leaves):
+        return stacks, None
+
+    def view(leaf):
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            return leaf
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(leaf.shape, jnp.uint16)
+        return jax.device_put(np.asarray(leaf).view(np.uint16))  # on CPU, device_put of host memory is zero-copy
+
+    return jax.tree.map(view, stacks), next(iter(dtypes))
 
 
 def stacks_from_bits(bits, like):
@@ -287,6 +319,7 @@ class VAR(nn.Module):
     config: VARConfig
     dtype: Any = jnp.float32
     impl: str = "xla"
+    stack_bits: Any = None  # generation only: the stacked blocks are uint16 bits of this dtype (`stack_bit_views`)
 
     def setup(self):
         c = self.config
@@ -384,6 +417,8 @@ class VAR(nn.Module):
         with `masks`, as `low` = (kv_dtype, low_KLL bool [K, L, L], may be traced): the pairs of masks_KLL[k] read
         from the tier, in that storage."""
         c = self.config
+        if self.stack_bits is not None:
+            raise ValueError("teacher forcing scans the stacked params themselves, not their bits (stack_bits)")
         x, cond_BD = self.teacher_input(label_B, x_BLCv_wo_first_l)
         if masks is not None:
             if layout is not None:
@@ -478,14 +513,20 @@ class VAR(nn.Module):
                     x, kinds = layer(x, kinds, block_cond, params, kind, tuple(l_indices), row)
                 return kinds, x
 
-            as_bits = jax.default_backend() == "cpu"  # XLA:CPU's float32 copies (`stacks_as_bits`)
+            if self.stack_bits is not None:  # the stacks are already their bits (`stack_bit_views`)
+                as_bits, bits = True, stacks
+                like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+                    a.shape, self.stack_bits if a.dtype == jnp.uint16 else a.dtype), stacks)
+            else:  # XLA:CPU's float32 copies (`stacks_as_bits`)
+                as_bits, like = jax.default_backend() == "cpu", stacks
+                bits = stacks_as_bits(stacks) if as_bits else stacks
 
             def body(carry, xs):
                 params, kind, l_indices = xs
-                params = stacks_from_bits(params, stacks) if as_bits else params
+                params = stacks_from_bits(params, like) if as_bits else params
                 return layer(*carry, block_cond, params, 0 if single else kind, l_indices, row), None
 
-            xs = (stacks_as_bits(stacks) if as_bits else stacks, jnp.asarray(kind_of), jnp.asarray(indices, jnp.int32))
+            xs = (bits, jnp.asarray(kind_of), jnp.asarray(indices, jnp.int32))
             (x, kinds), _ = jax.lax.scan(body, (x, kinds), xs)
             return kinds, x
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from amskv_jax.cache import init_cache
 from amskv_jax.checkpoint import init_params
 from amskv_jax.config import get_preset
 from amskv_jax.errors import UserError
+from amskv_jax import generate as gen_module, memory
 from amskv_jax.generate import generate
 from amskv_jax.memory import abstract_params
 from amskv_jax.policies import AMSKV, FullCache
@@ -133,3 +135,31 @@ def test_per_layer_params_refuse_the_scan(params):
 def test_a_row_chunk_that_does_not_divide_the_rows_is_refused(params, row_chunk):
     with pytest.raises(UserError, match=r"row_chunk must be None \(automatic\) or a divisor of the 4 rows"):
         generate(params, [1, 4], jax.random.key(0), config=CONFIG, row_chunk=row_chunk)
+
+
+def test_on_one_cpu_device_the_scan_reads_the_bf16_stacks_bits_in_place(params, monkeypatch):
+    """`generate` hands XLA:CPU's scanned loop uint16 views of the bfloat16 stacks (the same memory, no copy), so
+    the program holds no copy of them; tokens equal the program that bitcasts inside (jit of `generate`), and
+    `amskv_jax.memory` compiles exactly the program that ran (same arguments and temporaries)."""
+    bf16 = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+    calls = []
+    real = gen_module._generate
+    monkeypatch.setattr(gen_module, "_generate", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    labels, layout = [1, 4], LAYOUTS["amskv"]
+    out = generate(bf16, labels, jax.random.key(2), config=CONFIG, layout=layout, dtype="bfloat16", layer_loop="scan")
+    (args, kwargs), = calls
+    assert kwargs["stack_bits"] == "bfloat16"
+    given = jax.tree.leaves(bf16["var"]["params"]["blocks"])
+    handed = jax.tree.leaves(args[0]["var"]["params"]["blocks"])
+    assert all(h.dtype == jnp.uint16 and h.unsafe_buffer_pointer() == g.unsafe_buffer_pointer()
+               for g, h in zip(given, handed, strict=True))
+    inside = jax.jit(functools.partial(generate, config=CONFIG, layout=layout, dtype="bfloat16", layer_loop="scan"))(
+        bf16, jnp.asarray(labels, jnp.int32), jax.random.key(2))
+    for a, b in zip(out.tokens, inside.tokens, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ran = real.lower(*args, **kwargs).compile()
+    stacks = {f"u16[{','.join(map(str, leaf.shape))}]" for leaf in handed}
+    assert not [t for t in re.findall(r"= (\w+\[[\d,]*\])\{[\d,]*\} copy\(", ran.as_text()) if t in stacks]
+    compiled = memory.program_memory(CONFIG, layout, len(labels), "bfloat16", impl="xla", layer_loop="scan")
+    stats = ran.memory_analysis()
+    assert (compiled.argument_bytes, compiled.temp_bytes) == (stats.argument_size_in_bytes, stats.temp_size_in_bytes)
