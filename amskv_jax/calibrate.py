@@ -38,7 +38,7 @@ import io
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -284,11 +284,13 @@ def search_calibrations(
     batch: int = 64, dtype: str = "float32", upsample: str = "bicubic", measure: str = "k", similarity: str = "l2",
     finer_from: int = 2, fraction: float | None = None, threshold: float | None = None, model_name: str = "",
     source: str = "", progress: bool = True, precisions: Sequence[str] = (),
+    on_record: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """One calibration record per budget (a fraction of the full cache's slots; with `precisions`, of its bytes)
     from real images: `samples` of them, evenly spaced (all when fewer), teacher-forced with both guidance rows for
     the similarity scores, and the per-layer AMS-KV budgets (and storage dtypes, among the compute dtype and
-    `precisions`) searched on their NLL (`search.search_budgets`, the scores shared between budgets)."""
+    `precisions`) searched on their NLL (`search.search_budgets`, the scores shared between budgets). `on_record`
+    is called with each record as soon as its budget is searched (to save it before the next budget's search)."""
     from amskv_jax.nll import encode_images
     from amskv_jax.search import nll_score, search_budgets
 
@@ -345,6 +347,8 @@ def search_calibrations(
                 "steps": list(result.steps), "dtype": dtype, **mixed,
             },
         })
+        if on_record is not None:
+            on_record(out[-1])
     return out
 
 

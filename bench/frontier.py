@@ -23,7 +23,6 @@ share) and, beside it, against the reference's concatenated bfloat16 cache (ever
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from pathlib import Path
@@ -155,20 +154,22 @@ def measure_frontier(model, args, progress: Progress) -> tuple[list[Point], dict
               flush=True)
 
     def search(precisions=()) -> list[dict]:
-        """One record per budget, each searched (or read back) and saved on its own."""
-        records = []
-        for budget in args.search_budgets:
-            name = f"{'mixed' if precisions else 'search'}-{budget:g}"
-            record = progress.get("search", name, {})
-            if record is None:
-                record, = search_calibrations(
-                    model, calib_images, calib_labels, [budget], samples=args.search_samples, batch=args.batch,
-                    dtype=args.dtype, model_name=args.model, source=calibration, precisions=precisions)
-                if precisions:
-                    record["search"]["name"] = name
-                progress.put("search", name, record, {})
-            records.append(record)
-        return records
+        """One record per budget: the saved ones read back, the others searched in one call (the images' scores
+        shared between budgets) and each saved as soon as it is searched."""
+        kind = "mixed" if precisions else "search"
+
+        def save(record: dict) -> None:
+            name = f"{kind}-{record['search']['budget']:g}"
+            if precisions:
+                record["search"]["name"] = name
+            progress.put("search", name, record, {})
+
+        todo = [b for b in args.search_budgets if progress.get("search", f"{kind}-{b:g}", {}) is None]
+        if todo:
+            search_calibrations(model, calib_images, calib_labels, todo, samples=args.search_samples,
+                                batch=args.batch, dtype=args.dtype, model_name=args.model, source=calibration,
+                                precisions=precisions, on_record=save)
+        return [progress.get("search", f"{kind}-{b:g}", {}) for b in args.search_budgets]
 
     searches = search()
     families = frontier_families(c, searches[0])
@@ -184,16 +185,15 @@ def measure_frontier(model, args, progress: Progress) -> tuple[list[Point], dict
     family_of = {"full": "full", **{name: f for f, settings in families.items() for name in settings}}
     gt, x = encode_images(model, images)
     layouts = {name: policy.layout(c) for name, policy in policies.items()}
-    results = {}
-    todo = [name for name in layouts if progress.get("nll", name, {"describe": policies[name].describe()}) is None]
+    checks = {name: {"describe": policy.describe()} for name, policy in policies.items()}
+    todo = [name for name in layouts if progress.get("nll", name, checks[name]) is None]
     print(f"scoring {len(layouts)} policies on held-out NLL ({len(layouts) - len(todo)} done before)", flush=True)
     for name in todo:
         r, = policy_nll(model, {name: layouts[name]}, gt, x, labels, cfg=args.cfg, batch=args.batch,
                         dtype=args.dtype, progress=True).values()
-        progress.put("nll", name, dataclasses.asdict(r), {"describe": policies[name].describe()})
-    for name in layouts:
-        saved = progress.get("nll", name, {"describe": policies[name].describe()})
-        results[name] = NLL(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        progress.put("nll", name, dataclasses.asdict(r), checks[name])
+    results = {name: NLL(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in progress.get("nll", name, checks[name]).items()}) for name in layouts}
     full, full_bytes = results["full"], row_bytes(layouts["full"], c)
     points = [
         Point(family_of[name], name, policies[name].describe(), r.slots, r.full_slots,

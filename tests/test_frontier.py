@@ -49,12 +49,12 @@ def test_the_frontier_covers_every_family_with_both_memory_shares(tmp_path, caps
     monkeypatch.setattr(bench.frontier, "search_calibrations", counted("search", real_search))
     with pytest.raises(Stopped):
         bench.fidelity.main(argv)
-    assert calls == {"nll": 5, "search": 4}  # two budgets, capacity and capacity+precision
+    assert calls == {"nll": 5, "search": 2}  # capacity, then capacity+precision: two budgets each
     saved = json.loads((out / "progress.json").read_text())["done"]
     assert len(saved["nll"]) == 5 and len(saved["search"]) == 4
     monkeypatch.setattr(bench.frontier, "policy_nll", counted("nll", real_nll))
     assert bench.fidelity.main(argv) == 0
-    assert calls["search"] == 4 and "(5 done before)" in capsys.readouterr().out
+    assert calls["search"] == 2 and "(5 done before)" in capsys.readouterr().out
     report = json.loads((out / "frontier.json").read_text())
     assert calls["nll"] == len(report["points"])  # each policy scored once over both runs
     assert "held-out: 3 of the 4 images" in report["setting"]  # --limit: 3 of the 4 held-out images, evenly spaced
