@@ -42,9 +42,8 @@ def stacks_as_bits(stacks):
     bitcast costs one uint16 copy of the stacks instead (1×; bench/RESULTS.md, Issue 24), which only bits given as
     the program's arguments avoid (`stack_bit_views`, what `generate` passes when it can; this is the fallback, e.g.
     `generate` traced under an outer jit). Not used elsewhere: a backend with native bfloat16 slices the stacks
-    where they lie. The bits are the values, so the results are the
-    same. Generation only: bits carry no gradient (teacher forcing, which training differentiates, scans the
-    params)."""
+    where they lie. The bits are the values, so the results are the same. Generation only: bits carry no gradient
+    (teacher forcing, which training differentiates, scans the params)."""
     return jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16) if _is_half(a.dtype) else a, stacks)
 
 
