@@ -358,6 +358,10 @@ class KindCache:
             update = update[None].astype(buffer.dtype)
             if active is not None:
                 update = jnp.where(active, update, jax.lax.dynamic_slice(buffer, start, update.shape))
+            if buffer.shape[0] == 1:
+                # A one-layer stack is written as its layer: XLA rewrites the stack's update without the unit axis
+                # anyway, and given the stack it copied the buffer once (bench/RESULTS.md, Issue 24).
+                return jax.lax.dynamic_update_slice(buffer[0], update[0], start[1:])[None]
             return jax.lax.dynamic_update_slice(buffer, update, start)
 
         if self.quantized:
