@@ -22,6 +22,9 @@ from amskv_jax.policies import AMSKV, FullCache
 from amskv_jax.var import VAR, per_layer_blocks
 from bench import compile_time
 
+# what these tests read (copies in the optimised HLO) and compare (the sampled tokens of two programs) is the users'
+pytestmark = pytest.mark.usefixtures("users_codegen")
+
 TINY = get_preset("tiny")
 # depth 3 and one demanding layer: AMS-KV's two kinds interleave (kinds 0, 1, 0), as calibration may place them
 CONFIG = dataclasses.replace(TINY, var=dataclasses.replace(TINY.var, depth=3))

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from amskv_jax.errors import UserError
+from conftest import FAST_CODEGEN, USERS_XLA_FLAGS
 
 DEVICES = 8
 MESHES = {"data8": (8, 1), "data4_model2": (4, 2)}
@@ -145,8 +146,10 @@ def _child(out_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def child(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("sharding")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}".strip()
+    # compiled as users' programs are (conftest): the sharded tokens equal the single device's as they round them
+    flags = os.environ.get("XLA_FLAGS", "").replace(FAST_CODEGEN, USERS_XLA_FLAGS)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={DEVICES}".strip())
     result = subprocess.run(
         [sys.executable, __file__, str(out_dir)], env=env, capture_output=True, text=True, timeout=600,
         cwd=Path(__file__).parent.parent,
