@@ -9,7 +9,8 @@ writes an entry in place; a reader that meets a half-written one warns and compi
 
 Compiling dominates the suite, and most of XLA:CPU's compile time is code generation. The tests, and the command
 lines they start, compile with LLVM unoptimised and XLA's older loop emitters (`FAST_CODEGEN`, in XLA_FLAGS unless
-XLA_FLAGS names an optimisation level): about a third of the compile time, other fusions, and code that rounds
+XLA_FLAGS names an optimisation level; LLVM at -O1 alone where this jaxlib's XLA no longer knows the emitters'
+flag, which would abort every process): about a third of the compile time, other fusions, and code that rounds
 some float32 results differently (logits by ~2e-6, measured), as another machine's BLAS would. Tests that
 read a compiled program's structure (its copies of the cache) or that need two programs to round alike (equal
 sampled tokens from two layer loops) compile as users' programs do, with the `users_codegen` fixture: LLVM at -O1 and the new
@@ -18,6 +19,8 @@ Issue 27).
 """
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -34,10 +37,22 @@ SESSION_ENV = "AMSKV_TEST_SESSION_CACHE"  # set by the first process of the run 
 
 os.environ[DISABLE_ENV] = "1"
 FAST_CODEGEN = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-USERS_CODEGEN = {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": True}
-USERS_XLA_FLAGS = " ".join(f"--{name}={str(value).lower()}" for name, value in USERS_CODEGEN.items())  # a child's
+
+
+def _xla_starts_with(flags: str) -> bool:
+    """Whether this jaxlib's XLA starts with `flags` (it aborts the process on a flag it does not know)."""
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    probe = [sys.executable, "-c", "import jax; jax.devices()"]
+    return subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
+
+
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # read when the backend starts
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_CODEGEN}".strip()
+    fast = FAST_CODEGEN if _xla_starts_with(FAST_CODEGEN) else "--xla_backend_optimization_level=1"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {fast}".strip()
+USERS_CODEGEN = {"xla_backend_optimization_level": 1}
+if "xla_cpu_use_fusion_emitters" in os.environ["XLA_FLAGS"]:
+    USERS_CODEGEN["xla_cpu_use_fusion_emitters"] = True
+USERS_XLA_FLAGS = " ".join(f"--{name}={str(value).lower()}" for name, value in USERS_CODEGEN.items())  # a child's
 _owner = SESSION_ENV not in os.environ
 if _owner:
     os.environ[SESSION_ENV] = tempfile.mkdtemp(prefix="amskv_tests_xla_")
