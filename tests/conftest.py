@@ -17,11 +17,13 @@ sampled tokens from two layer loops) compile as users' programs do, with the `us
 emitters, whose optimised HLO and buffer assignment are checked identical to XLA's defaults' (bench/RESULTS.md,
 Issue 27).
 """
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -55,11 +57,13 @@ if "xla_cpu_use_fusion_emitters" in os.environ["XLA_FLAGS"]:
 USERS_XLA_FLAGS = " ".join(f"--{name}={str(value).lower()}" for name, value in USERS_CODEGEN.items())  # a child's
 _owner = SESSION_ENV not in os.environ
 if _owner:
-    os.environ[SESSION_ENV] = tempfile.mkdtemp(prefix="amskv_tests_xla_")
-os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[SESSION_ENV]
+    os.environ[SESSION_ENV] = tempfile.mkdtemp(prefix="amskv_tests_")
+SESSION = Path(os.environ[SESSION_ENV])
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(SESSION / "xla_cache")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-jax.config.update("jax_compilation_cache_dir", os.environ[SESSION_ENV])
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+HOST_DEVICES = 8  # the host CPU devices of the one child process that runs every check needing several
 
 
 def pytest_unconfigure(config):
@@ -87,6 +91,38 @@ def users_codegen(monkeypatch):
     yield
     monkeypatch.undo()
     jax.clear_caches()
+
+
+@pytest.fixture(scope="session")
+def host_devices():
+    """results(module) -> the directory where that test module's `on_host_devices(directory)` saved what it
+    measured on `HOST_DEVICES` host CPU devices.
+
+    The device count is fixed when jax starts, so every such check runs in one child process
+    (`tests/host_devices.py`, started with that count and users' code generation, `USERS_XLA_FLAGS`: sharded
+    tokens are compared with one device's), once per run of the suite: the first worker to ask runs it under a
+    lock in the run's directory, the others wait and read what it saved. A check that raised left its traceback,
+    which its module's tests show."""
+    root = SESSION / "host_devices"
+    with open(SESSION / "host_devices.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the first worker's run is saved (or has failed)
+        if not (root / "done").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            flags = os.environ.get("XLA_FLAGS", "").replace(FAST_CODEGEN, USERS_XLA_FLAGS)
+            env = dict(os.environ, JAX_PLATFORMS="cpu",
+                       XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={HOST_DEVICES}".strip())
+            tests = Path(__file__).parent
+            child = subprocess.run([sys.executable, str(tests / "host_devices.py"), str(root)], env=env,
+                                   capture_output=True, text=True, timeout=1200, cwd=tests.parent)
+            assert child.returncode == 0, f"child failed:\n{child.stdout[-4000:]}\n{child.stderr[-4000:]}"
+            (root / "done").touch()
+
+    def results(module: str) -> Path:
+        error = root / module / "error.txt"
+        assert not error.exists(), f"{module}.on_host_devices raised:\n{error.read_text()[-4000:]}"
+        return root / module
+
+    return results
 
 
 # --- helpers shared by the test modules (`from conftest import ...`) ------------------------------------------------

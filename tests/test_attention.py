@@ -6,6 +6,7 @@ Kernels run on CPU in interpret mode, so shapes are small: two heads, one or two
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -265,55 +266,34 @@ def test_tiny_generation_with_pallas_gives_the_tokens_of_xla(params):
 
 
 # --- the Pallas kernels under a mesh ------------------------------------------------------------------------------
-MESH_CHILD = """
-import json, sys
-import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
-sys.path.insert(0, sys.argv[1])
-from amskv_jax import attention, sharding
-from amskv_jax.attention.reference import cached_attention_reference
-from test_attention import _inputs, _masks, _relative_error
-assert jax.device_count() == 8, jax.devices()
-mask = _masks(100)["random"]
-q, k, v, cache_k, cache_v, scale_mul_H = _inputs(0, 8, 25, 100, jnp.float32, heads=4)
-ref = cached_attention_reference(q, k, v, cache_k, cache_v, jnp.asarray(mask), scale_mul_H)
-fn = jax.jit(lambda *a: attention.cached_attention(*a, impl="pallas", static_mask=mask))
-errors = {}
-for data, model in ((8, 1), (4, 2), (2, 4)):
-    mesh = sharding.make_mesh(data=data, model=model)
-    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
-    heads = P("data", None, "model", None)
-    args = [put(x, heads) for x in (q, k, v, cache_k, cache_v)] + [put(jnp.asarray(mask), P()), put(scale_mul_H, P("model"))]
-    with jax.set_mesh(mesh):
-        out = fn(*args)
-    errors[f"data{data}_model{model}"] = [_relative_error(out, ref), list(out.sharding.spec)]
-print(json.dumps(errors))
-"""
+def on_host_devices(directory) -> None:
+    """Run with 8 host devices (`tests/host_devices.py`): the interpreted GPU kernel under three meshes, its error
+    against the unsharded reference and its output's sharding, to directory/mesh.json."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from amskv_jax import sharding
+
+    mask = _masks(100)["random"]
+    q, k, v, cache_k, cache_v, scale_mul_H = _inputs(0, 8, 25, 100, jnp.float32, heads=4)
+    ref = _reference(q, k, v, cache_k, cache_v, jnp.asarray(mask), scale_mul_H)
+    fn = jax.jit(lambda *a: attention.cached_attention(*a, impl="pallas", static_mask=mask))
+    errors = {}
+    for data, model in ((8, 1), (4, 2), (2, 4)):
+        mesh = sharding.make_mesh(data=data, model=model)
+        put = lambda x, spec, mesh=mesh: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+        heads = P("data", None, "model", None)
+        args = [put(x, heads) for x in (q, k, v, cache_k, cache_v)] + [put(jnp.asarray(mask), P()),
+                                                                      put(scale_mul_H, P("model"))]
+        with jax.set_mesh(mesh):
+            out = fn(*args)
+        errors[f"data{data}_model{model}"] = [_relative_error(out, ref), list(out.sharding.spec)]
+    (directory / "mesh.json").write_text(json.dumps(errors))
 
 
-def run_on_host_devices(code: str, devices: int):
-    """Run `code` in a child process with `devices` host CPU devices (the device count is fixed when jax starts),
-    the tests directory as its argv[1]; returns the JSON its last printed line holds."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tests = Path(__file__).parent
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", code, str(tests)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def test_pallas_kernel_runs_per_shard_under_a_mesh_with_the_unsharded_result():
-    """8 host devices (a child process: the device count is fixed when jax starts), the GPU kernel interpreted: under
-    `jax.set_mesh`, the dispatch runs it in a shard_map over rows and heads; each mesh gives the unsharded result."""
-    errors = run_on_host_devices(MESH_CHILD, 8)
+def test_pallas_kernel_runs_per_shard_under_a_mesh_with_the_unsharded_result(host_devices):
+    """8 host devices (`on_host_devices`, in the child process), the GPU kernel interpreted: under `jax.set_mesh`,
+    the dispatch runs it in a shard_map over rows and heads; each mesh gives the unsharded result."""
+    errors = json.loads((host_devices("test_attention") / "mesh.json").read_text())
     assert set(errors) == {"data8_model1", "data4_model2", "data2_model4"}
     for name, (err, spec) in errors.items():
         assert err < 1e-5, (name, err)

@@ -4,6 +4,7 @@ reference and the round trips are in `test_quant.py`, parametrised over every qu
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,6 @@ from amskv_jax.cache import build_layout, cache_bytes, init_cache
 from amskv_jax.config import PATCH_NUMS_256, get_preset
 from amskv_jax.memory import memory_table
 from amskv_jax.policies import POLICIES, policy_from_name
-from test_attention import run_on_host_devices
 from test_quant import LAYOUT, SI, _attend, _rel, _written_caches
 
 LOW = list(quant.ASYMMETRIC)
@@ -120,25 +120,21 @@ def test_tpu_path_over_a_low_bit_cache_matches_the_reference(kv):
     assert _rel(out, ref) < 1e-5
 
 
-MESH_CHILD = """
-import json, sys
-import jax, jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
-sys.path.insert(0, sys.argv[1])
-from amskv_jax import attention, sharding
-from amskv_jax.attention.reference import cached_attention_reference
-from test_quant import LAYOUT, SI, _written_caches
-assert jax.device_count() == 4, jax.devices()
-caches, (q, k, v), scale_mul_H = _written_caches(4, jnp.float32)
-plan = LAYOUT.layers[0]
-out = {}
-for kv in ("int4",):  # int2 differs only in its chunk count, which the unsharded kernel tests cover
-    c = caches[kv]
+def on_host_devices(directory) -> None:
+    """Run with 8 host devices (`tests/host_devices.py`; the mesh takes 4): the interpreted GPU kernel over an int4
+    cache under a data=2 x model=2 mesh, its error against the unsharded reference, to directory/mesh.json. (int2
+    differs only in its chunk count, which the unsharded kernel tests cover.)"""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from amskv_jax import attention, sharding
+
+    caches, (q, k, v), scale_mul_H = _written_caches(4, jnp.float32)
+    plan, c = LAYOUT.layers[0], caches["int4"]
     mask = c.read_mask(plan.reads[SI])
     ref = cached_attention_reference(q, k, v, c.k, c.v, mask, scale_mul_H, scales=c.scales,
                                      k_group=plan.slot_groups(SI))
     mesh = sharding.make_mesh(data=2, model=2)
-    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
     heads = P("data", None, "model", None)
     scales = jax.tree.map(lambda x: put(x, heads if x.ndim == 4 else P("data", None, "model")), c.scales)
     args = [put(x, heads) for x in (q, k, v, c.k, c.v)] + [put(mask, P()), put(scale_mul_H, P("model"))]
@@ -146,14 +142,12 @@ for kv in ("int4",):  # int2 differs only in its chunk count, which the unsharde
                                                                scales=scales, k_group=plan.slot_groups(SI)))
     with jax.set_mesh(mesh):
         o = fn(*args, scales=scales)
-    out[kv] = float(jnp.abs(o - ref).max() / jnp.abs(ref).max())
-print(json.dumps(out))
-"""
+    (directory / "mesh.json").write_text(json.dumps({"int4": float(jnp.abs(o - ref).max() / jnp.abs(ref).max())}))
 
 
-def test_pallas_kernel_over_a_low_bit_cache_runs_per_shard_under_a_mesh():
-    """4 host devices (a child process), a data=2 x model=2 mesh, int4: the dispatch shards the packed codes, the
-    scales and the minima (one `KVScales`) by rows and heads, and the interpreted GPU kernel gives the reference's
-    result."""
-    errors = run_on_host_devices(MESH_CHILD, 4)
+def test_pallas_kernel_over_a_low_bit_cache_runs_per_shard_under_a_mesh(host_devices):
+    """A data=2 x model=2 mesh of host devices (`on_host_devices`, in the child process), int4: the dispatch shards
+    the packed codes, the scales and the minima (one `KVScales`) by rows and heads, and the interpreted GPU kernel
+    gives the reference's result."""
+    errors = json.loads((host_devices("test_lowbit") / "mesh.json").read_text())
     assert set(errors) == {"int4"} and max(errors.values()) < 1e-5, errors

@@ -1,24 +1,20 @@
 """Sharded generation on 8 simulated CPU devices: the same tokens and images as one device, the intended shardings,
 and clear errors for meshes that do not fit.
 
-The device count is fixed when jax starts, so the checks that need 8 devices run once, in a child process started
-with XLA_FLAGS=--xla_force_host_platform_device_count=8 (this file run as a script); it saves its results to a
-temporary directory that the tests below read. Mesh parsing needs no devices and runs here.
+The device count is fixed when jax starts, so the checks that need 8 devices run once, in the child process of
+every check that needs several host devices (`on_host_devices`, conftest's `host_devices`); it saves its results to
+a directory that the tests below read. Mesh parsing needs no devices and runs here.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from amskv_jax.errors import UserError
-from conftest import FAST_CODEGEN, USERS_XLA_FLAGS
 
 DEVICES = 8
 MESHES = {"data8": (8, 1), "data4_model2": (4, 2)}
@@ -30,8 +26,11 @@ LOSSY_MESH_RUNS = {"data4_model2-xla": "xla", "data4_model2-pallas": "pallas"}  
 COLLECTIVE = r"= (?:\S+|\([^)]*\)) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter|collective-broadcast)\("
 
 
-# --- the child: everything that needs 8 devices --------------------------------------------------------------------
-def _child(out_dir: Path) -> None:
+# --- in the child: everything that needs 8 devices -----------------------------------------------------------------
+def on_host_devices(out_dir: Path) -> None:
+    import contextlib
+    import io
+
     import jax
     import jax.numpy as jnp
 
@@ -41,10 +40,6 @@ def _child(out_dir: Path) -> None:
     from conftest import random_params  # its session settings repeat what this process inherited from pytest's
 
     assert jax.device_count() == DEVICES, jax.devices()
-    # a persistent cache in the temporary directory lets the `.lower().compile()` below reuse generate's executable
-    jax.config.update("jax_compilation_cache_dir", str(out_dir / "xla_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     config = get_preset("tiny")
     params = random_params(config)
     layout = FullCache().layout(config.var)
@@ -133,38 +128,32 @@ def _child(out_dir: Path) -> None:
             report["errors"][name] = str(err)
     report["errors"]["compiled"] = gen_module._generate._cache_size()
     checkpoint.load_model = lambda spec, verify=None: checkpoint.Model(config, params, "test weights")  # the CLI's loader
+    stderr = io.StringIO()
     try:
-        gen_module.main(["--model", "tiny", "--labels", "1,2,3", "--batch", "2", "--mesh", "data=4,model=2"])
+        with contextlib.redirect_stderr(stderr):
+            gen_module.main(["--model", "tiny", "--labels", "1,2,3", "--batch", "2", "--mesh", "data=4,model=2"])
         report["errors"]["cli"] = None
     except SystemExit as exit_:
         report["errors"]["cli"] = exit_.code
+    report["errors"]["cli_stderr"] = stderr.getvalue()
     np.savez(out_dir / "arrays.npz", **arrays)
     (out_dir / "report.json").write_text(json.dumps(report))
 
 
 # --- the tests -------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def child(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("sharding")
-    # compiled as users' programs are (conftest): the sharded tokens equal the single device's as they round them
-    flags = os.environ.get("XLA_FLAGS", "").replace(FAST_CODEGEN, USERS_XLA_FLAGS)
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={DEVICES}".strip())
-    result = subprocess.run(
-        [sys.executable, __file__, str(out_dir)], env=env, capture_output=True, text=True, timeout=600,
-        cwd=Path(__file__).parent.parent,
-    )
-    assert result.returncode == 0, f"child failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+def child(host_devices):
+    out_dir = host_devices("test_sharding")
     report = json.loads((out_dir / "report.json").read_text())
     with np.load(out_dir / "arrays.npz") as data:
         arrays = dict(data)
-    return report, arrays, result.stderr
+    return report, arrays
 
 
 @pytest.mark.parametrize("run", list(RUNS))
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_sharded_generation_equals_the_single_device_run(child, mesh, run):
-    _, arrays, _ = child
+    _, arrays = child
     scales = sum(1 for name in arrays if name.startswith(f"single/{run}/tokens"))
     assert scales == 4
     for si in range(scales):
@@ -176,7 +165,7 @@ def test_sharded_generation_equals_the_single_device_run(child, mesh, run):
 def test_sharded_amskv_with_an_int8_cache_equals_the_single_device_run(child, mesh_run):
     """Two cache kinds, int8 storage, rows over data and heads over model, through the XLA path and through the
     Pallas kernel's shard_map: the single device's tokens (greedy) and images."""
-    report, arrays, _ = child
+    report, arrays = child
     assert report["amskv_kinds"] == 2
     for si in range(4):
         np.testing.assert_array_equal(arrays[f"amskv_int8/{mesh_run}/tokens{si}"],
@@ -189,7 +178,7 @@ def test_sharded_amskv_with_an_int8_cache_equals_the_single_device_run(child, me
 
 
 def test_sampled_runs_really_sample(child):
-    _, arrays, _ = child
+    _, arrays = child
     greedy = np.concatenate([arrays[f"single/greedy/tokens{si}"].ravel() for si in range(4)])
     sampled = np.concatenate([arrays[f"single/sampled/tokens{si}"].ravel() for si in range(4)])
     assert (greedy != sampled).mean() > 0.3
@@ -197,7 +186,7 @@ def test_sampled_runs_really_sample(child):
 
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_params_cache_and_outputs_carry_the_intended_shardings(child, mesh):
-    report, _, _ = child
+    report, _ = child
     specs = report["specs"][mesh]
     model = MESHES[mesh][1]
     # block params carry a leading depth axis that is never split
@@ -222,19 +211,19 @@ def test_data_parallel_program_has_no_communication_and_model_parallel_only_redu
     """Guidance rows sit next to their image's rows and sampling runs per shard: nothing crosses the data axis.
     The model axis only all-reduces proj/fc2's partial sums: mat_qkv is split by heads, as are attention and the
     cache, so no q, k or v activation is all-gathered (there is no all-gather at all)."""
-    report, _, _ = child
+    report, _ = child
     assert report["collectives"]["data8"] == []
     assert report["collectives"]["data4_model2"] == ["all-reduce"]
     assert report["all_gathers"] == {mesh: 0 for mesh in MESHES}
 
 
 def test_generate_compiles_once_per_mesh_for_new_labels_and_keys(child):
-    report, _, _ = child
+    report, _ = child
     assert report["compiles"] == {mesh: 1 for mesh in MESHES}
 
 
 def test_mesh_defaults_put_every_device_on_data_and_use_model_only_when_asked(child):
-    report, _, _ = child
+    report, _ = child
     assert report["meshes"] == {
         "": {"data": 8, "model": 1}, "data=4": {"data": 4, "model": 1}, "model=2": {"data": 4, "model": 2},
         "model=2,data=2": {"data": 2, "model": 2},
@@ -242,13 +231,13 @@ def test_mesh_defaults_put_every_device_on_data_and_use_model_only_when_asked(ch
 
 
 def test_meshes_that_do_not_fit_fail_before_compiling_with_clear_messages(child):
-    report, _, stderr = child
+    report, _ = child
     errors = report["errors"]
     assert "batch 6 is not divisible by the mesh's data axis (4)" in errors["batch"]
     assert "num_heads 2 is not divisible by the mesh's model axis (4)" in errors["heads"]
     assert "allowed model axis sizes: [1, 2]" in errors["heads"]
     assert errors["compiled"] == 0
-    assert errors["cli"] == 2 and "batch 6 is not divisible by the mesh's data axis (4)" in stderr
+    assert errors["cli"] == 2 and "batch 6 is not divisible by the mesh's data axis (4)" in errors["cli_stderr"]
 
 
 # --- no devices needed -----------------------------------------------------------------------------------------------
@@ -284,6 +273,3 @@ def test_make_mesh_defaults_to_all_devices_on_data_and_rejects_too_many():
     with pytest.raises(UserError, match="mesh axis 'data' must be a positive integer"):
         make_mesh(data=0, devices=devices)
 
-
-if __name__ == "__main__":
-    _child(Path(sys.argv[1]))
