@@ -11,12 +11,13 @@ Compiling dominates the suite, and most of XLA:CPU's compile time is code genera
 lines they start, compile with LLVM unoptimised and XLA's older loop emitters (`FAST_CODEGEN`, in XLA_FLAGS unless
 XLA_FLAGS names an optimisation level; LLVM at -O1 alone where this jaxlib's XLA no longer knows the emitters'
 flag, which would abort every process): about a third of the compile time, other fusions, and code that rounds
-some float32 results differently (logits by ~2e-6, measured), as another machine's BLAS would. Tests that
-read a compiled program's structure (its copies of the cache) or that need two programs to round alike (equal
-sampled tokens from two layer loops) compile as users' programs do, with the `users_codegen` fixture: LLVM at -O1 and the new
-emitters, whose optimised HLO and buffer assignment are checked identical to XLA's defaults' (bench/RESULTS.md,
-Issue 27).
+some float32 results differently (logits by ~2e-6, measured), as another machine's BLAS would. Tests that read a
+compiled program's structure (its copies of the cache) or that need two programs to round alike (equal sampled
+tokens from two layer loops) compile as users' programs do (`compiling_as_users`, the `users_codegen` fixture):
+LLVM at -O1 and the new emitters, whose optimised HLO and buffer assignment are checked identical to XLA's
+defaults' (bench/RESULTS.md, Issue 27).
 """
+import contextlib
 import fcntl
 import os
 import shutil
@@ -54,7 +55,6 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # r
 USERS_CODEGEN = {"xla_backend_optimization_level": 1}
 if "xla_cpu_use_fusion_emitters" in os.environ["XLA_FLAGS"]:
     USERS_CODEGEN["xla_cpu_use_fusion_emitters"] = True
-USERS_XLA_FLAGS = " ".join(f"--{name}={str(value).lower()}" for name, value in USERS_CODEGEN.items())  # a child's
 _owner = SESSION_ENV not in os.environ
 if _owner:
     os.environ[SESSION_ENV] = tempfile.mkdtemp(prefix="amskv_tests_")
@@ -71,12 +71,12 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ[SESSION_ENV], ignore_errors=True)
 
 
-@pytest.fixture
-def users_codegen(monkeypatch):
-    """The test's programs compile with `USERS_CODEGEN` (options a compile is given still win): for tests that read
+@contextlib.contextmanager
+def compiling_as_users():
+    """Within it, programs compile with `USERS_CODEGEN` (options a compile is given still win): for checks that read
     a compiled program or need two programs to round alike. It sets the options where both `jax.jit` calls and
     `Lowered.compile` build them (jax's `get_compile_options`, an internal function: a jax that renames it fails
-    here, visibly), and clears jax's in-memory caches before and after, so that no program compiled the other way
+    here, visibly), and clears jax's in-memory caches on entry and exit, so that no program compiled the other way
     is reused (the persistent cache keys on the options)."""
     from jax._src import compiler
 
@@ -87,10 +87,19 @@ def users_codegen(monkeypatch):
                                    **kwargs)
 
     jax.clear_caches()
-    monkeypatch.setattr(compiler, "get_compile_options", as_users)
-    yield
-    monkeypatch.undo()
-    jax.clear_caches()
+    compiler.get_compile_options = as_users
+    try:
+        yield
+    finally:
+        compiler.get_compile_options = get_compile_options
+        jax.clear_caches()
+
+
+@pytest.fixture
+def users_codegen():
+    """The test compiles as users' programs do (`compiling_as_users`)."""
+    with compiling_as_users():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -99,18 +108,16 @@ def host_devices():
     measured on `HOST_DEVICES` host CPU devices.
 
     The device count is fixed when jax starts, so every such check runs in one child process
-    (`tests/host_devices.py`, started with that count and users' code generation, `USERS_XLA_FLAGS`: sharded
-    tokens are compared with one device's), once per run of the suite: the first worker to ask runs it under a
-    lock in the run's directory, the others wait and read what it saved. A check that raised left its traceback,
-    which its module's tests show."""
+    (`tests/host_devices.py`, started with that count), once per run of the suite: the first worker to ask runs it
+    under a lock in the run's directory, the others wait and read what it saved. A check that raised left its
+    traceback, which its module's tests show."""
     root = SESSION / "host_devices"
     with open(SESSION / "host_devices.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the first worker's run is saved (or has failed)
         if not (root / "done").exists():
             shutil.rmtree(root, ignore_errors=True)
-            flags = os.environ.get("XLA_FLAGS", "").replace(FAST_CODEGEN, USERS_XLA_FLAGS)
-            env = dict(os.environ, JAX_PLATFORMS="cpu",
-                       XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={HOST_DEVICES}".strip())
+            flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={HOST_DEVICES}"
+            env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
             tests = Path(__file__).parent
             child = subprocess.run([sys.executable, str(tests / "host_devices.py"), str(root)], env=env,
                                    capture_output=True, text=True, timeout=1200, cwd=tests.parent)

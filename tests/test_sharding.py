@@ -28,6 +28,15 @@ COLLECTIVE = r"= (?:\S+|\([^)]*\)) (all-reduce|all-gather|all-to-all|collective-
 
 # --- in the child: everything that needs 8 devices -----------------------------------------------------------------
 def on_host_devices(out_dir: Path) -> None:
+    """Run with 8 host devices (`tests/host_devices.py`), compiled as users' programs are (conftest): the sharded
+    tokens are compared with one device's as users' programs round them."""
+    from conftest import compiling_as_users
+
+    with compiling_as_users():
+        _sharded_runs(out_dir)
+
+
+def _sharded_runs(out_dir: Path) -> None:
     import contextlib
     import io
 
@@ -37,7 +46,7 @@ def on_host_devices(out_dir: Path) -> None:
     from amskv_jax import checkpoint, generate as gen_module, sharding
     from amskv_jax.config import get_preset
     from amskv_jax.policies import AMSKV, FullCache
-    from conftest import random_params  # its session settings repeat what this process inherited from pytest's
+    from conftest import random_params
 
     assert jax.device_count() == DEVICES, jax.devices()
     config = get_preset("tiny")
