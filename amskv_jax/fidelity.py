@@ -197,7 +197,7 @@ def policy_fidelity(
 
 # The frontier's settings: each family at several budgets (`frontier_families`); the searched family comes from
 # `calibrate.search_calibrations` at FRONTIER_SEARCH_BUDGETS.
-FRONTIER_CUTS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+FRONTIER_CUTS = (0.2, 0.35, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)  # 20%, 35%: beside the wider windows
 FRONTIER_SEARCH_BUDGETS = (0.1, 0.25, 0.5)
 
 
