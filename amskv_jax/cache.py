@@ -349,20 +349,40 @@ class KindCache:
         k, v, slot_scale, scales = self.k, self.v, self.slot_scale, self.scales
         index, row = jnp.asarray(index, jnp.int32), jnp.asarray(row, jnp.int32)
 
-        def put(buffer, update, slot: int):
-            """update [rows, length, ...] into buffer[index, row:row + rows, slot:slot + length] (slot_scale: update
-            [length] into buffer[index, slot:slot + length]), where `active` (None: no buffer)."""
-            if buffer is None:
-                return None
-            start = (index, slot) if buffer.ndim == 2 else (index, row, slot) + (0,) * (buffer.ndim - 3)
-            update = update[None].astype(buffer.dtype)
-            if active is not None:
-                update = jnp.where(active, update, jax.lax.dynamic_slice(buffer, start, update.shape))
-            if buffer.shape[0] == 1:
-                # A one-layer stack is written as its layer: XLA rewrites the stack's update without the unit axis
-                # anyway, and given the stack it copied the buffer once (bench/RESULTS.md, Issue 24).
-                return jax.lax.dynamic_update_slice(buffer[0], update[0], start[1:])[None]
-            return jax.lax.dynamic_update_slice(buffer, update, start)
+        def put(buffer, pieces):
+            """pieces, (update [rows, length, ...], slot) each, into buffer[index, row:row + rows, slot:slot + length]
+            (slot_scale: update [length] into buffer[index, slot:slot + length]), where `active` (None: no buffer).
+
+            Where `active` is false the slots get back what they hold. A write of several pieces (a scale that
+            wraps around the ring buffer) is then made on the layer's rows as a whole: read once, the pieces put in
+            that copy, written back once. Piece by piece, XLA read a later piece's slots from the stack as it was
+            before an earlier piece's in-place write, and so copied the whole stack (bench/RESULTS.md, Issue 24)."""
+            if buffer is None or not pieces:
+                return buffer
+            lead = (index,) if buffer.ndim == 2 else (index, row)  # then the slot axis, then whole trailing axes
+            updates = [(update[None].astype(buffer.dtype), slot) for update, slot in pieces]
+            rows = () if buffer.ndim == 2 else (updates[0][0].shape[1],)
+            if active is not None and len(updates) > 1:
+                start = lead + (0,) * (buffer.ndim - len(lead))
+                held = jax.lax.dynamic_slice(buffer, start, (1, *rows, *buffer.shape[len(lead):]))
+                new = held
+                for update, slot in updates:
+                    new = jax.lax.dynamic_update_slice(new, update, (0,) * len(lead) + (slot,)
+                                                       + (0,) * (buffer.ndim - len(lead) - 1))
+                updates, active_ = [(jnp.where(active, new, held), 0)], None
+            else:
+                active_ = active
+            for update, slot in updates:
+                start = lead + (slot,) + (0,) * (buffer.ndim - len(lead) - 1)
+                if active_ is not None:
+                    update = jnp.where(active_, update, jax.lax.dynamic_slice(buffer, start, update.shape))
+                if buffer.shape[0] == 1:
+                    # A one-layer stack is written as its layer: XLA rewrites the stack's update without the unit
+                    # axis anyway, and given the stack it copied the buffer once (bench/RESULTS.md, Issue 24).
+                    buffer = jax.lax.dynamic_update_slice(buffer[0], update[0], start[1:])[None]
+                else:
+                    buffer = jax.lax.dynamic_update_slice(buffer, update, start)
+            return buffer
 
         if self.quantized:
             if group is None or not 0 <= group < scales.k.shape[2]:
@@ -371,21 +391,20 @@ class KindCache:
             k_BlHD, k_scale_BHD, k_min_BHD = quant.quantize_k(k_BlHD, scales.kv_dtype)
             v_BlHD, v_scale_BlH, v_min_BlH = quant.quantize_v(v_BlHD, scales.kv_dtype)
             scales = scales.replace(
-                k=put(scales.k, k_scale_BHD[:, None], group),
-                k_min=put(scales.k_min, None if k_min_BHD is None else k_min_BHD[:, None], group),
+                k=put(scales.k, [(k_scale_BHD[:, None], group)]),
+                k_min=put(scales.k_min, None if k_min_BHD is None else [(k_min_BHD[:, None], group)]),
             )
         k_BlHD, v_BlHD = (jax.lax.bitcast_convert_type(x.astype(self.dtype), k.dtype) for x in (k_BlHD, v_BlHD))
-        for seg in segments:
-            src = slice(seg.token, seg.token + seg.length)
-            k = put(k, k_BlHD[:, src], seg.slot)
-            v = put(v, v_BlHD[:, src], seg.slot)
-            if self.quantized:
-                scales = scales.replace(
-                    v=put(scales.v, v_scale_BlH[:, src], seg.slot),
-                    v_min=put(scales.v_min, None if v_min_BlH is None else v_min_BlH[:, src], seg.slot),
-                )
-            if mark:
-                slot_scale = put(slot_scale, jnp.full((seg.length,), si, jnp.int32), seg.slot)
+
+        def pieces(tokens):
+            return None if tokens is None else [(tokens[:, seg.token:seg.token + seg.length], seg.slot)
+                                                for seg in segments]
+
+        k, v = put(k, pieces(k_BlHD)), put(v, pieces(v_BlHD))
+        if self.quantized:
+            scales = scales.replace(v=put(scales.v, pieces(v_scale_BlH)), v_min=put(scales.v_min, pieces(v_min_BlH)))
+        if mark:
+            slot_scale = put(slot_scale, [(jnp.full((seg.length,), si, jnp.int32), seg.slot) for seg in segments])
         return self.replace(k=k, v=v, slot_scale=slot_scale, scales=scales)
 
     def mark(self, segments: tuple[Segment, ...], si: int) -> KindCache:

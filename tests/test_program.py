@@ -54,6 +54,21 @@ def cache_stack_copies(text: str, layout, kv_dtype: str | None, batch: int = 1, 
     return compile_time.cache_stack_copies(text, cache)
 
 
+def test_a_scale_written_in_two_segments_under_the_scan_copies_nothing():
+    """d30 (abstract bfloat16 weights, 8 images), two kinds under the scanned loop's masked writes: six layers of 274 slots,
+    which take scale 8's 169 tokens in two segments (their ring buffer wraps), and 24 of the condensed scales alone.
+    Written piece by piece, XLA copied those stacks 4 times (smaller models' wrapping layouts did not show it)."""
+    config = get_preset("d30")
+    c = config.var
+    layout = AMSKV(budgets=(274,) * 6 + (5,) * 24).layout(c)
+    assert layout.kind_sizes == (6, 24) and len(layout.kinds[0].writes[8]) == 2
+    fn = jax.jit(functools.partial(generate, config=config, layout=layout, top_k=8, layer_loop="scan",
+                                   dtype="bfloat16"))
+    lowered = fn.lower(abstract_params(config, "bfloat16"), jnp.zeros((8,), jnp.int32), jax.random.key(0))
+    cache = jax.eval_shape(lambda: init_cache(layout, 16, c.num_heads, c.head_dim, "bfloat16"))
+    assert compile_time.cache_stack_copies(lowered.compile().as_text(), cache) == []
+
+
 # The full cache, AMS-KV's two kinds unquantised and int8 and both layer loops are checked on the programs that
 # `test_layer_loops_and_chunks_of_rows_generate_the_same` runs; these two add bfloat16 weights and packed int4 codes.
 @pytest.mark.parametrize("policy, kv_dtype, layer_loop, dtype", [
