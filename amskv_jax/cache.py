@@ -360,22 +360,20 @@ class KindCache:
             if buffer is None or not pieces:
                 return buffer
             lead = (index,) if buffer.ndim == 2 else (index, row)  # then the slot axis, then whole trailing axes
+            tail = (0,) * (buffer.ndim - len(lead) - 1)
             updates = [(update[None].astype(buffer.dtype), slot) for update, slot in pieces]
-            rows = () if buffer.ndim == 2 else (updates[0][0].shape[1],)
-            if active is not None and len(updates) > 1:
-                start = lead + (0,) * (buffer.ndim - len(lead))
-                held = jax.lax.dynamic_slice(buffer, start, (1, *rows, *buffer.shape[len(lead):]))
-                new = held
-                for update, slot in updates:
-                    new = jax.lax.dynamic_update_slice(new, update, (0,) * len(lead) + (slot,)
-                                                       + (0,) * (buffer.ndim - len(lead) - 1))
-                updates, active_ = [(jnp.where(active, new, held), 0)], None
-            else:
-                active_ = active
+            if active is not None:
+                if len(updates) > 1:  # the layer's rows as a whole, the pieces put in them
+                    whole = jax.lax.dynamic_slice(buffer, lead + (0,) + tail,
+                                                  updates[0][0].shape[:len(lead)] + buffer.shape[len(lead):])
+                    for update, slot in updates:
+                        whole = jax.lax.dynamic_update_slice(whole, update, (0,) * len(lead) + (slot,) + tail)
+                    updates = [(whole, 0)]
+                (update, slot), = updates
+                held = jax.lax.dynamic_slice(buffer, lead + (slot,) + tail, update.shape)
+                updates = [(jnp.where(active, update, held), slot)]
             for update, slot in updates:
-                start = lead + (slot,) + (0,) * (buffer.ndim - len(lead) - 1)
-                if active_ is not None:
-                    update = jnp.where(active_, update, jax.lax.dynamic_slice(buffer, start, update.shape))
+                start = lead + (slot,) + tail
                 if buffer.shape[0] == 1:
                     # A one-layer stack is written as its layer: XLA rewrites the stack's update without the unit
                     # axis anyway, and given the stack it copied the buffer once (bench/RESULTS.md, Issue 24).

@@ -156,20 +156,20 @@ def measure_frontier(model, args, progress: Progress) -> tuple[list[Point], dict
     def search(precisions=()) -> list[dict]:
         """One record per budget: the saved ones read back, the others searched in one call (the images' scores
         shared between budgets) and each saved as soon as it is searched."""
-        kind = "mixed" if precisions else "search"
+        def name(budget: float) -> str:
+            return f"{'mixed' if precisions else 'search'}-{budget:g}"
 
         def save(record: dict) -> None:
-            name = f"{kind}-{record['search']['budget']:g}"
             if precisions:
-                record["search"]["name"] = name
-            progress.put("search", name, record, {})
+                record["search"]["name"] = name(record["search"]["budget"])
+            progress.put("search", name(record["search"]["budget"]), record, {})
 
-        todo = [b for b in args.search_budgets if progress.get("search", f"{kind}-{b:g}", {}) is None]
+        todo = [b for b in args.search_budgets if progress.get("search", name(b), {}) is None]
         if todo:
             search_calibrations(model, calib_images, calib_labels, todo, samples=args.search_samples,
                                 batch=args.batch, dtype=args.dtype, model_name=args.model, source=calibration,
                                 precisions=precisions, on_record=save)
-        return [progress.get("search", f"{kind}-{b:g}", {}) for b in args.search_budgets]
+        return [progress.get("search", name(b), {}) for b in args.search_budgets]
 
     searches = search()
     families = frontier_families(c, searches[0])

@@ -97,4 +97,3 @@ def test_the_program_for_a_platform_calls_its_kernel(targets, case, platform):
 def test_the_program_for_cpu_holds_no_kernel(targets, case):
     """On CPU "auto" is the XLA path and "pallas" the interpreted kernel: plain HLO, no custom call of a kernel."""
     assert not set(targets[f"{case}/cpu"]) & set(KERNELS.values())
-

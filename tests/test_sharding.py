@@ -281,4 +281,3 @@ def test_make_mesh_defaults_to_all_devices_on_data_and_rejects_too_many():
         make_mesh(model=2, devices=devices)
     with pytest.raises(UserError, match="mesh axis 'data' must be a positive integer"):
         make_mesh(data=0, devices=devices)
-
