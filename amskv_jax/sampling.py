@@ -5,7 +5,7 @@
   devices keeps both rows of an image together (the reference stacks the halves instead; the math is the same).
 * top-k keeps the logits ≥ the k-th largest (ties at the boundary kept); top-p sorts ascending and removes the
   tokens whose cumulative softmax is ≤ 1 − top_p, always keeping the largest (ties at its boundary kept too). Both
-  are thresholds on one sort of the values. Removed logits become −inf.
+  are thresholds on one sort of the values, and the largest logit always stays. Removed logits become −inf.
 * The draw is by inverse transform, as `torch.multinomial` draws: one uniform per token, all of a generation's
   made at once before the scale loop (`token_uniforms`), each image's from its own key (`image_keys`).
 * `more_smooth` replaces the hard code vector by a Gumbel-softmax mixture of code vectors, with temperature
@@ -46,18 +46,26 @@ def top_k_top_p_filter(logits_BlV: jax.Array, top_k: int, top_p) -> jax.Array:
     The reference's three sorts (top-k, argsort, and the inverse permutation) give the same support except at exact
     ties straddling the top-p boundary, where this keeps every tied token (as top-k does) and the reference keeps
     those its sort order puts last.
+
+    The largest logit (its argmax) is always kept. XLA may compute the logits once for the sort and again, fused
+    into the comparison, rounded differently by an ulp; a threshold a hair above every value then removed the whole
+    row, and the draw from an empty support was token 0 (a greedy generation drew it for 5 of a scale's 32 tokens;
+    tests/test_generate.py).
     """
     logits = logits_BlV.astype(jnp.float32)
     sorted_logits = jnp.sort(logits, axis=-1)  # ascending, as the reference sorts
+    removed = jnp.zeros(logits.shape, bool)
     if top_k > 0:
         kth = sorted_logits[..., -top_k:][..., :1]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+        removed = logits < kth
         sorted_logits = jnp.where(sorted_logits < kth, -jnp.inf, sorted_logits)
     top_p = jnp.asarray(top_p, jnp.float32)
     cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    removed = jnp.sum((cumulative <= 1 - top_p).at[..., -1].set(False), axis=-1, keepdims=True)  # a prefix
-    smallest_kept = jnp.take_along_axis(sorted_logits, removed, axis=-1)
-    return jnp.where((top_p > 0) & (logits < smallest_kept), -jnp.inf, logits)
+    below = jnp.sum((cumulative <= 1 - top_p).at[..., -1].set(False), axis=-1, keepdims=True)  # a prefix
+    smallest_kept = jnp.take_along_axis(sorted_logits, below, axis=-1)
+    removed |= (top_p > 0) & (logits < smallest_kept)
+    largest = jnp.arange(logits.shape[-1]) == jnp.argmax(logits, axis=-1, keepdims=True)
+    return jnp.where(removed & ~largest, -jnp.inf, logits)
 
 
 def image_keys(key: jax.Array, image_B: jax.Array) -> jax.Array:

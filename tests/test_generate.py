@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -9,7 +10,8 @@ from amskv_jax import generate as gen_module
 from amskv_jax.checkpoint import MissingVQVAEError, init_params
 from amskv_jax.config import get_preset
 from amskv_jax.generate import generate, image_grid
-from amskv_jax.policies import DEFAULT_MAX_DELTA_NLL, DEFAULT_POLICY
+from amskv_jax.policies import AMSKV, DEFAULT_MAX_DELTA_NLL, DEFAULT_POLICY
+from conftest import random_params
 
 CONFIG = get_preset("tiny")
 
@@ -41,6 +43,21 @@ def test_greedy_generation_is_deterministic_and_key_independent(params):
     b = generate(params, [4, 2], jax.random.key(7), config=CONFIG, top_k=5, top_p=1e-6)
     for x, y in zip(a.tokens, b.tokens):
         np.testing.assert_array_equal(x, y)
+
+
+def test_greedy_generation_draws_each_scales_largest_logit():
+    """top_k=1 draws the argmax of the guided logits at every scale. In this program (the scan, chunks of 8 rows,
+    compiled as the suite compiles) XLA computed the logits once for the sampler's sort and again for its threshold
+    comparison, an ulp apart, and emptied the support of 5 of scale 1's 32 tokens, which drew token 0
+    (`sampling.top_k_top_p_filter`)."""
+    config = get_preset("tiny-ladder256")
+    layout = AMSKV(budgets=(46, 5)).layout(config.var)
+    labels = jnp.arange(8, dtype=jnp.int32) % config.var.num_classes
+    out = generate(random_params(config), labels, jax.random.key(1), config=config, layout=layout, top_k=1,
+                   layer_loop="scan", row_chunk=8, return_logits=True)
+    for si, (tokens, logits) in enumerate(zip(out.tokens, out.logits, strict=True)):
+        np.testing.assert_array_equal(np.asarray(tokens).reshape(len(labels), -1),
+                                      np.asarray(logits).argmax(-1), err_msg=f"scale {si}")
 
 
 @pytest.mark.parametrize(
