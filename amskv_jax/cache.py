@@ -296,6 +296,32 @@ def bits_dtype(dtype) -> np.dtype:
     return dtype
 
 
+def masked_scatter(buffer: jax.Array, lead: tuple, pieces: list, active: jax.Array) -> jax.Array:
+    """buffer with pieces (update [1, (rows,) length, ...], slot) put at buffer[lead..., slot:slot + length, ...]
+    where `active`, else what those slots hold: one gather of every piece's held slots, one scatter of the chosen
+    values. lead: the layer index (and the first row), the slot axis after them. One read, then one write that the
+    read feeds, so XLA orders the two and updates the buffer in place; written piece by piece, or as the layer's
+    rows read whole, it copied the stack (bench/RESULTS.md, Issue 24)."""
+    axis = len(lead)
+    slots = np.concatenate([np.arange(slot, slot + update.shape[axis]) for update, slot in pieces])
+    update = jnp.concatenate([u[0] for u, _ in pieces], axis=axis - 1)
+    update = jnp.moveaxis(update, axis - 1, 0)  # [slots, (rows,) ...]
+    starts = jnp.stack([jnp.broadcast_to(jnp.asarray(x, jnp.int32), slots.shape) for x in lead]
+                       + [jnp.asarray(slots, jnp.int32)], axis=1)
+    window = tuple(d for d in range(buffer.ndim) if d not in (0, axis))
+    sizes = tuple(1 if d in (0, axis) else update.shape[1 + window.index(d)] for d in range(buffer.ndim))
+    held = jax.lax.gather(
+        buffer, starts, jax.lax.GatherDimensionNumbers(
+            offset_dims=tuple(range(1, update.ndim)), collapsed_slice_dims=(0, axis),
+            start_index_map=tuple(range(axis + 1))),
+        sizes, indices_are_sorted=True, unique_indices=True, mode="promise_in_bounds")
+    return jax.lax.scatter(
+        buffer, starts, jnp.where(active, update, held), jax.lax.ScatterDimensionNumbers(
+            update_window_dims=tuple(range(1, update.ndim)), inserted_window_dims=(0, axis),
+            scatter_dims_to_operand_dims=tuple(range(axis + 1))),
+        indices_are_sorted=True, unique_indices=True, mode="promise_in_bounds")
+
+
 @flax.struct.dataclass
 class KindCache:
     """The stacked buffers of the n layers of one kind (one `LayerLayout`): `LayerCache`'s fields with a leading
@@ -353,22 +379,16 @@ class KindCache:
             """pieces, (update [rows, length, ...], slot) each, into buffer[index, row:row + rows, slot:slot + length]
             (slot_scale: update [length] into buffer[index, slot:slot + length]), where `active` (None: no buffer).
 
-            Where `active` is false the slots get back what they hold. A write of several pieces (a scale that
-            wraps around the ring buffer) is then made on the layer's rows as a whole: read once, the pieces put in
-            that copy, written back once. Piece by piece, XLA read a later piece's slots from the stack as it was
-            before an earlier piece's in-place write, and so copied the whole stack (bench/RESULTS.md, Issue 24)."""
+            Where `active` is false the slots get back what they hold; several pieces (a scale that wraps around the
+            ring buffer) then take one gather and one scatter (`masked_scatter`)."""
             if buffer is None or not pieces:
                 return buffer
             lead = (index,) if buffer.ndim == 2 else (index, row)  # then the slot axis, then whole trailing axes
             tail = (0,) * (buffer.ndim - len(lead) - 1)
             updates = [(update[None].astype(buffer.dtype), slot) for update, slot in pieces]
+            if active is not None and len(updates) > 1:
+                return masked_scatter(buffer, lead, updates, active)
             if active is not None:
-                if len(updates) > 1:  # the layer's rows as a whole, the pieces put in them
-                    whole = jax.lax.dynamic_slice(buffer, lead + (0,) + tail,
-                                                  updates[0][0].shape[:len(lead)] + buffer.shape[len(lead):])
-                    for update, slot in updates:
-                        whole = jax.lax.dynamic_update_slice(whole, update, (0,) * len(lead) + (slot,) + tail)
-                    updates = [(whole, 0)]
                 (update, slot), = updates
                 held = jax.lax.dynamic_slice(buffer, lead + (slot,) + tail, update.shape)
                 updates = [(jnp.where(active, update, held), slot)]

@@ -69,6 +69,22 @@ def test_a_scale_written_in_two_segments_under_the_scan_copies_nothing():
     assert compile_time.cache_stack_copies(lowered.compile().as_text(), cache) == []
 
 
+@pytest.mark.parametrize("kv_dtype, dtype", [(None, "bfloat16"), ("int8", "float32")])
+def test_a_one_layer_kind_written_in_two_segments_under_the_scan_copies_nothing(kv_dtype, dtype):
+    """Two one-layer kinds under the scanned loop's masked writes, the first of 46 slots, which takes scale 4's 16
+    tokens in two segments (its ring buffer wraps). Piece by piece, or as the layer's rows read whole, XLA copied
+    the stacks (2 copies in bfloat16, 3 with an int8 cache; the shipped emoji16l's `amskv`, 7)."""
+    config = get_preset("tiny-ladder256")
+    c = config.var
+    layout = AMSKV(budgets=(46, 5)).layout(c)
+    assert layout.kind_sizes == (1, 1) and len(layout.kinds[0].writes[4]) == 2
+    fn = jax.jit(functools.partial(generate, config=config, layout=layout, top_k=8, kv_dtype=kv_dtype,
+                                   layer_loop="scan", dtype=dtype))
+    lowered = fn.lower(abstract_params(config, dtype), jnp.zeros((1,), jnp.int32), jax.random.key(0))
+    cache = jax.eval_shape(lambda: init_cache(layout, 2, c.num_heads, c.head_dim, dtype, kv_dtype))
+    assert compile_time.cache_stack_copies(lowered.compile().as_text(), cache) == []
+
+
 # The full cache, AMS-KV's two kinds unquantised and int8 and both layer loops are checked on the programs that
 # `test_layer_loops_and_chunks_of_rows_generate_the_same` runs; these two add bfloat16 weights and packed int4 codes.
 @pytest.mark.parametrize("policy, kv_dtype, layer_loop, dtype", [
