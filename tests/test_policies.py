@@ -60,14 +60,20 @@ def test_budget_levels_are_the_capacities_budgets_can_reach_and_two_level_fills_
         held = max(level for level in levels if level <= budget)
         assert AMSKV(budgets=(budget, budget)).layout(LADDER).capacities == (held, held)
     d30 = get_preset("d30").var
-    for cut in (0.7, 0.8, 0.9):
+    budgets = {}
+    for cut in (0.5, 0.7, 0.8, 0.9):
         policy = AMSKV.two_level(d30.patch_nums, 30, cut, demanding_layers=range(6))
-        c_max, c_min = policy.budgets[0], policy.budgets[-1]
+        c_max, c_min = budgets[cut] = policy.budgets[0], policy.budgets[-1]
         assert set(policy.budgets[:6]) == {c_max} and set(policy.budgets[6:]) == {c_min} and c_max >= c_min
-        slots = sum(policy.layout(d30).capacities)
-        assert slots <= (1 - cut) * 30 * 424
-        next_min = levels[levels.index(c_min) + 1]  # one level more for every layer would not fit
-        assert 30 * next_min > (1 - cut) * 30 * 424
+        total = (1 - cut) * 30 * 424
+        assert sum(policy.layout(d30).capacities) <= total
+        if c_max < levels[-1]:  # the demanding layers' next level would not leave the others the condensed scales
+            assert 6 * levels[levels.index(c_max) + 1] + 24 * levels[0] > total
+        assert 6 * c_max + 24 * levels[levels.index(c_min) + 1] > total  # nor one level more for the others
+    # the demanding layers keep everything while the cut allows, then the others shrink to the condensed scales
+    assert budgets[0.5] == (424, 155) and budgets[0.7] == (424, 46) and budgets[0.8] == (399, 5)
+    assert budgets[0.9] == (174, 5)
+    assert AMSKV.two_level(d30.patch_nums, 30, 0.8, ()).budgets == (82,) * 30  # no demanding layer: uniform
 
 
 def test_ladder_windows_shift_from_the_oldest_scales_in_layer_0_to_the_newest_in_the_last_layer():
