@@ -9,12 +9,14 @@
 # With a checkout of FoundationVision/VAR copied to .var_ref (ignored by git, carried to the device), `run` also times
 # the PyTorch reference. Each step has its own time limit, so one that overruns costs its limit, not the session;
 # the steps come in the order the brief asks for: the compiled program's memory on the GPU, the largest batch whose
-# program fits, the attention sweep, the GPU suite (which also runs the largest batch for real). Everything lands
+# program fits, the attention sweep, the GPU suite (which also runs the largest batch for real), then the memory step
+# again with `--xla_gpu_enable_dynamic_slice_fusion=true` (issue 24 asks for it; last, as the one to drop if time
+# runs short). Everything lands
 # in at most 8 files directly under $OUT (what the device tool brings back); copy the tables into bench/RESULTS.md
 # with the machine, versions and these commands.
 set -u -o pipefail
 OUT=${OUT:-bench-out/device}
-STEPS=${STEPS:-"memory largest attention run"}
+STEPS=${STEPS:-"memory largest attention run dynslice"}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -49,6 +51,10 @@ for s in $STEPS; do
         ref=()
         [ -d .var_ref ] && ref=(--torch-reference .var_ref)
         step run 300 $PY -m bench.run --suite gpu --out "$OUT/run" --no-plots "${ref[@]}" ;;
-    *) echo "unknown step $s (known: memory largest attention run)" >&2; exit 2 ;;
+    dynslice)  # the memory step again with XLA's dynamic-slice fusion (the scan's weight slices read in place?)
+        XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" \
+            step dynslice 150 $PY -m amskv_jax.memory --model d30 --dtype bfloat16 --batch 128 --compile \
+            --policy full amskv ;;
+    *) echo "unknown step $s (known: memory largest attention run dynslice)" >&2; exit 2 ;;
     esac
 done
