@@ -1,12 +1,14 @@
 """The static slot layout and the cache pytree: slot reuse, capacities, masks that never read a stale slot."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from amskv_jax.cache import build_layout, cache_bytes, init_cache
 from amskv_jax.config import PATCH_NUMS_256, get_preset
-from amskv_jax.policies import FullCache
+from amskv_jax.policies import AMSKV, FullCache
 
 
 def _condensed_plus_window(condensed: int, window: int):
@@ -67,3 +69,34 @@ def test_cache_bytes_matches_the_buffers():
     cache = init_cache(layout, rows=4, num_heads=2, head_dim=64, dtype=jnp.bfloat16)
     actual = sum(x.size * x.dtype.itemsize for kind in cache.kinds for x in (kind.k, kind.v, kind.slot_scale))
     assert cache_bytes(layout, rows=4, num_heads=2, head_dim=64, dtype=jnp.bfloat16) == actual
+
+
+@pytest.mark.parametrize("dtype, kv_dtype", [("float32", None), ("bfloat16", None), ("float32", "int8"),
+                                             ("float32", "int4")])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_masked_write_of_a_wrapping_scale_is_the_plain_write_where_active_and_nothing_elsewhere(
+        layers, dtype, kv_dtype):
+    """`KindCache.write(active=...)` of a scale in two segments (one gather, one scatter: `cache.masked_scatter`)
+    against the plain write (`active=None`, a slice update per segment), into layer 1 of `layers` (or 0) at rows
+    [2, 4) of 4, over a cache whose earlier scales hold random values."""
+    config = get_preset("tiny-ladder256").var
+    layout = AMSKV(budgets=(46, 46 if layers == 2 else 5)).layout(config)  # kind 0: the 46-slot layers
+    assert layout.kind_sizes[0] == layers
+    plan, si = layout.kinds[0], 4
+    assert len(plan.writes[si]) == 2  # scale 4's 25 tokens: 9 slots, then the ring buffer wraps, 16 more
+    cache = init_cache(layout, rows=4, num_heads=2, head_dim=8, dtype=dtype, kv_dtype=kv_dtype).kinds[0]
+    rng = np.random.default_rng(0)
+    tokens = lambda s, rows: jnp.asarray(rng.normal(size=(rows, config.patch_nums[s] ** 2, 2, 8)), dtype)  # noqa: E731
+    for s in range(si):
+        for index in range(layers):
+            cache = cache.write(index, plan.writes[s], s, tokens(s, 4), tokens(s, 4), group=plan.group(s))
+    index, k, v = layers - 1, tokens(si, 2), tokens(si, 2)
+    write = lambda active: cache.write(index, plan.writes[si], si, k, v, group=plan.group(si), row=2,  # noqa: E731
+                                       active=active, mark=False)
+    plain, written, kept = write(None), write(jnp.bool_(True)), write(jnp.bool_(False))
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(written), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, c in zip(jax.tree.leaves(cache), jax.tree.leaves(kept), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b))
+                   for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(plain), strict=True))
