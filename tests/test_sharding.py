@@ -111,9 +111,12 @@ def _sharded_runs(out_dir: Path) -> None:
         specs["cache_k_shard_shape"] = list(kind.k.addressable_shards[0].data.shape)
         specs["cache_k_shape"] = list(kind.k.shape)
 
-    # AMS-KV's two cache kinds with an int8 cache, the XLA path and the Pallas kernel (interpreted on CPU)
-    amskv = AMSKV(budgets=(10, None), condensed_scales=1).layout(config.var)
+    # AMS-KV's two cache kinds with an int8 cache, the XLA path and the Pallas kernel (interpreted on CPU). Layer 0's
+    # ring buffer wraps at scale 2 (two segments), which the scan sharded here writes with one gather and one scatter
+    # (`cache.masked_scatter`) and one device's unrolled loop with plain updates
+    amskv = AMSKV(budgets=(13, 5), condensed_scales=0).layout(config.var)
     report["amskv_kinds"] = len(amskv.kinds)
+    report["amskv_wrapped_writes"] = len(amskv.kinds[0].writes[2])
     lossy = dict(RUNS["greedy"], layout=amskv, kv_dtype="int8")
     run("amskv_int8/single", None, **lossy)
     for mesh_name, impl in LOSSY_MESH_RUNS.items():
@@ -175,7 +178,7 @@ def test_sharded_amskv_with_an_int8_cache_equals_the_single_device_run(child, me
     """Two cache kinds, int8 storage, rows over data and heads over model, through the XLA path and through the
     Pallas kernel's shard_map: the single device's tokens (greedy) and images."""
     report, arrays = child
-    assert report["amskv_kinds"] == 2
+    assert report["amskv_kinds"] == 2 and report["amskv_wrapped_writes"] == 2
     for si in range(4):
         np.testing.assert_array_equal(arrays[f"amskv_int8/{mesh_run}/tokens{si}"],
                                       arrays[f"amskv_int8/single/tokens{si}"])

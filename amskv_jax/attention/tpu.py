@@ -55,12 +55,15 @@ def _round_up(n: int, m: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _kernel(mask_bytes: bytes, lq: int, nk: int, num_heads: int, block_q: int, block_kv: int, interpret: bool):
+def _kernel(mask_bytes: bytes, lq: int, nk: int, num_heads: int, block_q: int, block_kv: int, interpret: bool,
+            mesh: jax.sharding.AbstractMesh):
     """A splash kernel for one [lq, nk] mask shared by all heads (cached: building the block metadata is numpy).
 
     Built eagerly even when first asked for inside a trace (`ensure_compile_time_eval`): its metadata arrays are
     cached with it and must be concrete, not a trace's values (the dispatch traces this kernel inside the
-    `platform_dependent` branch for TPU whatever the host)."""
+    `platform_dependent` branch for TPU whatever the host). mesh, the ambient abstract mesh (`shard_map`'s, under a
+    mesh), is only part of the cache key: the metadata arrays made under one mesh belong to it, and reused under
+    another (the same per-shard heads and mask, another data axis) they failed to trace."""
     mask = splash.NumpyMask(np.frombuffer(mask_bytes, bool).reshape(lq, nk))
     with jax.ensure_compile_time_eval():
         return splash.make_splash_mha_single_device(
@@ -95,7 +98,8 @@ def cached_attention(
     mask_row = np.zeros(nk, bool)
     mask_row[:capacity] = static_mask
     mask_row[capacity : capacity + l] = True
-    kernel = _kernel(np.broadcast_to(mask_row, (lq, nk)).tobytes(), lq, nk, H, block_q, block_kv, interpret)
+    kernel = _kernel(np.broadcast_to(mask_row, (lq, nk)).tobytes(), lq, nk, H, block_q, block_kv, interpret,
+                     jax.sharding.get_abstract_mesh())
     readable = jnp.concatenate([cache_mask, jnp.ones((nk - capacity,), bool)])
     segment_ids = splash.SegmentIds(q=jnp.zeros((lq,), jnp.int32), kv=jnp.where(readable, 0, 1).astype(jnp.int32))
 
