@@ -299,11 +299,14 @@ def bits_dtype(dtype) -> np.dtype:
 def masked_scatter(buffer: jax.Array, lead: tuple, pieces: list, active: jax.Array) -> jax.Array:
     """buffer with pieces (update [1, (rows,) length, ...], slot) put at buffer[lead..., slot:slot + length, ...]
     where `active`, else what those slots hold: one gather of every piece's held slots, one scatter of the chosen
-    values. lead: the layer index (and the first row), the slot axis after them. One read, then one write that the
-    read feeds, so XLA orders the two and updates the buffer in place; written piece by piece, or as the layer's
-    rows read whole, it copied the stack (bench/RESULTS.md, Issue 24)."""
+    values. lead: the layer index (and the first row), the slot axis after them. The pieces come in ascending slot
+    order (`build_layout` fills free slots ascending), so the indices are sorted and unique, as the gather and the
+    scatter are promised. One read, then one write that the read feeds, so XLA orders the two and updates the buffer
+    in place; written piece by piece, or as the layer's rows read whole, it copied the stack (bench/RESULTS.md,
+    Issue 24)."""
     axis = len(lead)
     slots = np.concatenate([np.arange(slot, slot + update.shape[axis]) for update, slot in pieces])
+    assert (np.diff(slots) > 0).all(), f"pieces must come in ascending slot order, got slots {slots.tolist()}"
     update = jnp.concatenate([u[0] for u, _ in pieces], axis=axis - 1)
     update = jnp.moveaxis(update, axis - 1, 0)  # [slots, (rows,) ...]
     starts = jnp.stack([jnp.broadcast_to(jnp.asarray(x, jnp.int32), slots.shape) for x in lead]
@@ -379,8 +382,8 @@ class KindCache:
             """pieces, (update [rows, length, ...], slot) each, into buffer[index, row:row + rows, slot:slot + length]
             (slot_scale: update [length] into buffer[index, slot:slot + length]), where `active` (None: no buffer).
 
-            Where `active` is false the slots get back what they hold; several pieces (a scale that wraps around the
-            ring buffer) then take one gather and one scatter (`masked_scatter`)."""
+            Where `active` is false the slots get back what they hold; several pieces (a scale whose free slots are
+            not one run) then take one gather and one scatter (`masked_scatter`)."""
             if buffer is None or not pieces:
                 return buffer
             lead = (index,) if buffer.ndim == 2 else (index, row)  # then the slot axis, then whole trailing axes

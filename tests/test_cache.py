@@ -83,7 +83,7 @@ def test_a_masked_write_of_a_wrapping_scale_is_the_plain_write_where_active_and_
     layout = AMSKV(budgets=(46, 46 if layers == 2 else 5)).layout(config)  # kind 0: the 46-slot layers
     assert layout.kind_sizes[0] == layers
     plan, si = layout.kinds[0], 4
-    assert len(plan.writes[si]) == 2  # scale 4's 25 tokens: 9 slots, then the ring buffer wraps, 16 more
+    assert len(plan.writes[si]) == 2  # scale 4's 25 tokens in two runs of free slots, 9 then 16
     cache = init_cache(layout, rows=4, num_heads=2, head_dim=8, dtype=dtype, kv_dtype=kv_dtype).kinds[0]
     rng = np.random.default_rng(0)
     tokens = lambda s, rows: jnp.asarray(rng.normal(size=(rows, config.patch_nums[s] ** 2, 2, 8)), dtype)  # noqa: E731
