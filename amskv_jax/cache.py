@@ -389,9 +389,9 @@ class KindCache:
             lead = (index,) if buffer.ndim == 2 else (index, row)  # then the slot axis, then whole trailing axes
             tail = (0,) * (buffer.ndim - len(lead) - 1)
             updates = [(update[None].astype(buffer.dtype), slot) for update, slot in pieces]
-            if active is not None and len(updates) > 1:
-                return masked_scatter(buffer, lead, updates, active)
             if active is not None:
+                if len(updates) > 1:
+                    return masked_scatter(buffer, lead, updates, active)
                 (update, slot), = updates
                 held = jax.lax.dynamic_slice(buffer, lead + (slot,) + tail, update.shape)
                 updates = [(jnp.where(active, update, held), slot)]

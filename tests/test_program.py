@@ -54,35 +54,35 @@ def cache_stack_copies(text: str, layout, kv_dtype: str | None, batch: int = 1, 
     return compile_time.cache_stack_copies(text, cache)
 
 
+def scan_copies(config, layout, images: int, dtype: str, kv_dtype: str | None = None) -> list[str]:
+    """The cache-stack copies of `generate`'s scanned program for `config` (abstract weights in `dtype`)."""
+    c = config.var
+    fn = jax.jit(functools.partial(generate, config=config, layout=layout, top_k=8, kv_dtype=kv_dtype,
+                                   layer_loop="scan", dtype=dtype))
+    lowered = fn.lower(abstract_params(config, dtype), jnp.zeros((images,), jnp.int32), jax.random.key(0))
+    cache = jax.eval_shape(lambda: init_cache(layout, 2 * images, c.num_heads, c.head_dim, dtype, kv_dtype))
+    return compile_time.cache_stack_copies(lowered.compile().as_text(), cache)
+
+
 def test_a_scale_written_in_two_segments_under_the_scan_copies_nothing():
     """d30 (abstract bfloat16 weights, 8 images), two kinds under the scanned loop's masked writes: six layers of 274 slots,
     which take scale 8's 169 tokens in two segments (their ring buffer wraps), and 24 of the condensed scales alone.
     Written piece by piece, XLA copied those stacks 4 times (smaller models' wrapping layouts did not show it)."""
     config = get_preset("d30")
-    c = config.var
-    layout = AMSKV(budgets=(274,) * 6 + (5,) * 24).layout(c)
+    layout = AMSKV(budgets=(274,) * 6 + (5,) * 24).layout(config.var)
     assert layout.kind_sizes == (6, 24) and len(layout.kinds[0].writes[8]) == 2
-    fn = jax.jit(functools.partial(generate, config=config, layout=layout, top_k=8, layer_loop="scan",
-                                   dtype="bfloat16"))
-    lowered = fn.lower(abstract_params(config, "bfloat16"), jnp.zeros((8,), jnp.int32), jax.random.key(0))
-    cache = jax.eval_shape(lambda: init_cache(layout, 16, c.num_heads, c.head_dim, "bfloat16"))
-    assert compile_time.cache_stack_copies(lowered.compile().as_text(), cache) == []
+    assert scan_copies(config, layout, 8, "bfloat16") == []
 
 
 @pytest.mark.parametrize("kv_dtype, dtype", [(None, "bfloat16"), ("int8", "float32")])
 def test_a_one_layer_kind_written_in_two_segments_under_the_scan_copies_nothing(kv_dtype, dtype):
-    """Two one-layer kinds under the scanned loop's masked writes, the first of 46 slots, which takes scale 4's 16
+    """Two one-layer kinds under the scanned loop's masked writes, the first of 46 slots, which takes scale 4's 25
     tokens in two segments (its ring buffer wraps). Piece by piece, or as the layer's rows read whole, XLA copied
     the stacks (2 copies in bfloat16, 3 with an int8 cache; the shipped emoji16l's `amskv`, 7)."""
     config = get_preset("tiny-ladder256")
-    c = config.var
-    layout = AMSKV(budgets=(46, 5)).layout(c)
+    layout = AMSKV(budgets=(46, 5)).layout(config.var)
     assert layout.kind_sizes == (1, 1) and len(layout.kinds[0].writes[4]) == 2
-    fn = jax.jit(functools.partial(generate, config=config, layout=layout, top_k=8, kv_dtype=kv_dtype,
-                                   layer_loop="scan", dtype=dtype))
-    lowered = fn.lower(abstract_params(config, dtype), jnp.zeros((1,), jnp.int32), jax.random.key(0))
-    cache = jax.eval_shape(lambda: init_cache(layout, 2, c.num_heads, c.head_dim, dtype, kv_dtype))
-    assert compile_time.cache_stack_copies(lowered.compile().as_text(), cache) == []
+    assert scan_copies(config, layout, 1, dtype, kv_dtype) == []
 
 
 # The full cache, AMS-KV's two kinds unquantised and int8 and both layer loops are checked on the programs that
