@@ -49,11 +49,23 @@ def test_local_moves_correct_what_the_marginal_table_misses():
 
     def coupled(policy: AMSKV) -> float:
         b = policy.budgets
-        return float(np.exp(-b[0] / 30) - 0.5 * (b[0] >= 21 and b[1] >= 14))
+        return float(np.exp(-b[0] / 30) - 0.5 * (b[0] >= 41 and b[1] >= 14))
 
     result = search_budgets(CONFIG, coupled, 0.4, progress=False)
     assert result.steps[0] == {"step": "knapsack", "budgets": [55, 5, 5], "nll": pytest.approx(np.exp(-55 / 30))}
     assert result.budgets == (46, 14, 5) and result.nll == pytest.approx(np.exp(-46 / 30) - 0.5)
+
+
+def test_a_uniform_seed_finds_what_needs_every_layer_at_once():
+    """The cache pays only when every layer holds 30 slots or more: no layer alone moves the score, so the table is
+    blind to it, and one-level moves from the knapsack's choice never reach it; the uniform seed does."""
+
+    def together(policy: AMSKV) -> float:
+        return separable(policy) - 5.0 * (min(policy.budgets) >= 30)
+
+    result = search_budgets(CONFIG, together, 90 / sum(FullCache().layout(CONFIG).capacities), progress=False)
+    assert [s["step"] for s in result.steps[:2]] == ["knapsack", "uniform"]
+    assert result.budgets == (30, 30, 30) and result.nll == pytest.approx(together(AMSKV(budgets=(30, 30, 30))))
 
 
 def test_the_search_is_deterministic_and_shares_its_scores_between_bounds():
