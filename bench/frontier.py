@@ -40,6 +40,7 @@ from amskv_jax.nll import NLL, encode_images, evenly_spaced, model_images, polic
 from amskv_jax.policies import AMSKV, FullCache, MiKV, PerLayerPrecision
 
 TARGET_SHARE = 0.25  # the 75% cut where FID and class accuracy are measured
+PLOT_FLOOR = 0.01  # ΔNLL % drawn at this floor when at or below it (a log axis; lossless points sit on it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,19 +265,22 @@ def plot_frontier(points: list[Point], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for family in sorted({p.family for p in points} - {"full"}):
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
+    colors, markers = plt.get_cmap("tab20").colors, "osD^vPXph<>"
+    for i, family in enumerate(sorted({p.family for p in points} - {"full"})):  # a colour of its own per family
         mine = sorted((p for p in points if p.family == family), key=lambda p: p.share)
         searched = family.startswith("searched")
-        style = dict(marker="*", markersize=12, linewidth=2.2) if searched else dict(marker="o")
-        ax.plot([100 * p.share for p in mine], [max(p.delta, 0.1) for p in mine], label=family, **style)
+        style = (dict(marker="*", markersize=12, linewidth=2.2) if searched
+                 else dict(marker=markers[i % len(markers)], markersize=5))
+        ax.plot([100 * p.share for p in mine], [max(p.delta, PLOT_FLOOR) for p in mine], label=family,
+                color=colors[(2 * i) % 20 + (2 * i) // 20], **style)
     ax.axvline(100 * TARGET_SHARE, color="grey", linestyle=":", linewidth=1)
     ax.set_yscale("log")
     ax.set_xlabel("cache, % of the full bfloat16 cache's bytes (in-flight scale excluded)")
-    ax.set_ylabel("held-out ΔNLL vs the full cache, % (log; floor 0.1)")
+    ax.set_ylabel(f"held-out ΔNLL vs the full cache, % (log; floor {PLOT_FLOOR})")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
