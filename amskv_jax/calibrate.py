@@ -553,7 +553,7 @@ def main(argv=None) -> int:
             held = data["held_out"]
             name, reason = default_policy_name(data)
             print(f"held-out NLL {held['nll']:.4f} against the full cache's {held['full_nll']:.4f} "
-                  f"({held['delta_nll']:+.1%}; guided {held['guided_delta_nll']:+.1%}); as a model's layers.json this "
+                  f"({held['delta_nll']:+.2%}; guided {held['guided_delta_nll']:+.2%}); as a model's layers.json this "
                   f"file makes the command lines' default {name}: {reason}")
         if "kv_dtypes" in found:
             print(f"with per-layer storage: {found['bytes']:,} of {found['full_bytes']:,} bytes per row "

@@ -589,7 +589,7 @@ def default_policy_name(calibration: dict | None) -> tuple[str, str]:
     delta = calibration["held_out"]["delta_nll"]
     within = delta <= DEFAULT_MAX_DELTA_NLL
     verdict = "at most" if within else "above"
-    reason = f"its searched {DEFAULT_POLICY} policy's held-out ΔNLL {delta:+.1%} is {verdict} {limit}"
+    reason = f"its searched {DEFAULT_POLICY} policy's held-out ΔNLL {delta:+.2%} is {verdict} {limit}"
     return (DEFAULT_POLICY if within else "full"), reason
 
 

@@ -149,7 +149,7 @@ def test_the_search_file_records_the_held_out_nll_and_the_default_follows_it(sea
     assert default_policy_name(whole | {"held_out": same})[0] == DEFAULT_POLICY
     for delta, name in [(0.05, DEFAULT_POLICY), (-0.01, DEFAULT_POLICY), (0.0501, "full")]:
         picked, why = default_policy_name(data | {"held_out": {**held, "delta_nll": delta}})
-        assert picked == name and f"{delta:+.1%}" in why
+        assert picked == name and f"{delta:+.2%}" in why
     assert default_policy_name({k: v for k, v in data.items() if k != "held_out"})[0] == "full"
     assert default_policy_name({k: v for k, v in data.items() if k != "search"})[0] == "full"
     assert default_policy_name(None)[0] == "full"
