@@ -266,14 +266,15 @@ def plot_frontier(points: list[Point], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9.5, 4.8))
-    colors, markers = plt.get_cmap("tab20").colors, "osD^vPXph<>"
+    tab20 = plt.get_cmap("tab20").colors
+    colors, markers = tab20[::2] + tab20[1::2], "osD^vPXph<>"  # the 10 dark shades first, then their light pairs
     for i, family in enumerate(sorted({p.family for p in points} - {"full"})):  # a colour of its own per family
         mine = sorted((p for p in points if p.family == family), key=lambda p: p.share)
         searched = family.startswith("searched")
         style = (dict(marker="*", markersize=12, linewidth=2.2) if searched
                  else dict(marker=markers[i % len(markers)], markersize=5))
         ax.plot([100 * p.share for p in mine], [max(p.delta, PLOT_FLOOR) for p in mine], label=family,
-                color=colors[(2 * i) % 20 + (2 * i) // 20], **style)
+                color=colors[i % len(colors)], **style)
     ax.axvline(100 * TARGET_SHARE, color="grey", linestyle=":", linewidth=1)
     ax.set_yscale("log")
     ax.set_xlabel("cache, % of the full bfloat16 cache's bytes (in-flight scale excluded)")
